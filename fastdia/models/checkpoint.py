@@ -1,0 +1,172 @@
+"""Saving and loading models as safetensors + JSON, atomically, bound to a base model.
+
+A model ``<stem>`` in a folder is two files: ``<stem>.safetensors`` (the weights) and
+``<stem>.json``::
+
+    {"format": "fastdia", "version": 1, "kind": "denoiser" | "critic",
+     "config": {...the model's config dataclass...},
+     "embedding": {"fingerprint": "...", "scale": c, "base_model": "smollm2-135m"}}
+
+Each file is written to a temporary name in the same folder, flushed to disk and renamed
+over the target, so a reader sees either the old file or the new one, never half of one.
+A checkpoint folder holds ``denoiser.*`` and one ``critic-<name>.*`` per critic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdia.embedding import EmbeddingSpace
+from fastdia.errors import CheckpointError
+from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.models.denoiser import Denoiser, DenoiserConfig
+
+FORMAT, VERSION = "fastdia", 1
+DENOISER_STEM = "denoiser"
+CRITIC_PREFIX = "critic-"
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through ``write(tmp_name)`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def critic_stem(reward: str) -> str:
+    """File stem of the critic of ``reward`` (``"critic-" + a filename-safe slug``)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", reward).strip("_") or "reward"
+    return CRITIC_PREFIX + slug[:80]
+
+
+def save_model(
+    module: nn.Module, folder: str | Path, stem: str, *, space: EmbeddingSpace, base_model: str
+) -> None:
+    """Save a :class:`Denoiser` or a critic as ``folder/stem.{safetensors,json}``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    kind = "denoiser" if isinstance(module, Denoiser) else "critic"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "config": asdict(module.config),
+        "embedding": {"fingerprint": space.fingerprint, "scale": space.scale, "base_model": base_model},
+    }
+    write_atomic(folder / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
+    write_json_atomic(folder / f"{stem}.json", meta)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing; re-save or re-train the model")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({exc}); re-save it") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fastdia model config; re-save the model")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has format version {meta.get('version')}, this fastdia reads {VERSION}"
+        )
+    return meta
+
+
+def load_model(
+    folder: str | Path, stem: str, space: EmbeddingSpace, *, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Load ``folder/stem``, checking that it was made for ``space``'s base model.
+
+    Raises:
+        CheckpointError: a file is missing or corrupt, or the embedding fingerprint differs.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = _read_meta(folder / f"{stem}.json")
+    weights = folder / f"{stem}.safetensors"
+    space.check_fingerprint(meta.get("embedding", {}).get("fingerprint", ""), f"{weights}")
+    try:
+        if meta["kind"] == "denoiser":
+            module: nn.Module = Denoiser(DenoiserConfig(**meta["config"]))
+        else:
+            module = build_critic(CriticConfig(**meta["config"]))
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder / stem}.json has an invalid config ({exc})") from exc
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint file {weights} is missing; re-save or re-train")
+    try:
+        state = load_file(weights)
+        module.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise CheckpointError(f"checkpoint file {weights} is corrupt or does not match its config "
+                              f"({str(exc).splitlines()[0]}); re-save it") from exc
+    return module.to(device).eval().requires_grad_(False)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint folder: the denoiser and its critics (by reward spec)."""
+
+    denoiser: Denoiser
+    critics: dict[str, nn.Module]
+
+
+def save_checkpoint(
+    folder: str | Path,
+    denoiser: Denoiser,
+    critics: Sequence[nn.Module],
+    *,
+    space: EmbeddingSpace,
+    base_model: str,
+) -> None:
+    """Save a denoiser and its critics (each critic's ``config.reward`` names its file)."""
+    save_model(denoiser, folder, DENOISER_STEM, space=space, base_model=base_model)
+    for critic in critics:
+        save_model(critic, folder, critic_stem(critic.config.reward), space=space,
+                   base_model=base_model)
+
+
+def load_checkpoint(
+    folder: str | Path, space: EmbeddingSpace, *, device: torch.device | str = "cpu"
+) -> Checkpoint:
+    """Load ``folder``'s denoiser and every ``critic-*`` model in it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder {folder} does not exist; pass a folder written by "
+            "`fastdia train-denoiser`/`train-critic`, or --random-init to try untrained models"
+        )
+    denoiser = load_model(folder, DENOISER_STEM, space, device=device)
+    critics = {}
+    for meta_path in sorted(folder.glob(f"{CRITIC_PREFIX}*.json")):
+        critic = load_model(folder, meta_path.stem, space, device=device)
+        critics[critic.config.reward] = critic
+    return Checkpoint(denoiser=denoiser, critics=critics)

@@ -1,0 +1,148 @@
+"""Critics ``h_phi(z, t)``: small differentiable imitators of a reward.
+
+Two kinds share one interface, ``forward(z, t) -> h [B]`` and
+``value_and_grad(z, t) -> (h [B], grad [B, L, d])``:
+
+* :class:`TokenLocalCritic` (the default, DESIGN §1)::
+
+      h(z) = mean_i  w2 . silu(W1 z_i + b1(t)) + b2
+
+  ``b1(t) = b1 + TimeMLP(t)`` when time-conditioned. Its gradient needs no other token,
+  ``grad_{z_i} h = W1^T (w2 * silu'(W1 z_i + b1(t))) / L``, which is what lets it fuse
+  into the step kernel.
+* :class:`ContextCritic`: a small bidirectional transformer, mean-pooled; its gradient
+  comes from autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdia.errors import ConfigError
+from fastdia.models.common import TimeMLP, batch_times
+
+CRITIC_KINDS = ("token_local", "context")
+_TIME_FEATURES = 64
+
+
+@dataclass
+class CriticConfig:
+    """Hyper-parameters of a critic.
+
+    Attributes:
+        dim: embedding width ``d``.
+        kind: ``"token_local"`` or ``"context"``.
+        hidden: hidden width (MLP units, or transformer width).
+        time_conditioned: whether ``t`` enters (through the hidden bias, or added tokens).
+        reward: the reward spec it imitates (e.g. ``"sentiment"``).
+        layers, heads, max_length: the context critic's transformer (ignored otherwise).
+        metrics: held-out fidelity figures recorded by training (e.g. Spearman).
+    """
+
+    dim: int
+    kind: str = "token_local"
+    hidden: int = 128
+    time_conditioned: bool = True
+    reward: str = ""
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 64
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in CRITIC_KINDS:
+            raise ConfigError(f"unknown critic kind {self.kind!r}; known: {', '.join(CRITIC_KINDS)}")
+        if min(self.dim, self.hidden) < 1:
+            raise ConfigError(f"critic sizes must be positive: {self}")
+        if self.kind == "context" and self.hidden % self.heads:
+            raise ConfigError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+
+
+def silu_grad(x: torch.Tensor) -> torch.Tensor:
+    """``d/dx silu(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))``."""
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+class TokenLocalCritic(nn.Module):
+    """``h(z) = mean_i w2 . silu(W1 z_i + b1(t)) + b2`` over ``z [B, L, d]``."""
+
+    def __init__(self, config: CriticConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.fc1 = nn.Linear(config.dim, config.hidden)
+        self.time = TimeMLP(_TIME_FEATURES, config.hidden) if config.time_conditioned else None
+        self.w2 = nn.Parameter(torch.randn(config.hidden) / config.hidden**0.5)
+        self.b2 = nn.Parameter(torch.zeros(()))
+
+    def hidden_bias(self, t: torch.Tensor) -> torch.Tensor:
+        """``b1(t)``: ``[R]`` times in, ``[R, H]`` float32 out."""
+        bias = self.fc1.bias.expand(t.shape[0], -1)
+        return bias + self.time(t) if self.time is not None else bias
+
+    def _pre(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        tt = batch_times(t, z.shape[0], z.device)
+        return z @ self.fc1.weight.T + self.hidden_bias(tt)[:, None, :]
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """``z [B, L, d]`` float32, ``t`` scalar or ``[B]`` -> ``h [B]`` float32."""
+        return (nn.functional.silu(self._pre(z, t)) @ self.w2).mean(dim=1) + self.b2
+
+    def value_and_grad(
+        self, z: torch.Tensor, t: torch.Tensor | float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h [B], grad_z h [B, L, d])`` in closed form (no autograd)."""
+        with torch.no_grad():
+            pre = self._pre(z, t)
+            h = (nn.functional.silu(pre) @ self.w2).mean(dim=1) + self.b2
+            grad = (silu_grad(pre) * self.w2) @ self.fc1.weight / z.shape[1]
+        return h, grad
+
+
+class ContextCritic(nn.Module):
+    """A small bidirectional transformer critic over ``z [B, L, d]``, mean-pooled."""
+
+    def __init__(self, config: CriticConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        self.in_proj = nn.Linear(config.dim, h)
+        self.pos = nn.Parameter(torch.zeros(config.max_length, h))
+        nn.init.normal_(self.pos, std=0.02)
+        self.time = TimeMLP(_TIME_FEATURES, h) if config.time_conditioned else None
+        layer = nn.TransformerEncoderLayer(
+            h, config.heads, 2 * h, 0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, 1))
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """``z [B, L, d]`` float32, ``t`` scalar or ``[B]`` -> ``h [B]`` float32."""
+        batch, length, _ = z.shape
+        if length > self.config.max_length:
+            raise ConfigError(
+                f"context critic takes at most {self.config.max_length} tokens, got {length}"
+            )
+        x = self.in_proj(z) + self.pos[:length]
+        if self.time is not None:
+            x = x + self.time(batch_times(t, batch, z.device))[:, None, :]
+        return self.head(self.encoder(x).mean(dim=1)).squeeze(-1)
+
+    def value_and_grad(
+        self, z: torch.Tensor, t: torch.Tensor | float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h [B], grad_z h [B, L, d])`` by autograd."""
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            h = self.forward(zz, t)
+            (grad,) = torch.autograd.grad(h.sum(), zz)
+        return h.detach(), grad
+
+
+def build_critic(config: CriticConfig) -> TokenLocalCritic | ContextCritic:
+    """The critic module of ``config.kind``."""
+    return TokenLocalCritic(config) if config.kind == "token_local" else ContextCritic(config)

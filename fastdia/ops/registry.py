@@ -1,0 +1,109 @@
+"""The variant registry: each fused op has named implementations chosen at build time.
+
+A variant is registered with the dotted path of its function (``"module:function"``), so
+registering costs nothing: the module (and Triton, or a CUDA extension) is imported only
+when the variant is first used. The backend is chosen when a sampler is built, from an
+argument, else ``$FASTDIA_BACKEND``, else ``"auto"``; ``"auto"`` takes the available
+variant with the highest priority on the device. Unknown names fail with the list of
+known ones; symbols are never swapped at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastdia.errors import ConfigError
+
+AUTO = "auto"
+ENV_VAR = "FASTDIA_BACKEND"
+
+
+@dataclass
+class Variant:
+    """One implementation of an op.
+
+    Attributes:
+        target: ``"package.module:function"`` of the implementation.
+        available: ``available(device) -> bool``, whether it can run on that device.
+        priority: ``auto`` prefers higher values among available variants.
+    """
+
+    target: str
+    available: Callable[[torch.device], bool]
+    priority: int
+    _fn: Callable[..., Any] | None = field(default=None, repr=False)
+
+    def load(self) -> Callable[..., Any]:
+        if self._fn is None:
+            module, name = self.target.split(":")
+            self._fn = getattr(importlib.import_module(module), name)
+        return self._fn
+
+
+_REGISTRY: dict[str, dict[str, Variant]] = {}
+
+
+def register(
+    op: str,
+    backend: str,
+    target: str,
+    *,
+    available: Callable[[torch.device], bool] = lambda device: True,
+    priority: int = 0,
+) -> None:
+    """Register ``target`` as the ``backend`` variant of ``op``."""
+    _REGISTRY.setdefault(op, {})[backend] = Variant(target, available, priority)
+
+
+def backends(op: str) -> list[str]:
+    """The registered backend names of ``op``."""
+    return list(_REGISTRY.get(op, {}))
+
+
+def known_backends() -> list[str]:
+    """Every backend name registered for any op, plus ``"auto"``."""
+    names = {name for variants in _REGISTRY.values() for name in variants}
+    return [AUTO, *sorted(names)]
+
+
+def resolve_backend(name: str | None, op: str, device: torch.device | str) -> str:
+    """The concrete backend for ``op`` on ``device`` given a requested ``name``.
+
+    ``None`` reads ``$FASTDIA_BACKEND`` and defaults to ``"auto"``.
+
+    Raises:
+        ConfigError: the name is unknown, or the variant cannot run on ``device``.
+    """
+    device = torch.device(device)
+    requested = name or os.environ.get(ENV_VAR) or AUTO
+    variants = _REGISTRY.get(op, {})
+    if requested == AUTO:
+        usable = [(v.priority, b) for b, v in variants.items() if v.available(device)]
+        if not usable:
+            raise ConfigError(f"no variant of {op} runs on {device}")
+        return max(usable)[1]
+    if requested not in variants:
+        raise ConfigError(
+            f"unknown backend {requested!r} for {op}; known: {', '.join([AUTO, *variants])}"
+        )
+    if not variants[requested].available(device):
+        raise ConfigError(
+            f"backend {requested!r} of {op} cannot run on {device}; use 'reference' or 'auto'"
+        )
+    return requested
+
+
+def get(op: str, backend: str) -> Callable[..., Any]:
+    """The implementation of ``op`` for a concrete (already resolved) ``backend``."""
+    try:
+        return _REGISTRY[op][backend].load()
+    except KeyError:
+        raise ConfigError(
+            f"unknown backend {backend!r} for {op}; known: {', '.join(backends(op))}"
+        ) from None

@@ -1,0 +1,119 @@
+"""Assembling a sampler from a base model, a checkpoint (or random models) and rewards.
+
+This is what ``fastdia sample`` does, as a Python function for pipelines:
+:func:`build_sampler` validates everything cheap first, then loads, so that bad input
+fails before any heavy work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastdia.base_model import BaseModel
+from fastdia.errors import CheckpointError, ConfigError
+from fastdia.models.checkpoint import DENOISER_STEM, load_checkpoint
+from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
+
+log = logging.getLogger(__name__)
+
+NO_CHECKPOINT_HELP = (
+    "no trained checkpoint was given; pass --checkpoint FOLDER (a folder with denoiser.* and "
+    "critic-*.* files, as written by `fastdia train-denoiser` and `fastdia train-critic`), "
+    "or --random-init to run the whole path on untrained models"
+)
+RANDOM_INIT_SEED = 0
+
+
+def check_checkpoint_folder(folder: str | Path) -> Path:
+    """Cheap existence checks of a checkpoint folder (no loading)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; {NO_CHECKPOINT_HELP}")
+    for suffix in (".json", ".safetensors"):
+        if not (folder / f"{DENOISER_STEM}{suffix}").is_file():
+            raise CheckpointError(
+                f"checkpoint folder {folder} has no {DENOISER_STEM}{suffix}; "
+                "re-save the checkpoint or train a denoiser into it"
+            )
+    return folder
+
+
+def random_models(
+    base: BaseModel, rewards: Sequence[str], *, length: int, device: torch.device | str = "cpu"
+) -> tuple[Denoiser, dict[str, torch.nn.Module]]:
+    """An untrained denoiser and one untrained token-local critic per reward name.
+
+    Deterministic (seeded with a fixed seed), for trying the whole path without training.
+    """
+    dim = base.space.dim
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_INIT_SEED)
+    try:
+        denoiser = Denoiser(
+            DenoiserConfig(dim=dim, max_length=max(64, length), hidden=128, layers=2, heads=4)
+        )
+        critics = {r: build_critic(CriticConfig(dim=dim, hidden=64, reward=r)) for r in rewards}
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return denoiser.to(device).eval(), {k: v.to(device).eval() for k, v in critics.items()}
+
+
+@dataclass
+class Assembly:
+    """A built sampler and the names/weights of the critics it guides with."""
+
+    sampler: Sampler
+    critics: list[WeightedCritic]
+
+
+def build_sampler(
+    base: BaseModel,
+    config: SamplerConfig,
+    *,
+    rewards: Sequence[tuple[str, float]] = (),
+    checkpoint: str | Path | None = None,
+    random_init: bool = False,
+    length: int = 32,
+    device: torch.device | str = "cpu",
+) -> Assembly:
+    """Build a :class:`Sampler` guided by one critic per ``(reward name, weight)``.
+
+    Args:
+        base: the loaded base model.
+        config: sampler settings.
+        rewards: ``(canonical reward spec, weight)`` pairs; each needs a critic.
+        checkpoint: a checkpoint folder, or None with ``random_init``.
+        random_init: use untrained models instead of a checkpoint.
+        length: the sequence length to be sampled (sizes a random denoiser).
+        device: where to run.
+
+    Raises:
+        CheckpointError: no checkpoint and no ``random_init``, a missing critic, or a
+            checkpoint of another base model.
+    """
+    names = [name for name, _ in rewards]
+    if random_init:
+        denoiser, critics = random_models(base, names, length=length, device=device)
+    else:
+        if checkpoint is None:
+            raise CheckpointError(NO_CHECKPOINT_HELP)
+        ckpt = load_checkpoint(check_checkpoint_folder(checkpoint), base.space, device=device)
+        denoiser, critics = ckpt.denoiser, ckpt.critics
+        missing = [n for n in names if n not in critics]
+        if missing:
+            have = ", ".join(sorted(critics)) or "none"
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has no critic for {', '.join(missing)} (it has: {have}); "
+                f"train one with `fastdia train-critic --reward {missing[0]}` or pick a reward it has"
+            )
+    if config.guidance and not rewards:
+        raise ConfigError("guidance needs at least one reward (--reward NAME)")
+    weighted = [WeightedCritic(name, critics[name], weight) for name, weight in rewards]
+    return Assembly(Sampler(denoiser, base.space, weighted, config, device=device), weighted)

@@ -1,0 +1,198 @@
+"""Noise schedules and the per-step coefficient table.
+
+Time is continuous, ``t`` in ``[0, 1]``; a schedule gives ``abar(t)`` (the signal
+fraction of the variance-preserving forward process ``z_t = sqrt(abar_t) z_0 +
+sqrt(1 - abar_t) eps``). Sampling in ``S`` steps walks the grid ``t_i = i / S`` from
+``i = S`` down to ``1``, landing on clean data (``abar = 1``) after the last step.
+
+Every reverse step of every sampler is one linear combination (DESIGN §1)::
+
+    z' = a * z + b * eps_hat + c * lambda * grad h(z) + s * zeta,   zeta ~ N(0, I)
+
+and the table holds ``(a, b, c, s)`` per row, computed once in float64 and stored in
+float32 on the device. Notation below: ``abar``/``abar_p`` the signal fractions at the
+row's input and output levels, ``alpha = abar / abar_p`` and ``beta = 1 - alpha`` the
+per-step quantities.
+
+``ddpm`` (Ho et al. 2020, ancestral; guidance as classifier guidance, Dhariwal & Nichol)::
+
+    a = 1 / sqrt(alpha), b = -beta / (sqrt(alpha) sqrt(1 - abar)),
+    c = s^2 = beta (1 - abar_p) / (1 - abar)            (posterior variance)
+
+``ddim`` (Song et al. 2021, eta = 0; guidance shifts eps by -sqrt(1 - abar) lambda grad h)::
+
+    a = sqrt(abar_p / abar), b = sqrt(1 - abar_p) - sqrt(abar_p (1 - abar) / abar),
+    c = -b sqrt(1 - abar), s = 0
+
+``dia`` (seed 001 §2.3/§2.5)::
+
+    mu = (z - sigma eps) / alpha_s,  g = -eps / sigma + lambda grad h,
+    z' = mu + eta Sigma^2 g + Sigma sqrt(2 eta) zeta
+
+The seeds' alpha/sigma notation is inconsistent; this module binds it as follows:
+``sigma = sqrt(1 - abar)`` (the marginal noise level, so ``-eps/sigma`` is the standard
+score estimate), ``alpha_s = sqrt(abar / abar_p)`` (the per-step signal factor of the
+seed's forward process), ``Sigma^2 = 1 - alpha_s^2 = beta`` (as the seed states). Then
+``mu = sqrt(abar_p) x0_hat``, the denoised signal at the next level, and the Langevin
+step ``D = eta Sigma^2`` is chosen as the unique positive value for which ``z'`` has
+exactly the marginal noise variance ``1 - abar_p`` of the next level::
+
+    D^2 / sigma^2 + 2 D = 1 - abar_p   =>   D = sigma (sqrt(sigma^2 + 1 - abar_p) - sigma)
+
+(``eta = D / Sigma^2``; ``eta_scale`` multiplies ``D``). Rewritten into the four
+coefficients::
+
+    a = 1 / alpha_s, b = -sigma / alpha_s - D / sigma, c = D, s = sqrt(2 D)
+
+Langevin corrector rows (predictor-corrector, Song et al. 2021) at a fixed level with
+step ``delta = 2 snr^2 sigma^2``: ``a = 1, b = -delta / sigma, c = delta,
+s = sqrt(2 delta)``. They follow each predictor row except the last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastdia.errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "sqrt")
+SAMPLERS = ("ddpm", "ddim", "dia")
+ABAR_MIN = 1e-5
+
+# linear: the DDPM betas 1e-4 .. 0.02 over 1000 steps, as a continuous-time integral
+_LINEAR_T, _LINEAR_B0, _LINEAR_B1 = 1000.0, 1e-4, 2e-2
+_COSINE_S = 0.008
+_SQRT_S = 1e-4
+
+
+def check_choice(value: str, known: tuple[str, ...], what: str) -> str:
+    """Return ``value`` if it is in ``known``; else raise ConfigError listing them."""
+    if value not in known:
+        raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+    return value
+
+
+def alpha_bar(schedule: str, t: torch.Tensor) -> torch.Tensor:
+    """Signal fraction ``abar(t)`` of ``schedule`` (float64, clamped to ``[1e-5, 1]``).
+
+    Args:
+        schedule: ``"linear"``, ``"cosine"`` or ``"sqrt"``.
+        t: times in ``[0, 1]``, any shape.
+    """
+    check_choice(schedule, SCHEDULES, "schedule")
+    t = t.to(torch.float64)
+    if schedule == "linear":
+        log_abar = -_LINEAR_T * (_LINEAR_B0 * t + 0.5 * (_LINEAR_B1 - _LINEAR_B0) * t * t)
+        abar = log_abar.exp()
+    elif schedule == "cosine":
+        f = torch.cos((t + _COSINE_S) / (1 + _COSINE_S) * math.pi / 2) ** 2
+        abar = f / math.cos(_COSINE_S / (1 + _COSINE_S) * math.pi / 2) ** 2
+    else:  # Diffusion-LM's sqrt schedule
+        abar = 1 - torch.sqrt(t + _SQRT_S)
+    return abar.clamp(ABAR_MIN, 1.0)
+
+
+# column indices of StepTable.rows
+A, B, C, S, SQRT_ABAR, SQRT_1M_ABAR, SQRT_ABAR_NEXT, SQRT_1M_ABAR_NEXT = range(8)
+
+
+@dataclass
+class StepTable:
+    """The per-row coefficients of one sampling run.
+
+    Attributes:
+        t: ``[R]`` float32, the denoiser's time input of each row.
+        rows: ``[R, 8]`` float32; columns ``a, b, c, s`` (the step), ``sqrt(abar)`` and
+            ``sqrt(1 - abar)`` at the row's input level (eps/x0 conversion, clamping),
+            and the same at the level the row lands on (prompt inpainting).
+        predictor: per row, True for a predictor row, False for a corrector row.
+    """
+
+    t: torch.Tensor
+    rows: torch.Tensor
+    predictor: list[bool]
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def coef(self) -> torch.Tensor:
+        """``[R, 4]`` float32 ``(a, b, c, s)``."""
+        return self.rows[:, :4]
+
+    def to(self, device: torch.device | str) -> StepTable:
+        return StepTable(self.t.to(device), self.rows.to(device), self.predictor)
+
+
+def _predictor(sampler: str, ab: float, ab_p: float, eta_scale: float) -> tuple[float, ...]:
+    alpha = ab / ab_p
+    beta = 1.0 - alpha
+    sig = math.sqrt(1.0 - ab)
+    if sampler == "ddpm":
+        var = beta * (1.0 - ab_p) / (1.0 - ab)
+        return 1 / math.sqrt(alpha), -beta / (math.sqrt(alpha) * sig), var, math.sqrt(var)
+    if sampler == "ddim":
+        b = math.sqrt(1.0 - ab_p) - math.sqrt(ab_p * (1.0 - ab) / ab)
+        return math.sqrt(ab_p / ab), b, -b * sig, 0.0
+    alpha_s = math.sqrt(alpha)
+    d = eta_scale * sig * (math.sqrt(sig * sig + 1.0 - ab_p) - sig)
+    return 1 / alpha_s, -sig / alpha_s - d / sig, d, math.sqrt(2 * d)
+
+
+def coefficient_table(
+    schedule: str,
+    sampler: str,
+    steps: int,
+    *,
+    corrector_steps: int = 0,
+    corrector_snr: float = 0.1,
+    eta_scale: float = 1.0,
+) -> StepTable:
+    """Build the coefficient table of a run (on the CPU; move it with ``.to``).
+
+    Args:
+        schedule: noise schedule name (:data:`SCHEDULES`).
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"dia"``.
+        steps: number of predictor steps ``S >= 1``.
+        corrector_steps: Langevin corrector rows after each predictor row but the last.
+        corrector_snr: the corrector's signal-to-noise ratio ``r`` (step ``2 r^2 sigma^2``).
+        eta_scale: multiplier of the ``dia`` Langevin step (1 keeps marginals exact).
+
+    Returns:
+        A :class:`StepTable` of ``R = S + corrector_steps * (S - 1)`` rows.
+    """
+    check_choice(sampler, SAMPLERS, "sampler")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if corrector_steps < 0 or not math.isfinite(corrector_snr) or corrector_snr <= 0:
+        raise ConfigError("corrector_steps must be >= 0 and corrector_snr a positive number")
+    if not math.isfinite(eta_scale) or eta_scale <= 0:
+        raise ConfigError(f"eta_scale must be a positive number, got {eta_scale!r}")
+    grid = torch.arange(steps + 1, dtype=torch.float64) / steps
+    abar = alpha_bar(schedule, grid).tolist()
+    abar[0] = 1.0  # the last step lands on clean data
+    times, rows, predictor = [], [], []
+    for i in range(steps, 0, -1):
+        ab, ab_p = abar[i], abar[i - 1]
+        coef = _predictor(sampler, ab, ab_p, eta_scale)
+        levels = (math.sqrt(ab), math.sqrt(1 - ab), math.sqrt(ab_p), math.sqrt(1 - ab_p))
+        times.append(i / steps)
+        rows.append((*coef, *levels))
+        predictor.append(True)
+        if i > 1:
+            sig = math.sqrt(1 - ab_p)
+            delta = 2 * corrector_snr**2 * sig * sig
+            corr = (1.0, -delta / sig, delta, math.sqrt(2 * delta))
+            level = (math.sqrt(ab_p), sig, math.sqrt(ab_p), sig)
+            for _ in range(corrector_steps):
+                times.append((i - 1) / steps)
+                rows.append((*corr, *level))
+                predictor.append(False)
+    return StepTable(
+        t=torch.tensor(times, dtype=torch.float32),
+        rows=torch.tensor(rows, dtype=torch.float64).to(torch.float32),
+        predictor=predictor,
+    )

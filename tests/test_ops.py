@@ -1,0 +1,121 @@
+"""Reference ops, their registry, and the public entry points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdia import noise, ops
+from fastdia.errors import ConfigError
+from fastdia.models.critic import CriticConfig, TokenLocalCritic
+from fastdia.ops import TokenLocalStack, registry
+from fastdia.ops.guided_step import guided_step_reference
+from fastdia.ops.round_to_vocab import round_to_vocab_reference
+
+
+def _critics(dim, seed=0):
+    torch.manual_seed(seed)
+    return [TokenLocalCritic(CriticConfig(dim=dim, hidden=h)).eval() for h in (8, 5)]
+
+
+def test_stack_is_the_weighted_sum_of_critics():
+    dim, length = 12, 6
+    c1, c2 = _critics(dim)
+    t = torch.tensor([0.9, 0.4, 0.1])
+    stack = TokenLocalStack.merge([(c1, 0.7), (c2, -1.5)], t)
+    assert stack.w1.shape == (13, dim) and stack.b1.shape == (3, 13)
+    z = torch.randn(4, length, dim)
+    for r in range(3):
+        tt = t[r].expand(4)
+        v1, g1 = c1.value_and_grad(z, tt)
+        v2, g2 = c2.value_and_grad(z, tt)
+        from fastdia.ops.guided_step import critic_value_and_grad
+
+        h, g = critic_value_and_grad(z.view(-1, dim), stack.row(r), length)
+        torch.testing.assert_close(h, 0.7 * v1 - 1.5 * v2)
+        torch.testing.assert_close(g.view_as(z), 0.7 * g1 - 1.5 * g2)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("kappa", [0.0, 0.5])
+def test_guided_step_reference_is_the_linear_combination(per_sample, kappa):
+    batch, length, dim = 3, 5, 12
+    n = batch * length
+    c1, c2 = _critics(dim)
+    stack = TokenLocalStack.merge([(c1, 1.0), (c2, 0.5)], torch.tensor([0.3])).row(0)
+    torch.manual_seed(2)
+    z, eps, extra = torch.randn(n, dim), torch.randn(n, dim), torch.randn(n, dim)
+    coef = torch.rand(batch, 4) if per_sample else torch.tensor([1.1, -0.3, 0.2, 0.4])
+    lam = 2.5
+    out, h = guided_step_reference(z, eps, coef, seq_len=length, seed=7, step=3, guidance=lam,
+                                   critic=stack, grad=extra, noise_kappa=kappa, return_h=True)
+    zb = z.view(batch, length, dim)
+    v1, g1 = c1.value_and_grad(zb, 0.3)
+    v2, g2 = c2.value_and_grad(zb, 0.3)
+    hh = v1 + 0.5 * v2
+    g = (g1 + 0.5 * g2).view(n, dim) + extra
+    zeta = noise.randn(7, 3, n * dim).view(n, dim)
+    rows = coef.expand(batch, 4).repeat_interleave(length, 0)
+    s = rows[:, 3:4] * (torch.exp(-kappa * hh).repeat_interleave(length)[:, None] if kappa else 1)
+    expected = rows[:, 0:1] * z + rows[:, 1:2] * eps + rows[:, 2:3] * lam * g + s * zeta
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(h, hh)
+
+
+def test_guided_step_without_critic():
+    z, eps = torch.randn(8, 4), torch.randn(8, 4)
+    out, h = guided_step_reference(z, eps, torch.tensor([1.0, 0.0, 5.0, 0.0]), seq_len=4,
+                                   seed=0, step=1, guidance=3.0)
+    torch.testing.assert_close(out, z)
+    assert h is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_round_to_vocab_reference(dtype, with_bias):
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 24).to(dtype)
+    bias = torch.randn(1000) if with_bias else None
+    z = torch.randn(2, 7, 24).to(dtype)
+    ids, emb = round_to_vocab_reference(z, weight, bias, return_embeddings=True)
+    scores = z.float() @ weight.float().T + (0 if bias is None else bias)
+    assert ids.shape == (2, 7) and ids.dtype == torch.int64
+    assert torch.equal(ids, scores.argmax(-1))
+    assert torch.equal(emb, weight[ids]) and emb.dtype == dtype
+
+
+def test_round_to_vocab_ties_go_to_the_lowest_id():
+    weight = torch.zeros(10, 4)
+    weight[[3, 6, 8]] = torch.tensor([1.0, 0, 0, 0])
+    ids = ops.round_to_vocab(torch.tensor([[2.0, 0, 0, 0], [-1.0, 0, 0, 0]]), weight)
+    assert ids.tolist() == [3, 0]
+
+
+def test_round_to_vocab_chunks_large_inputs():
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8)
+    z = torch.randn(2500, 8)
+    assert torch.equal(ops.round_to_vocab(z, weight), (z @ weight.T).argmax(-1))
+
+
+def test_registry_names_and_errors(monkeypatch):
+    assert "reference" in registry.backends(ops.GUIDED_STEP)
+    assert registry.resolve_backend(None, ops.GUIDED_STEP, "cpu") == "reference"
+    assert registry.resolve_backend("auto", ops.ROUND_TO_VOCAB, "cpu") == "reference"
+    with pytest.raises(ConfigError, match=r"unknown backend 'cudnn' .* known: auto, reference"):
+        registry.resolve_backend("cudnn", ops.GUIDED_STEP, "cpu")
+    monkeypatch.setenv("FASTDIA_BACKEND", "nope")
+    with pytest.raises(ConfigError, match="unknown backend 'nope'"):
+        ops.round_to_vocab(torch.zeros(1, 2), torch.zeros(3, 2))
+
+
+def test_registry_auto_prefers_priority_among_available():
+    registry.register("demo_op", "slow", "fastdia.ops.round_to_vocab:round_to_vocab_reference")
+    registry.register("demo_op", "fast", "fastdia.ops.round_to_vocab:round_to_vocab_reference",
+                      priority=10)
+    registry.register("demo_op", "gpu_only", "nowhere:fn", priority=20,
+                      available=lambda device: device.type == "cuda")
+    assert registry.resolve_backend("auto", "demo_op", "cpu") == "fast"
+    with pytest.raises(ConfigError, match="cannot run on cpu"):
+        registry.resolve_backend("gpu_only", "demo_op", "cpu")
+    assert registry.get("demo_op", "fast") is round_to_vocab_reference

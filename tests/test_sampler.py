@@ -1,0 +1,135 @@
+"""The reference sampler end to end on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdia.errors import ConfigError
+from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
+
+
+def _sampler(tiny_base, tiny_models, **kw):
+    denoiser, critic = tiny_models
+    critics = kw.pop("critics", [WeightedCritic("sentiment", critic, 1.0)])
+    return Sampler(denoiser, tiny_base.space, critics, SamplerConfig(**kw))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dia"])
+def test_same_seed_same_output_and_seeds_differ(tiny_base, tiny_models, sampler):
+    s = _sampler(tiny_base, tiny_models, sampler=sampler, steps=6, guidance=1.0)
+    a = s.sample(3, 12, prompt="The movie was", seed=5)
+    b = s.sample(3, 12, prompt="The movie was", seed=5)
+    c = s.sample(3, 12, prompt="The movie was", seed=6)
+    assert a.token_ids.shape == (3, 12) and a.token_ids.dtype == torch.int64
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert torch.equal(a.z, b.z)
+    assert not torch.equal(a.z, c.z)
+    assert len(a.texts) == 3 and all(t.startswith("The movie was") for t in a.texts)
+    assert set(a.critic_values) == {"sentiment"} and a.critic_values["sentiment"].shape == (3,)
+    assert a.steps == 6 and a.seconds > 0
+
+
+def test_plan_is_reusable_and_prompt_positions_are_exact(tiny_base, tiny_models):
+    s = _sampler(tiny_base, tiny_models, steps=5)
+    plan = s.plan(2, 16)
+    prompt = tiny_base.space.encode("I love this film")
+    out1 = plan.run(prompt, seed=1)
+    out2 = plan.run(None, seed=1)
+    out3 = plan.run(prompt, seed=1)
+    p = len(prompt)
+    assert out1.token_ids[:, :p].tolist() == [prompt, prompt]
+    assert torch.equal(out1.token_ids, out3.token_ids)
+    assert not torch.equal(out1.token_ids[:, :p], out2.token_ids[:, :p])
+    # the final state at prompt positions is the clean scaled embedding of the prompt
+    expected = tiny_base.space.embed(torch.tensor(prompt))
+    torch.testing.assert_close(out1.z[0, :p], expected)
+
+
+def test_initial_noise_and_first_step_follow_the_counter(tiny_base, tiny_models):
+    """With no critic and a one-step ddim run, the output is a z_T + b eps(z_T) where
+    z_T is exactly the Philox noise of (seed, step 0)."""
+    from fastdia import noise
+    from fastdia.schedules import coefficient_table
+
+    denoiser, _ = tiny_models
+    s = Sampler(denoiser, tiny_base.space, [], SamplerConfig(sampler="ddim", steps=1))
+    out = s.sample(2, 4, seed=9)
+    dim = tiny_base.space.dim
+    z_t = noise.randn(9, 0, 2 * 4 * dim).view(2, 4, dim)
+    a, b, _, _ = coefficient_table(denoiser.config.schedule, "ddim", 1).coef[0].tolist()
+    with torch.no_grad():
+        expected = a * z_t + b * denoiser(z_t, 1.0)
+    torch.testing.assert_close(out.z, expected)
+
+
+def test_guidance_raises_the_critic_value(tiny_base, tiny_models):
+    """Guidance follows the critic's gradient: the critic of the final continuous state
+    rises with lambda (same seed, same noise)."""
+    denoiser, critic = tiny_models
+    values = []
+    for lam in (0.0, 20.0, 80.0):
+        s = _sampler(tiny_base, tiny_models, sampler="ddpm", steps=8, guidance=lam)
+        out = s.sample(8, 10, seed=3)
+        with torch.no_grad():
+            values.append(critic(out.z, 0.0).mean().item())
+    assert values[0] < values[1] < values[2]
+
+
+def test_context_critics_and_corrector_and_clamp_run(tiny_base, tiny_models):
+    denoiser, critic = tiny_models
+    torch.manual_seed(0)
+    ctx = build_critic(CriticConfig(dim=tiny_base.space.dim, kind="context", hidden=16, heads=2,
+                                    layers=1, reward="nontoxic"))
+    critics = [WeightedCritic("sentiment", critic, 1.0), WeightedCritic("nontoxic", ctx, 0.5)]
+    s = _sampler(tiny_base, tiny_models, critics=critics, steps=4, guidance=2.0, clamp_from=3,
+                 corrector_steps=2, noise_kappa=0.3)
+    out = s.sample(2, 8, prompt="The food", seed=0)
+    assert out.steps == 4 + 2 * 3
+    assert set(out.critic_values) == {"sentiment", "nontoxic"}
+    again = s.sample(2, 8, prompt="The food", seed=0)
+    assert torch.equal(out.token_ids, again.token_ids)
+
+
+def test_clamped_final_state_is_made_of_embeddings(tiny_base, tiny_models):
+    """Clamping at the last step with ddim: z_0 = x0 estimate = c E[ids]."""
+    s = _sampler(tiny_base, tiny_models, sampler="ddim", steps=4, clamp_from=4)
+    out = s.sample(2, 6, seed=0)
+    torch.testing.assert_close(out.z, tiny_base.space.embed(out.token_ids), rtol=0, atol=1e-3)
+
+
+def test_x0_prediction_denoiser(tiny_base):
+    from fastdia.models.denoiser import Denoiser, DenoiserConfig
+
+    torch.manual_seed(0)
+    den = Denoiser(DenoiserConfig(dim=tiny_base.space.dim, max_length=16, hidden=16, layers=1,
+                                  heads=2, prediction="x0")).eval()
+    s = Sampler(den, tiny_base.space, [], SamplerConfig(sampler="ddim", steps=1))
+    out = s.sample(1, 5, seed=0)
+    # one ddim step from t=1 to clean data returns the x0 prediction itself
+    with torch.no_grad():
+        from fastdia import noise
+
+        z_t = noise.randn(0, 0, 5 * tiny_base.space.dim).view(1, 5, -1)
+        torch.testing.assert_close(out.z, den(z_t, 1.0), rtol=1e-3, atol=1e-3)
+
+
+def test_bad_input(tiny_base, tiny_models):
+    s = _sampler(tiny_base, tiny_models, steps=2)
+    with pytest.raises(ConfigError, match="--length > "):
+        s.sample(1, 3, prompt="The movie was great and the actors")
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        s.sample(1, 8, prompt="  ")
+    with pytest.raises(ConfigError, match="exceeds the denoiser's maximum of 32"):
+        s.sample(1, 33)
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        s.sample(1, 8, seed=-1)
+    for kw, msg in [({"steps": 0}, "steps must be a positive integer"),
+                    ({"guidance": float("nan")}, "finite number"),
+                    ({"guidance": -1.0}, "negative weight"),
+                    ({"sampler": "euler"}, "known: ddpm, ddim, dia"),
+                    ({"clamp_from": 9, "steps": 3}, "clamp_from"),
+                    ({"backend": "magic"}, "known: auto, reference")]:
+        with pytest.raises(ConfigError, match=msg):
+            _sampler(tiny_base, tiny_models, **kw)

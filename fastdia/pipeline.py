@@ -110,8 +110,9 @@ def build_sampler(
         if missing:
             have = ", ".join(sorted(critics)) or "none"
             raise CheckpointError(
-                f"checkpoint {checkpoint} has no critic for {', '.join(missing)} (it has: {have}); "
-                f"train one with `fastdia train-critic --reward {missing[0]}` or pick a reward it has"
+                f"checkpoint {checkpoint} has no critic for {', '.join(missing)} "
+                f"(it has: {have}); train one with `fastdia train-critic --reward {missing[0]}` "
+                "or pick a reward it has"
             )
     if config.guidance and not rewards:
         raise ConfigError("guidance needs at least one reward (--reward NAME)")

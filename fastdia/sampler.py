@@ -90,7 +90,9 @@ class SamplerConfig:
                 "give it a negative weight in the reward spec instead"
             )
         if self.clamp_from is not None and not 1 <= self.clamp_from <= self.steps:
-            raise ConfigError(f"clamp_from must be in [1, steps={self.steps}], got {self.clamp_from}")
+            raise ConfigError(
+                f"clamp_from must be in [1, steps={self.steps}], got {self.clamp_from}"
+            )
         if not math.isfinite(self.noise_kappa) or self.noise_kappa < 0:
             raise ConfigError(f"noise_kappa must be a finite number >= 0, got {self.noise_kappa}")
 
@@ -177,7 +179,9 @@ class Sampler:
     def plan(self, batch_size: int, length: int) -> SamplerPlan:
         """Allocate everything static for ``batch_size`` sequences of ``length`` tokens."""
         if batch_size < 1 or length < 1:
-            raise ConfigError(f"need at least one sample of one token, got B={batch_size}, L={length}")
+            raise ConfigError(
+                f"need at least one sample of one token, got B={batch_size}, L={length}"
+            )
         if length > self.denoiser.config.max_length:
             raise ConfigError(
                 f"length {length} exceeds the denoiser's maximum of "
@@ -216,15 +220,16 @@ class SamplerPlan:
         ).to(device)
         self._t = self.table.t.tolist()
         self._clamp = self._clamp_rows(cfg.clamp_from)
-        local = [(c.module, c.weight) for c in sampler.critics if isinstance(c.module, TokenLocalCritic)]
+        local = [
+            (c.module, c.weight) for c in sampler.critics if isinstance(c.module, TokenLocalCritic)
+        ]
         self.stack = ops.TokenLocalStack.merge(local, self.table.t) if local else None
         self.context = [c for c in sampler.critics if not isinstance(c.module, TokenLocalCritic)]
         self.bias = space.rounding_bias(cfg.rounding)
         self.guidance = torch.tensor(float(cfg.guidance), device=device)
-        shape = (batch_size, length, space.dim)
-        self.prompt_z0 = torch.zeros(shape, device=device)
-        self.prompt_mask = torch.zeros(batch_size, length, 1, dtype=torch.bool, device=device)
-        self.prompt_ids = torch.zeros(batch_size, length, dtype=torch.int64, device=device)
+        self.prompt_len = 0
+        self.prompt_z0 = torch.zeros(length, space.dim, device=device)
+        self.prompt_ids = torch.zeros(length, dtype=torch.int64, device=device)
         self._guided_step = registry.get(ops.GUIDED_STEP, sampler.backends[ops.GUIDED_STEP])
         self._round = registry.get(ops.ROUND_TO_VOCAB, sampler.backends[ops.ROUND_TO_VOCAB])
 
@@ -256,22 +261,29 @@ class SamplerPlan:
                 f"prompt is {len(ids)} tokens but --length is {self.length}: the length counts "
                 f"the prompt, so pass --length > {len(ids)} or a shorter prompt"
             )
-        self.prompt_mask.zero_()
-        self.prompt_ids.zero_()
-        self.prompt_z0.zero_()
-        if ids:
-            p = len(ids)
+        p = self.prompt_len = len(ids)
+        if p:
             tensor = torch.tensor(ids, dtype=torch.int64, device=self.prompt_ids.device)
-            self.prompt_ids[:, :p] = tensor
-            self.prompt_mask[:, :p] = True
-            self.prompt_z0[:, :p] = space.embed(tensor)
-        return len(ids)
+            self.prompt_ids[:p] = tensor
+            self.prompt_z0[:p] = space.embed(tensor)
+        # flat element indices of the prompt positions of z [B, L, d]: [B, p, d]
+        dim = space.dim
+        starts = torch.arange(self.batch_size, device=self.prompt_ids.device) * self.length * dim
+        self._prompt_index = starts[:, None, None] + torch.arange(p * dim).view(1, p, dim)
+        return p
 
     # ---- the loop -----------------------------------------------------------------------
-    def _inpaint(self, z: torch.Tensor, seed: int, step: int, sab: torch.Tensor, s1m: torch.Tensor
-                 ) -> torch.Tensor:
-        zeta = noise.randn(seed, step, z.numel(), device=z.device).view_as(z)
-        return torch.where(self.prompt_mask, sab * self.prompt_z0 + s1m * zeta, z)
+    def _inpaint(
+        self, z: torch.Tensor, seed: int, step: int, sab: torch.Tensor, s1m: torch.Tensor
+    ) -> None:
+        """Write the prompt, noised to level ``sab``, into ``z``'s first positions in place.
+
+        The noise is the step's own: element ``k`` of ``z`` takes ``zeta(seed, step, k)``,
+        which the step drew for positions it has just overwritten.
+        """
+        p = self.prompt_len
+        zeta = noise.randn_at(seed, step, self._prompt_index)
+        z[:, :p] = sab * self.prompt_z0[:p] + s1m * zeta
 
     def _eps(self, z: torch.Tensor, r: int) -> torch.Tensor:
         den = self.sampler.denoiser
@@ -302,13 +314,14 @@ class SamplerPlan:
         check_seed(seed)
         sampler, cfg = self.sampler, self.sampler.config
         self.set_prompt(prompt)
-        has_prompt = bool(self.prompt_mask.any())
-        batch, length, dim = self.prompt_z0.shape
+        batch, length, dim = self.batch_size, self.length, sampler.space.dim
         start = time.perf_counter()
-        z = noise.randn(seed, 0, batch * length * dim, device=sampler.device).view(batch, length, dim)
-        if has_prompt:
+        z = noise.randn(seed, 0, batch * length * dim, device=sampler.device).view(
+            batch, length, dim
+        )
+        if self.prompt_len:
             rows0 = self.table.rows[0]
-            z = torch.where(self.prompt_mask, rows0[SQRT_ABAR] * self.prompt_z0 + rows0[SQRT_1M_ABAR] * z, z)
+            self._inpaint(z, seed, 0, rows0[SQRT_ABAR], rows0[SQRT_1M_ABAR])
         for r in range(len(self.table)):
             eps = self._eps(z, r)
             flat, _ = self._guided_step(
@@ -324,16 +337,18 @@ class SamplerPlan:
                 noise_kappa=cfg.noise_kappa,
             )
             z = flat.view(batch, length, dim)
-            if has_prompt:
+            if self.prompt_len:
                 rows = self.table.rows[r]
-                z = self._inpaint(z, seed, r + 1, rows[SQRT_ABAR_NEXT], rows[SQRT_1M_ABAR_NEXT])
+                self._inpaint(z, seed, r + 1, rows[SQRT_ABAR_NEXT], rows[SQRT_1M_ABAR_NEXT])
         ids = self._round(z, sampler.space.weight, self.bias)
-        ids = torch.where(self.prompt_mask[..., 0], self.prompt_ids, ids)
+        ids[:, : self.prompt_len] = self.prompt_ids[: self.prompt_len]
         seconds = time.perf_counter() - start
         ids_cpu = ids.cpu()
         z0 = sampler.space.embed(ids)
         values = {c.name: c.module(z0, 0.0).float().cpu() for c in sampler.critics}
-        log.info("sampled %d x %d tokens in %.3f s (%d rows)", batch, length, seconds, len(self.table))
+        log.info(
+            "sampled %d x %d tokens in %.3f s (%d rows)", batch, length, seconds, len(self.table)
+        )
         return SampleOutput(
             token_ids=ids_cpu,
             texts=sampler.space.decode_batch(ids_cpu),

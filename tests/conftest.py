@@ -8,10 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from tiny import build_tiny_llama  # noqa: E402
+import pytest
+import torch
+from tiny import build_tiny_llama
 
 
 @pytest.fixture(scope="session")

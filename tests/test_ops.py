@@ -9,8 +9,8 @@ from fastdia import noise, ops
 from fastdia.errors import ConfigError
 from fastdia.models.critic import CriticConfig, TokenLocalCritic
 from fastdia.ops import TokenLocalStack, registry
-from fastdia.ops.guided_step import guided_step_reference
-from fastdia.ops.round_to_vocab import round_to_vocab_reference
+from fastdia.ops.rounding import round_to_vocab_reference
+from fastdia.ops.step import guided_step_reference
 
 
 def _critics(dim, seed=0):
@@ -29,7 +29,7 @@ def test_stack_is_the_weighted_sum_of_critics():
         tt = t[r].expand(4)
         v1, g1 = c1.value_and_grad(z, tt)
         v2, g2 = c2.value_and_grad(z, tt)
-        from fastdia.ops.guided_step import critic_value_and_grad
+        from fastdia.ops.step import critic_value_and_grad
 
         h, g = critic_value_and_grad(z.view(-1, dim), stack.row(r), length)
         torch.testing.assert_close(h, 0.7 * v1 - 1.5 * v2)
@@ -47,8 +47,19 @@ def test_guided_step_reference_is_the_linear_combination(per_sample, kappa):
     z, eps, extra = torch.randn(n, dim), torch.randn(n, dim), torch.randn(n, dim)
     coef = torch.rand(batch, 4) if per_sample else torch.tensor([1.1, -0.3, 0.2, 0.4])
     lam = 2.5
-    out, h = guided_step_reference(z, eps, coef, seq_len=length, seed=7, step=3, guidance=lam,
-                                   critic=stack, grad=extra, noise_kappa=kappa, return_h=True)
+    out, h = guided_step_reference(
+        z,
+        eps,
+        coef,
+        seq_len=length,
+        seed=7,
+        step=3,
+        guidance=lam,
+        critic=stack,
+        grad=extra,
+        noise_kappa=kappa,
+        return_h=True,
+    )
     zb = z.view(batch, length, dim)
     v1, g1 = c1.value_and_grad(zb, 0.3)
     v2, g2 = c2.value_and_grad(zb, 0.3)
@@ -64,8 +75,9 @@ def test_guided_step_reference_is_the_linear_combination(per_sample, kappa):
 
 def test_guided_step_without_critic():
     z, eps = torch.randn(8, 4), torch.randn(8, 4)
-    out, h = guided_step_reference(z, eps, torch.tensor([1.0, 0.0, 5.0, 0.0]), seq_len=4,
-                                   seed=0, step=1, guidance=3.0)
+    out, h = guided_step_reference(
+        z, eps, torch.tensor([1.0, 0.0, 5.0, 0.0]), seq_len=4, seed=0, step=1, guidance=3.0
+    )
     torch.testing.assert_close(out, z)
     assert h is None
 
@@ -110,11 +122,17 @@ def test_registry_names_and_errors(monkeypatch):
 
 
 def test_registry_auto_prefers_priority_among_available():
-    registry.register("demo_op", "slow", "fastdia.ops.round_to_vocab:round_to_vocab_reference")
-    registry.register("demo_op", "fast", "fastdia.ops.round_to_vocab:round_to_vocab_reference",
-                      priority=10)
-    registry.register("demo_op", "gpu_only", "nowhere:fn", priority=20,
-                      available=lambda device: device.type == "cuda")
+    registry.register("demo_op", "slow", "fastdia.ops.rounding:round_to_vocab_reference")
+    registry.register(
+        "demo_op", "fast", "fastdia.ops.rounding:round_to_vocab_reference", priority=10
+    )
+    registry.register(
+        "demo_op",
+        "gpu_only",
+        "nowhere:fn",
+        priority=20,
+        available=lambda device: device.type == "cuda",
+    )
     assert registry.resolve_backend("auto", "demo_op", "cpu") == "fast"
     with pytest.raises(ConfigError, match="cannot run on cpu"):
         registry.resolve_backend("gpu_only", "demo_op", "cpu")

@@ -67,7 +67,7 @@ def test_initial_noise_and_first_step_follow_the_counter(tiny_base, tiny_models)
 def test_guidance_raises_the_critic_value(tiny_base, tiny_models):
     """Guidance follows the critic's gradient: the critic of the final continuous state
     rises with lambda (same seed, same noise)."""
-    denoiser, critic = tiny_models
+    _, critic = tiny_models
     values = []
     for lam in (0.0, 20.0, 80.0):
         s = _sampler(tiny_base, tiny_models, sampler="ddpm", steps=8, guidance=lam)
@@ -78,13 +78,24 @@ def test_guidance_raises_the_critic_value(tiny_base, tiny_models):
 
 
 def test_context_critics_and_corrector_and_clamp_run(tiny_base, tiny_models):
-    denoiser, critic = tiny_models
+    _, critic = tiny_models
     torch.manual_seed(0)
-    ctx = build_critic(CriticConfig(dim=tiny_base.space.dim, kind="context", hidden=16, heads=2,
-                                    layers=1, reward="nontoxic"))
+    ctx = build_critic(
+        CriticConfig(
+            dim=tiny_base.space.dim, kind="context", hidden=16, heads=2, layers=1, reward="nontoxic"
+        )
+    )
     critics = [WeightedCritic("sentiment", critic, 1.0), WeightedCritic("nontoxic", ctx, 0.5)]
-    s = _sampler(tiny_base, tiny_models, critics=critics, steps=4, guidance=2.0, clamp_from=3,
-                 corrector_steps=2, noise_kappa=0.3)
+    s = _sampler(
+        tiny_base,
+        tiny_models,
+        critics=critics,
+        steps=4,
+        guidance=2.0,
+        clamp_from=3,
+        corrector_steps=2,
+        noise_kappa=0.3,
+    )
     out = s.sample(2, 8, prompt="The food", seed=0)
     assert out.steps == 4 + 2 * 3
     assert set(out.critic_values) == {"sentiment", "nontoxic"}
@@ -103,8 +114,11 @@ def test_x0_prediction_denoiser(tiny_base):
     from fastdia.models.denoiser import Denoiser, DenoiserConfig
 
     torch.manual_seed(0)
-    den = Denoiser(DenoiserConfig(dim=tiny_base.space.dim, max_length=16, hidden=16, layers=1,
-                                  heads=2, prediction="x0")).eval()
+    den = Denoiser(
+        DenoiserConfig(
+            dim=tiny_base.space.dim, max_length=16, hidden=16, layers=1, heads=2, prediction="x0"
+        )
+    ).eval()
     s = Sampler(den, tiny_base.space, [], SamplerConfig(sampler="ddim", steps=1))
     out = s.sample(1, 5, seed=0)
     # one ddim step from t=1 to clean data returns the x0 prediction itself
@@ -125,11 +139,13 @@ def test_bad_input(tiny_base, tiny_models):
         s.sample(1, 33)
     with pytest.raises(ConfigError, match="seed must be an integer"):
         s.sample(1, 8, seed=-1)
-    for kw, msg in [({"steps": 0}, "steps must be a positive integer"),
-                    ({"guidance": float("nan")}, "finite number"),
-                    ({"guidance": -1.0}, "negative weight"),
-                    ({"sampler": "euler"}, "known: ddpm, ddim, dia"),
-                    ({"clamp_from": 9, "steps": 3}, "clamp_from"),
-                    ({"backend": "magic"}, "known: auto, reference")]:
+    for kw, msg in [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"guidance": float("nan")}, "finite number"),
+        ({"guidance": -1.0}, "negative weight"),
+        ({"sampler": "euler"}, "known: ddpm, ddim, dia"),
+        ({"clamp_from": 9, "steps": 3}, "clamp_from"),
+        ({"backend": "magic"}, "known: auto, reference"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             _sampler(tiny_base, tiny_models, **kw)

@@ -85,8 +85,9 @@ def test_dia_matches_seed_formula(schedule):
         g = -eps / sigma + lam * grad
         seed = mu + eta * big_sigma2 * g + math.sqrt(big_sigma2) * math.sqrt(2 * eta) * zeta
         a, b, c, s = table.coef[r].double().tolist()
-        torch.testing.assert_close(a * z + b * eps + c * lam * grad + s * zeta, seed,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            a * z + b * eps + c * lam * grad + s * zeta, seed, rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -98,8 +99,10 @@ def test_every_sampler_keeps_the_forward_marginals(sampler, schedule):
     table = coefficient_table(schedule, sampler, 25)
     for r in range(len(table)):
         a, b, c, s = table.coef[r].double().tolist()
-        sab, s1m, sab_n, s1m_n = (table.rows[r, k].item() for k in
-                                  (SQRT_ABAR, SQRT_1M_ABAR, SQRT_ABAR_NEXT, SQRT_1M_ABAR_NEXT))
+        sab, s1m, sab_n, s1m_n = (
+            table.rows[r, k].item()
+            for k in (SQRT_ABAR, SQRT_1M_ABAR, SQRT_ABAR_NEXT, SQRT_1M_ABAR_NEXT)
+        )
         # z = sab x0 + s1m eps  =>  z' = a sab x0 + (a s1m + b) eps + s zeta
         assert a * sab == pytest.approx(sab_n, rel=2e-4, abs=2e-5)
         assert (a * s1m + b) ** 2 + s**2 == pytest.approx(s1m_n**2, rel=2e-3, abs=2e-5)
@@ -120,7 +123,9 @@ def test_corrector_rows():
     a, b, c, s = table.coef[1].double().tolist()
     sigma = table.rows[1, SQRT_1M_ABAR].item()
     delta = 2 * 0.2**2 * sigma**2
-    assert (a, b, c, s) == pytest.approx((1.0, -delta / sigma, delta, math.sqrt(2 * delta)), rel=1e-5)
+    assert (a, b, c, s) == pytest.approx(
+        (1.0, -delta / sigma, delta, math.sqrt(2 * delta)), rel=1e-5
+    )
     assert table.t[1] == table.t[2] == pytest.approx(4 / 5)
 
 

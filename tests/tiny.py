@@ -20,7 +20,7 @@ def build_tiny_llama(folder: Path, *, vocab_size: int = 320, dim: int = 48) -> P
     The folder loads with ``fastdia.load_base_model(str(folder))`` like any real model.
     """
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

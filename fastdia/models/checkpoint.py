@@ -76,7 +76,11 @@ def save_model(
         "version": VERSION,
         "kind": kind,
         "config": asdict(module.config),
-        "embedding": {"fingerprint": space.fingerprint, "scale": space.scale, "base_model": base_model},
+        "embedding": {
+            "fingerprint": space.fingerprint,
+            "scale": space.scale,
+            "base_model": base_model,
+        },
     }
     write_atomic(folder / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json_atomic(folder / f"{stem}.json", meta)
@@ -126,8 +130,10 @@ def load_model(
         state = load_file(weights)
         module.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
-        raise CheckpointError(f"checkpoint file {weights} is corrupt or does not match its config "
-                              f"({str(exc).splitlines()[0]}); re-save it") from exc
+        raise CheckpointError(
+            f"checkpoint file {weights} is corrupt or does not match its config "
+            f"({str(exc).splitlines()[0]}); re-save it"
+        ) from exc
     return module.to(device).eval().requires_grad_(False)
 
 
@@ -150,8 +156,9 @@ def save_checkpoint(
     """Save a denoiser and its critics (each critic's ``config.reward`` names its file)."""
     save_model(denoiser, folder, DENOISER_STEM, space=space, base_model=base_model)
     for critic in critics:
-        save_model(critic, folder, critic_stem(critic.config.reward), space=space,
-                   base_model=base_model)
+        save_model(
+            critic, folder, critic_stem(critic.config.reward), space=space, base_model=base_model
+        )
 
 
 def load_checkpoint(

@@ -55,7 +55,9 @@ class CriticConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in CRITIC_KINDS:
-            raise ConfigError(f"unknown critic kind {self.kind!r}; known: {', '.join(CRITIC_KINDS)}")
+            raise ConfigError(
+                f"unknown critic kind {self.kind!r}; known: {', '.join(CRITIC_KINDS)}"
+            )
         if min(self.dim, self.hidden) < 1:
             raise ConfigError(f"critic sizes must be positive: {self}")
         if self.kind == "context" and self.hidden % self.heads:

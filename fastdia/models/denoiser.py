@@ -64,7 +64,12 @@ class Denoiser(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
         self.time = TimeMLP(h, h)
         layer = nn.TransformerEncoderLayer(
-            h, config.heads, 4 * h, config.dropout, activation="gelu", batch_first=True,
+            h,
+            config.heads,
+            4 * h,
+            config.dropout,
+            activation="gelu",
+            batch_first=True,
             norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import torch
 
 from fastdia.ops import registry
-from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
-from fastdia.ops.round_to_vocab import round_to_vocab_reference
+from fastdia.ops.step import TokenLocalStack
 
 GUIDED_STEP, ROUND_TO_VOCAB = "guided_step", "round_to_vocab"
 SAMPLER_OPS = (GUIDED_STEP, ROUND_TO_VOCAB)
 
-registry.register(GUIDED_STEP, "reference", "fastdia.ops.guided_step:guided_step_reference")
-registry.register(ROUND_TO_VOCAB, "reference", "fastdia.ops.round_to_vocab:round_to_vocab_reference")
+registry.register(GUIDED_STEP, "reference", "fastdia.ops.step:guided_step_reference")
+registry.register(ROUND_TO_VOCAB, "reference", "fastdia.ops.rounding:round_to_vocab_reference")
 
 
 def round_to_vocab(
@@ -47,7 +46,7 @@ def round_to_vocab(
 def guided_step(
     z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, *, backend: str | None = None, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One guided reverse step; see :func:`fastdia.ops.guided_step.guided_step_reference`
+    """One guided reverse step; see :func:`fastdia.ops.step.guided_step_reference`
     for the arguments, shapes and dtypes, which every variant shares."""
     name = registry.resolve_backend(backend, GUIDED_STEP, z.device)
     return registry.get(GUIDED_STEP, name)(z, eps, coef, **kwargs)

@@ -1,0 +1,261 @@
+"""Counter-based Gaussian noise that matches Triton's ``tl.randn`` on any device.
+
+The fastdia noise convention
+----------------------------
+The Gaussian for element ``k`` (the row-major flat index into a contiguous tensor,
+``0 <= k < 2**31``) of step ``step`` under user seed ``seed`` is::
+
+    tl.randn(key, k)    with the 64-bit Triton seed  key = (seed << 32) | step
+
+so the Philox key words are ``k0 = step`` (low 32 bits) and ``k1 = seed`` (high 32 bits),
+and the Philox counter is ``(c0, c1, c2, c3) = (k, 0, 0, 0)`` (Triton's int32-offset path).
+Both ``seed`` and ``step`` must lie in ``[0, 2**31)``. Step 0 draws the initial noise
+``z_T``; sampler row ``r`` draws with step ``r + 1`` (the sampler applies that shift).
+
+Because the stream is a pure function of ``(seed, step, k)``, a fused Triton kernel that calls
+``tl.randn(key, k)`` and this PyTorch reference produce the same noise: the Philox4x32-10
+integers are bit-identical, and the floats (uniform map plus Box-Muller in fp32) agree to
+float rounding of ``log``/``sqrt``/``cos`` (about 1e-6).
+
+Algorithm (a transcription of ``triton/language/random.py``):
+
+* Philox4x32 with 10 rounds, multipliers ``0xD2511F53``/``0xCD9E8D57`` and key increments
+  ``0x9E3779B9``/``0xBB67AE85``;
+* the first two output words ``i1, i2`` are bitcast to int32, negatives map to ``-x - 1``
+  and the result is scaled by ``4.6566127342e-10`` (fp32) to give ``u1, u2`` in ``[0, 1)``;
+* ``u1`` is clamped to ``>= 1e-7`` and the output is ``sqrt(-2 log u1) * cos(2 pi u2)``.
+
+The integer arithmetic runs on int64 tensors that hold uint32 values; 32x32-bit products
+are split into 16-bit halves so nothing overflows int64.
+
+This module imports only ``torch`` and the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fastdia.errors import ConfigError
+
+__all__ = [
+    "MAX_INDEX",
+    "MAX_SEED",
+    "MAX_STEP",
+    "philox_randint4x",
+    "randn",
+    "randn_at",
+    "randn_like_shape",
+    "triton_key",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**31  # exclusive upper bound of the user seed
+MAX_STEP = 2**31  # exclusive upper bound of the step
+MAX_INDEX = 2**31  # exclusive upper bound of element indices (Triton int32 offsets)
+
+_MASK32 = 0xFFFFFFFF
+_MASK16 = 0xFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_N_ROUNDS = 10
+
+_UNIFORM_SCALE = 4.6566127342e-10  # Triton's int32 -> [0, 1) scale
+_TWO_PI = 6.283185307179586
+_U1_MIN = 1.0e-7
+
+
+def _check_int(name: str, value: int, upper: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"{name} must be an int in [0, {upper}) (0 <= {name} < 2**31), "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    if not 0 <= value < upper:
+        raise ConfigError(f"{name}={value} is out of range: it must satisfy 0 <= {name} < 2**31")
+
+
+def triton_key(seed: int, step: int) -> int:
+    """Return the 64-bit Triton seed ``(seed << 32) | step`` after validating both values.
+
+    Raises :class:`fastdia.errors.ConfigError` unless ``0 <= seed < 2**31`` and
+    ``0 <= step < 2**31``.
+    """
+    _check_int("seed", seed, MAX_SEED)
+    _check_int("step", step, MAX_STEP)
+    return (seed << 32) | step
+
+
+def _mulhilo32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * x`` for a uint32 constant ``a``.
+
+    ``x``: int64 tensor holding uint32 values. Both results are int64 tensors of uint32 values.
+    The product is split as ``a * x = (a * x_hi) << 16 + a * x_lo`` with 16-bit halves of ``x``,
+    so every intermediate stays below ``2**49``.
+    """
+    # In-place ops keep the temporaries down to four per call (this is the hot loop).
+    p_hi = (x >> 16).mul_(a)  # < 2**48
+    p_lo = (x & _MASK16).mul_(a)  # < 2**48
+    hi = (p_lo >> 16).add_(p_hi).bitwise_right_shift_(16)
+    lo = p_hi.bitwise_and_(_MASK16).bitwise_left_shift_(16).add_(p_lo).bitwise_and_(_MASK32)
+    return hi, lo
+
+
+def _philox4x32(
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    k0: int,
+    k1: int,
+    n_rounds: int = _N_ROUNDS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 (``n_rounds`` rounds, 10 by default) exactly as Triton's ``philox_impl``.
+
+    ``c0..c3``: int64 tensors of one shape (broadcastable), holding uint32 values.
+    ``k0, k1``: Python ints in ``[0, 2**32)``. Returns four int64 tensors of uint32 values.
+    """
+    k0 &= _MASK32
+    k1 &= _MASK32
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = hi_a.bitwise_xor_(c3).bitwise_xor_(k1)
+        c1 = lo_b
+        c3 = lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_randint4x(
+    k0: int, k1: int, counters: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 on counters ``(c0, 0, 0, 0)`` with key ``(k0, k1)``.
+
+    Matches ``tl.randint4x(key, counters)`` for int32 offsets with
+    ``key = (k1 << 32) | k0``.
+
+    Args:
+        k0: low key word, in ``[0, 2**32)``.
+        k1: high key word, in ``[0, 2**32)``.
+        counters: integer tensor of any shape with values in ``[0, 2**32)`` (converted to int64).
+
+    Returns:
+        Four int64 tensors of ``counters.shape`` holding the uint32 output words.
+    """
+    for name, value in (("k0", k0), ("k1", k1)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MASK32:
+            raise ConfigError(f"{name}={value!r} is out of range: it must be an int in [0, 2**32)")
+    if counters.is_floating_point() or counters.is_complex():
+        raise ConfigError(f"counters must be an integer tensor, got dtype {counters.dtype}")
+    c0 = counters.to(torch.int64) & _MASK32
+    zero = torch.zeros_like(c0)
+    return _philox4x32(c0, zero, zero, zero, k0, k1)
+
+
+def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` for uint32 words (int64 tensor) -> fp32 in [0, 1)."""
+    # Bitcast to int32 s; s < 0 (x >= 2**31) maps to -s - 1 = 2**32 - 1 - x. Result in [0, 2**31).
+    folded = torch.where(x >= 2**31, _MASK32 - x, x)
+    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    return folded.to(torch.float32).mul_(scale)
+
+
+def randn(
+    seed: int,
+    step: int,
+    numel: int,
+    *,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normals for element indices ``offset .. offset + numel - 1``.
+
+    Element ``i`` of the result equals ``tl.randn((seed << 32) | step, offset + i)`` (see the
+    module docstring for the convention).
+
+    Args:
+        seed: user seed, ``0 <= seed < 2**31``.
+        step: noise step, ``0 <= step < 2**31`` (0 for ``z_T``, ``r + 1`` for sampler row ``r``).
+        numel: number of values, ``>= 0``; ``offset + numel <= 2**31``.
+        offset: first element index, ``>= 0``.
+        device: where to compute and return the tensor (default: CPU).
+        dtype: floating dtype of the result; values are computed in fp32 and then cast.
+
+    Returns:
+        1-D tensor of shape ``(numel,)`` and dtype ``dtype`` on ``device``.
+
+    Raises:
+        ConfigError: a value is out of range.
+    """
+    key = triton_key(seed, step)
+    _check_int("numel", numel, MAX_INDEX + 1)
+    _check_int("offset", offset, MAX_INDEX)
+    if offset + numel > MAX_INDEX:
+        raise ConfigError(
+            f"offset + numel = {offset + numel} exceeds 2**31: element indices must be < 2**31"
+        )
+    if not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
+    logger.debug("randn seed=%d step=%d numel=%d offset=%d", seed, step, numel, offset)
+    counters = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    return _randn_counters(key, counters).to(dtype)
+
+
+def randn_at(seed: int, step: int, index: torch.Tensor) -> torch.Tensor:
+    """Standard normals at arbitrary element indices (float32, ``index``'s shape and device).
+
+    ``randn_at(seed, step, index)[i] == randn(seed, step, n)[index[i]]``; use it to draw
+    the noise of a few scattered elements without drawing the whole tensor.
+
+    Args:
+        seed, step: as in :func:`randn`.
+        index: integer tensor of element indices in ``[0, 2**31)``.
+    """
+    key = triton_key(seed, step)
+    if index.is_floating_point() or index.is_complex():
+        raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
+    return _randn_counters(key, index.to(torch.int64))
+
+
+def _randn_counters(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """fp32 ``tl.randn(key, counters)``."""
+    zero = torch.zeros_like(counters)
+    i1, i2, _, _ = _philox4x32(counters, zero, zero, zero, key & _MASK32, key >> 32)
+    u1 = _uint32_to_uniform(i1).clamp_(min=_U1_MIN)
+    u2 = _uint32_to_uniform(i2)
+    two_pi = torch.tensor(_TWO_PI, dtype=torch.float32, device=u2.device)
+    r = torch.sqrt(torch.log(u1).mul_(-2.0))
+    return r.mul_(torch.cos(u2.mul_(two_pi)))
+
+
+def randn_like_shape(
+    seed: int,
+    step: int,
+    shape: Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normals of ``shape``; element with row-major flat index ``k`` uses index ``k``.
+
+    Equivalent to ``randn(seed, step, prod(shape), device=device, dtype=dtype).reshape(shape)``.
+
+    Returns:
+        Contiguous tensor of shape ``tuple(shape)`` and dtype ``dtype`` on ``device``.
+    """
+    dims = tuple(shape)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ConfigError(f"shape must be a sequence of non-negative ints, got {shape!r}")
+    numel = math.prod(dims)
+    return randn(seed, step, numel, device=device, dtype=dtype).reshape(dims)

@@ -1,0 +1,235 @@
+"""The ``fastdia sample`` command: output format, determinism, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdia.cli import main
+from fastdia.embedding import EmbeddingSpace
+from fastdia.models.checkpoint import save_checkpoint
+from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.models.denoiser import Denoiser, DenoiserConfig
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _records(stdout):
+    lines = [json.loads(line) for line in stdout.strip().splitlines()]
+    return lines[:-1], lines[-1]["summary"]
+
+
+@pytest.fixture
+def tiny_args(tiny_model_dir):
+    return ["sample", "--base-model", str(tiny_model_dir), "--length", "12", "--steps", "4"]
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_base):
+    torch.manual_seed(0)
+    dim = tiny_base.space.dim
+    den = Denoiser(DenoiserConfig(dim=dim, max_length=16, hidden=16, layers=1, heads=2))
+    critics = [
+        build_critic(CriticConfig(dim=dim, hidden=8, reward=r)) for r in ("sentiment", "nontoxic")
+    ]
+    save_checkpoint(tmp_path / "ckpt", den, critics, space=tiny_base.space, base_model="tiny")
+    return tmp_path / "ckpt"
+
+
+def test_json_output_and_determinism(capsys, tiny_args):
+    argv = [
+        *tiny_args,
+        "--random-init",
+        "--prompt",
+        "The movie was",
+        "--num-samples",
+        "3",
+        "--reward",
+        "sentiment:1,nontoxic:0.5",
+        "--json",
+    ]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    samples, summary = _records(out)
+    assert len(samples) == 3
+    for s in samples:
+        assert s["text"].startswith("The movie was")
+        assert len(s["token_ids"]) == 12 and s["seed"] == 0
+        assert set(s["rewards"]) == {"sentiment", "nontoxic", "total"}
+        assert -1 <= s["rewards"]["sentiment"] <= 1 and 0 <= s["rewards"]["nontoxic"] <= 1
+        assert set(s["critic"]) == {"sentiment", "nontoxic"}
+    assert summary["backend"] == "reference" and summary["steps"] == 4
+    assert summary["num_samples"] == 3 and summary["tokens_per_s"] > 0 and summary["seconds"] > 0
+    code, again, _ = _run(capsys, *argv)
+    assert [s["token_ids"] for s in _records(again)[0]] == [s["token_ids"] for s in samples]
+    code, other, _ = _run(capsys, *argv[:-1], "--seed", "1", "--json")
+    assert [s["token_ids"] for s in _records(other)[0]] != [s["token_ids"] for s in samples]
+
+
+def test_checkpoint_is_used(capsys, tiny_args, tiny_checkpoint):
+    code, out, _ = _run(
+        capsys,
+        *tiny_args,
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--reward",
+        "nontoxic",
+        "--json",
+        "--sampler",
+        "ddpm",
+    )
+    assert code == 0
+    samples, summary = _records(out)
+    assert len(samples) == 4 and summary["sampler"] == "ddpm"
+
+
+def test_human_readable_output(capsys, tiny_args):
+    code, out, _ = _run(capsys, *tiny_args, "--random-init", "--num-samples", "2")
+    assert code == 0 and out.count("sentiment=") == 2 and "tokens/s" in out
+
+
+CHEAP_ERRORS = [
+    (["--prompt", "   "], "--prompt is empty"),
+    (["--sampler", "euler"], "unknown sampler 'euler'; known: ddpm, ddim, dia"),
+    (["--reward", "happiness"], "unknown reward"),
+    (["--backend", "magic"], "unknown backend 'magic'"),
+    (["--seed", "-3"], "seed must be an integer in [0, 2**31)"),
+    (["--rounding", "cosine"], "known: l2, inner"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), CHEAP_ERRORS)
+def test_cheap_errors_fail_before_loading_anything(capsys, monkeypatch, tiny_args, extra, message):
+    import fastdia.base_model
+
+    def heavy(*a, **k):
+        raise AssertionError("loaded the base model before validating the arguments")
+
+    monkeypatch.setattr(fastdia.base_model, "load_base_model", heavy)
+    code, _, err = _run(capsys, *tiny_args, "--random-init", *extra)
+    assert code == 2
+    assert message in err and err.startswith("fastdia sample: error:")
+    assert err.count("error:") == 1  # one message (a list of known names may follow)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "must be a positive integer"),
+        (["--guidance", "nan"], "finite number >= 0"),
+        (["--guidance", "-1"], "negative weight"),
+        (["--length", "0"], "must be a positive integer"),
+    ],
+)
+def test_argument_type_errors(capsys, tiny_args, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        main([*tiny_args, "--random-init", *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_longer_than_length(capsys, tiny_args):
+    code, _, err = _run(
+        capsys,
+        *tiny_args,
+        "--random-init",
+        "--length",
+        "3",
+        "--prompt",
+        "The movie was great and the actors were wonderful",
+    )
+    assert code == 2 and "pass --length >" in err
+
+
+def test_missing_checkpoint_says_how_to_get_one(capsys, tiny_args, tmp_path):
+    code, _, err = _run(capsys, *tiny_args)
+    assert code == 2 and "--random-init" in err and "--checkpoint" in err
+    code, _, err = _run(capsys, *tiny_args, "--checkpoint", str(tmp_path / "none"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_checkpoint_errors(capsys, tiny_args, tiny_checkpoint):
+    code, _, err = _run(
+        capsys, *tiny_args, "--checkpoint", str(tiny_checkpoint), "--reward", "keyword:happy"
+    )
+    assert code == 2 and "no critic for keyword:happy" in err
+    (tiny_checkpoint / "critic-nontoxic.safetensors").write_bytes(b"corrupt")
+    code, _, err = _run(
+        capsys, *tiny_args, "--checkpoint", str(tiny_checkpoint), "--reward", "nontoxic"
+    )
+    assert code == 2 and "corrupt" in err
+    (tiny_checkpoint / "denoiser.safetensors").unlink()
+    code, _, err = _run(capsys, *tiny_args, "--checkpoint", str(tiny_checkpoint))
+    assert code == 2 and "no denoiser.safetensors" in err
+
+
+def test_checkpoint_of_another_base_model(capsys, tiny_args, tmp_path, tiny_base):
+    other = EmbeddingSpace(torch.randn(tiny_base.space.vocab_size, tiny_base.space.dim), None)
+    den = Denoiser(DenoiserConfig(dim=other.dim, max_length=16, hidden=16, layers=1, heads=2))
+    save_checkpoint(
+        tmp_path,
+        den,
+        [build_critic(CriticConfig(dim=other.dim, reward="sentiment"))],
+        space=other,
+        base_model="other",
+    )
+    code, _, err = _run(capsys, *tiny_args, "--checkpoint", str(tmp_path))
+    assert code == 2 and "another base model" in err
+
+
+def test_base_model_path_that_does_not_exist(capsys, tmp_path):
+    code, _, err = _run(capsys, "sample", "--random-init", "--base-model", str(tmp_path / "x"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_console_entry_point_exit_code(tiny_model_dir):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastdia.cli",
+            "sample",
+            "--random-init",
+            "--base-model",
+            str(tiny_model_dir),
+            "--sampler",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "unknown sampler" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_base_model_random_init_is_deterministic(capsys, default_base):
+    argv = [
+        "sample",
+        "--random-init",
+        "--prompt",
+        "The movie was",
+        "--num-samples",
+        "2",
+        "--length",
+        "16",
+        "--steps",
+        "10",
+        "--seed",
+        "0",
+        "--json",
+    ]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    samples, summary = _records(out)
+    assert len(samples) == 2 and summary["base_model"] == "smollm2-135m"
+    assert all(s["text"].startswith("The movie was") for s in samples)
+    _, again, _ = _run(capsys, *argv)
+    assert [s["token_ids"] for s in _records(again)[0]] == [s["token_ids"] for s in samples]

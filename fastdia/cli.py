@@ -75,7 +75,11 @@ def _add_sample_parser(sub: Any) -> None:
         default=None,
         help="op variant: auto (default, or $FASTDIA_BACKEND) or a registered name",
     )
-    p.add_argument("--checkpoint", default=None, help="folder with denoiser.* and critic-*.*")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="folder with denoiser.* and critic-*.* (default: the shipped demo)",
+    )
     p.add_argument(
         "--base-model",
         default=DEFAULT_BASE_MODEL,
@@ -106,10 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(sub)
+    from fastdia import cli_eval, cli_train
+
+    cli_train.add_parsers(sub)
+    cli_eval.add_parser(sub)
     return parser
 
 
-def _default_device(requested: str | None) -> str:
+def default_device(requested: str | None) -> str:
     import torch
 
     if requested:
@@ -126,7 +134,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fastdia import ops
     from fastdia.base_model import load_base_model
     from fastdia.ops import registry
-    from fastdia.pipeline import build_sampler, check_checkpoint_folder
+    from fastdia.pipeline import build_sampler, resolve_checkpoint
     from fastdia.rewards import build_rewards
     from fastdia.sampler import SamplerConfig, check_seed
 
@@ -143,16 +151,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     if args.prompt is not None and not args.prompt.strip():
         raise FastdiaError("--prompt is empty; pass some text, or leave --prompt out")
-    device = _default_device(args.device)
+    device = default_device(args.device)
     for op in ops.SAMPLER_OPS:
         registry.resolve_backend(args.backend, op, device)
     rewards = build_rewards(args.reward)
-    if not args.random_init:
-        if args.checkpoint is None:
-            from fastdia.pipeline import NO_CHECKPOINT_HELP
-
-            raise FastdiaError(NO_CHECKPOINT_HELP)
-        check_checkpoint_folder(args.checkpoint)
+    checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)
 
     # 2. load and build
     base = load_base_model(args.base_model, device=device)
@@ -167,7 +170,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         base,
         config,
         rewards=list(zip(rewards.names, rewards.weights, strict=True)),
-        checkpoint=args.checkpoint,
+        checkpoint=checkpoint,
         random_init=args.random_init,
         length=args.length,
         device=device,

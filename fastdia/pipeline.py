@@ -23,12 +23,23 @@ from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
 
 log = logging.getLogger(__name__)
 
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"
 NO_CHECKPOINT_HELP = (
-    "no trained checkpoint was given; pass --checkpoint FOLDER (a folder with denoiser.* and "
-    "critic-*.* files, as written by `fastdia train-denoiser` and `fastdia train-critic`), "
-    "or --random-init to run the whole path on untrained models"
+    "no trained checkpoint was given and this installation ships no demo checkpoint; pass "
+    "--checkpoint FOLDER (a folder with denoiser.* and critic-*.* files, as written by "
+    "`fastdia train-denoiser` and `fastdia train-critic`), or --random-init to run the "
+    "whole path on untrained models"
 )
 RANDOM_INIT_SEED = 0
+
+
+def resolve_checkpoint(folder: str | Path | None) -> Path:
+    """``folder`` checked, or the shipped demo checkpoint when ``folder`` is None."""
+    if folder is None:
+        if not (DEMO_CHECKPOINT / f"{DENOISER_STEM}.json").is_file():
+            raise CheckpointError(NO_CHECKPOINT_HELP)
+        folder = DEMO_CHECKPOINT
+    return check_checkpoint_folder(folder)
 
 
 def check_checkpoint_folder(folder: str | Path) -> Path:
@@ -89,7 +100,7 @@ def build_sampler(
         base: the loaded base model.
         config: sampler settings.
         rewards: ``(canonical reward spec, weight)`` pairs; each needs a critic.
-        checkpoint: a checkpoint folder, or None with ``random_init``.
+        checkpoint: a checkpoint folder; None means the shipped demo checkpoint.
         random_init: use untrained models instead of a checkpoint.
         length: the sequence length to be sampled (sizes a random denoiser).
         device: where to run.
@@ -102,9 +113,8 @@ def build_sampler(
     if random_init:
         denoiser, critics = random_models(base, names, length=length, device=device)
     else:
-        if checkpoint is None:
-            raise CheckpointError(NO_CHECKPOINT_HELP)
-        ckpt = load_checkpoint(check_checkpoint_folder(checkpoint), base.space, device=device)
+        checkpoint = resolve_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint, base.space, device=device)
         denoiser, critics = ckpt.denoiser, ckpt.critics
         missing = [n for n in names if n not in critics]
         if missing:

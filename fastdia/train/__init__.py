@@ -1,0 +1,1 @@
+"""Training the denoiser and the critics (``fastdia train-denoiser`` / ``train-critic``)."""

@@ -1,0 +1,182 @@
+"""What both trainers share: optimiser and schedule, EMA, exact-resume state, devices.
+
+Resume is exact because nothing random depends on hidden generator state: every step
+``s`` draws its batch, times, noise and dropout from generators seeded by ``(seed, s)``,
+and the state file holds the model, EMA, optimiser and step. A state file is written
+atomically (temporary name, fsync, rename), so an interrupted run leaves the previous
+state intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdia.errors import CheckpointError, ConfigError
+from fastdia.models.checkpoint import write_atomic
+
+log = logging.getLogger(__name__)
+
+TRAINING_DIR = "training"  # resume states and histories, beside the model files
+
+
+def state_path(out_dir: Path, stem: str) -> Path:
+    """Where the resume state of model ``stem`` in checkpoint folder ``out_dir`` lives."""
+    return Path(out_dir) / TRAINING_DIR / f"{stem}_state.pt"
+
+
+def history_path(out_dir: Path, stem: str) -> Path:
+    """Where the training history (JSON) of model ``stem`` lives."""
+    return Path(out_dir) / TRAINING_DIR / f"{stem}_history.json"
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and run settings shared by the trainers.
+
+    Attributes:
+        steps: optimiser steps in all.
+        batch_size: windows per step.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup: linear warm-up steps, then cosine decay to ``lr * final_lr_frac``.
+        final_lr_frac: the learning rate at the end, as a fraction of ``lr``.
+        grad_clip: max global gradient norm (0 disables clipping).
+        ema: EMA decay of the weights that are saved for sampling (0 disables EMA).
+        seed: seed of every random draw (batches, times, noise, dropout, init).
+        save_every: write the checkpoint and the resume state every this many steps.
+        val_every: validate every this many steps.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    final_lr_frac: float = 0.1
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    seed: int = 0
+    save_every: int = 500
+    val_every: int = 250
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.save_every < 1 or self.val_every < 1:
+            raise ConfigError("steps, batch_size, save_every and val_every must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+
+
+def lr_at(cfg: OptimConfig, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): warm-up then cosine."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.final_lr_frac
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of step ``step``: a pure function of ``(seed, step)``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+class EMA:
+    """Exponential moving average of a module's floating parameters and buffers."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.detach(), 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily load the EMA weights into ``module``."""
+        saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(self.shadow)
+        try:
+            yield module
+        finally:
+            module.load_state_dict(saved)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 mixed precision on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_state(
+    path: Path,
+    *,
+    step: int,
+    module: nn.Module,
+    ema: EMA | None,
+    optimizer: torch.optim.Optimizer,
+    identity: dict[str, Any],
+) -> None:
+    """Write the resume state atomically."""
+    state = {
+        "step": step,
+        "model": module.state_dict(),
+        "ema": ema.shadow if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "identity": identity,
+    }
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """Read the resume state, checking it belongs to the same run settings."""
+    if not path.is_file():
+        raise CheckpointError(f"--resume: {path} does not exist; start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any unpickling failure means a corrupt file
+        raise CheckpointError(
+            f"--resume: {path} is corrupt ({exc}); start without --resume"
+        ) from exc
+    if state.get("identity") != identity:
+        diff = sorted(
+            k
+            for k in set(identity) | set(state.get("identity", {}))
+            if identity.get(k) != state.get("identity", {}).get(k)
+        )
+        raise CheckpointError(
+            f"--resume: {path} was written by a run with other settings ({', '.join(diff)}); "
+            "resume with the same settings or start a new output folder"
+        )
+    return state
+
+
+def identity_of(*configs: Any, **extra: Any) -> dict[str, Any]:
+    """The settings that must not change across a resume, as plain data."""
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        out.update(
+            {
+                f"{type(cfg).__name__}.{k}": v
+                for k, v in asdict(cfg).items()
+                if k not in ("save_every", "val_every", "metrics")
+            }
+        )
+    out.update(extra)
+    return out

@@ -1,0 +1,235 @@
+"""Training a critic to imitate a (possibly non-differentiable) reward.
+
+Labels are the true reward of each window's decoded text, computed once. The critic sees
+the window's embeddings noised to a random level ``t`` (``z_t`` of the forward process,
+with the same schedule as the denoiser), so its gradient means something along the whole
+reverse path, and regresses the label with a squared loss. At the end, held-out Spearman
+and R^2 between critic and true reward are measured at several noise levels and stored in
+the critic's config (``config.metrics``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdia.base_model import BaseModel
+from fastdia.data import TokenDataset
+from fastdia.errors import ConfigError
+from fastdia.models.checkpoint import critic_stem, save_model, write_json_atomic
+from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.train.common import (
+    EMA,
+    OptimConfig,
+    autocast,
+    history_path,
+    identity_of,
+    load_state,
+    lr_at,
+    save_state,
+    state_path,
+    step_generator,
+)
+from fastdia.train.denoiser import T_MIN, noised
+
+log = logging.getLogger(__name__)
+
+METRIC_LEVELS = (0.0, 0.25, 0.5, 0.75)
+
+
+@dataclass
+class CriticRun:
+    """The trained critic (EMA weights), its held-out metrics and its history."""
+
+    critic: nn.Module
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two ``[n]`` tensors (average ranks for ties)."""
+    return pearson(_rank(a), _rank(b))
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    # average the ranks of ties
+    values, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(ranks)
+    )
+    return (sums / counts)[inverse]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two ``[n]`` tensors (0 if either is constant)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / denom if denom > 0 else 0.0
+
+
+def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot``."""
+    pred, target = pred.double(), target.double()
+    ss_tot = float((target - target.mean()).pow(2).sum())
+    return 1 - float((target - pred).pow(2).sum()) / ss_tot if ss_tot > 0 else 0.0
+
+
+def reward_labels(
+    base: BaseModel, data: TokenDataset, reward: Any, batch: int = 256
+) -> torch.Tensor:
+    """``[n]`` float32 true rewards of the decoded windows (``reward`` maps texts to ``[B]``)."""
+    out = []
+    for start in range(0, len(data), batch):
+        texts = base.space.decode_batch(data.ids[start : start + batch])
+        out.append(reward(texts).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def critic_metrics(
+    critic: nn.Module,
+    base: BaseModel,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    schedule: str,
+    *,
+    seed: int = 4321,
+) -> dict[str, float]:
+    """Held-out Spearman and R^2 at each of :data:`METRIC_LEVELS`."""
+    space = base.space
+    device = space.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    z0 = space.embed(ids.to(device))
+    out: dict[str, float] = {}
+    for level in METRIC_LEVELS:
+        t = torch.full((ids.shape[0],), level, device=device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        z = z0 if level == 0 else noised(z0, t, eps, schedule)
+        pred = critic(z, t).float().cpu()
+        out[f"spearman@{level}"] = spearman(pred, labels)
+        out[f"r2@{level}"] = r_squared(pred, labels)
+    out["spearman"], out["r2"] = out["spearman@0.0"], out["r2@0.0"]
+    return out
+
+
+def train_critic(
+    base: BaseModel,
+    data: TokenDataset,
+    labels: torch.Tensor,
+    holdout: TokenDataset,
+    holdout_labels: torch.Tensor,
+    out_dir: str | Path,
+    config: CriticConfig,
+    optim: OptimConfig,
+    *,
+    schedule: str = "sqrt",
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> CriticRun:
+    """Train ``config.reward``'s critic; writes ``critic-<reward>.*`` and resume state."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    if not config.reward:
+        raise ConfigError("the critic config must name the reward it imitates")
+    if labels.shape != (len(data),) or holdout_labels.shape != (len(holdout),):
+        raise ConfigError("need one label per window")
+    base.space.check_fingerprint(data.fingerprint, f"dataset {data.source}")
+    identity = identity_of(
+        config, optim, data=data.source, windows=len(data), kind="critic", schedule=schedule
+    )
+    torch.manual_seed(optim.seed)
+    critic = build_critic(config).to(device)
+    opt = torch.optim.AdamW(critic.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    ema = EMA(critic, optim.ema) if optim.ema else None
+    stem = critic_stem(config.reward)
+    start_step = 0
+    if resume:
+        state = load_state(state_path(out_dir, stem), identity)
+        critic.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        start_step = state["step"]
+    started = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    labels = labels.to(device)
+    bar = tqdm(
+        range(start_step, optim.steps),
+        initial=start_step,
+        total=optim.steps,
+        desc=f"critic {config.reward}",
+        disable=not progress,
+    )
+    for step in bar:
+        critic.train()
+        gen = step_generator(optim.seed, step)
+        idx = torch.randint(len(data), (optim.batch_size,), generator=gen)
+        t = torch.rand(optim.batch_size, generator=gen) * (1 - T_MIN) + T_MIN
+        z0 = base.space.embed(data.ids[idx].to(device))
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        # a quarter of each batch is clean (t = 0): the critic must also score final text
+        clean = torch.rand(optim.batch_size, generator=gen) < 0.25
+        t = torch.where(clean, torch.zeros_like(t), t).to(device)
+        z = torch.where(clean.to(device)[:, None, None], z0, noised(z0, t, eps, schedule))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(optim, step)
+        with autocast(device):
+            loss = (critic(z, t).float() - labels[idx.to(device)]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if optim.grad_clip:
+            nn.utils.clip_grad_norm_(critic.parameters(), optim.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(critic)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        history.append({"step": done, "loss": loss.item()})
+        if done % optim.save_every == 0 and done < optim.steps:
+            save_state(
+                state_path(out_dir, stem),
+                step=done,
+                module=critic,
+                ema=ema,
+                optimizer=opt,
+                identity=identity,
+            )
+    bar.close()
+    final = build_critic(config).to(device)
+    final.load_state_dict(ema.shadow if ema is not None else critic.state_dict())
+    final.eval()
+    metrics = critic_metrics(final, base, holdout.ids, holdout_labels, schedule)
+    final.config.metrics = {
+        **metrics,
+        "holdout_windows": len(holdout),
+        "train_windows": len(data),
+        "steps": optim.steps,
+    }
+    save_model(final, out_dir, stem, space=base.space, base_model=base.name)
+    write_json_atomic(history_path(out_dir, stem), history)
+    save_state(
+        state_path(out_dir, stem),
+        step=optim.steps,
+        module=critic,
+        ema=ema,
+        optimizer=opt,
+        identity=identity,
+    )
+    log.info("critic %s: %s", config.reward, {k: round(v, 3) for k, v in metrics.items()})
+    return CriticRun(final, metrics, history, time.perf_counter() - started)

@@ -1,0 +1,226 @@
+"""Training the denoiser with the DDPM loss on ``z_0 = c E[x]`` (DESIGN §1).
+
+Each step draws windows ``x``, times ``t ~ U(0, 1]`` and noise ``eps``, forms
+``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` and minimises
+``|eps_hat - eps|^2`` (epsilon prediction) or ``|x0_hat - z_0|^2`` (x0 prediction).
+Validation reports, on held-out windows, the loss and the rounding accuracy of the x0
+estimate (the fraction of tokens whose nearest embedding is the right one) at several
+noise levels, with the EMA weights that are saved for sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdia.base_model import BaseModel
+from fastdia.data import TokenDataset
+from fastdia.errors import ConfigError
+from fastdia.models.checkpoint import DENOISER_STEM, save_model, write_json_atomic
+from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.ops import round_to_vocab
+from fastdia.schedules import alpha_bar
+from fastdia.train.common import (
+    EMA,
+    OptimConfig,
+    autocast,
+    history_path,
+    identity_of,
+    load_state,
+    lr_at,
+    save_state,
+    state_path,
+    step_generator,
+)
+
+log = logging.getLogger(__name__)
+
+VAL_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+T_MIN = 1e-3
+
+
+@dataclass
+class DenoiserRun:
+    """The result of :func:`train_denoiser`: the model (EMA weights) and its history."""
+
+    denoiser: Denoiser
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def noised(z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: str) -> torch.Tensor:
+    """``sqrt(abar_t) z0 + sqrt(1 - abar_t) eps`` for ``z0, eps [B, L, d]``, ``t [B]``."""
+    abar = alpha_bar(schedule, t).to(z0.dtype)[:, None, None]
+    return abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+
+
+def denoiser_loss(
+    den: Denoiser, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """The DDPM loss of one batch (mean squared error per element)."""
+    out = den(noised(z0, t, eps, den.config.schedule), t)
+    target = eps if den.config.prediction == "eps" else z0
+    return (out.float() - target).pow(2).mean()
+
+
+def x0_estimate(den: Denoiser, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The denoiser's estimate of ``z_0`` (converting an epsilon prediction)."""
+    out = den(z_t, t).float()
+    if den.config.prediction == "x0":
+        return out
+    abar = alpha_bar(den.config.schedule, t).to(z_t.dtype)[:, None, None]
+    return (z_t - (1 - abar).sqrt() * out) / abar.sqrt()
+
+
+@torch.no_grad()
+def validate(
+    den: Denoiser, base: BaseModel, ids: torch.Tensor, *, seed: int = 1234
+) -> dict[str, float]:
+    """Held-out loss and rounding accuracy of the x0 estimate at :data:`VAL_LEVELS`."""
+    space = base.space
+    device = space.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    ids = ids.to(device)
+    z0 = space.embed(ids)
+    bias = space.rounding_bias("l2")
+    out: dict[str, float] = {}
+    losses = []
+    for level in VAL_LEVELS:
+        t = torch.full((ids.shape[0],), level, device=device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        z_t = noised(z0, t, eps, den.config.schedule)
+        x0 = x0_estimate(den, z_t, t)
+        acc = (round_to_vocab(x0, space.weight, bias) == ids).float().mean().item()
+        out[f"acc@{level}"] = acc
+        losses.append(denoiser_loss(den, z0, t, eps).item())
+    out["val_loss"] = sum(losses) / len(losses)
+    return out
+
+
+def train_denoiser(
+    base: BaseModel,
+    data: TokenDataset,
+    out_dir: str | Path,
+    config: DenoiserConfig,
+    optim: OptimConfig,
+    *,
+    holdout: TokenDataset | None = None,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> DenoiserRun:
+    """Train a denoiser on ``data``; checkpoints and resume state go to ``out_dir``.
+
+    ``out_dir`` receives ``denoiser.{safetensors,json}`` (EMA weights) every
+    ``optim.save_every`` steps and at the end, and ``training/denoiser_state.pt`` (resume
+    state) and ``training/denoiser_history.json`` (loss and validation metrics).
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    if config.dim != base.space.dim:
+        raise ConfigError(f"denoiser dim {config.dim} != embedding dim {base.space.dim}")
+    if data.length > config.max_length:
+        raise ConfigError(f"windows of {data.length} tokens exceed max_length {config.max_length}")
+    base.space.check_fingerprint(data.fingerprint, f"dataset {data.source}")
+    identity = identity_of(config, optim, data=data.source, windows=len(data), kind="denoiser")
+    torch.manual_seed(optim.seed)
+    den = Denoiser(config).to(device)
+    opt = torch.optim.AdamW(den.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    ema = EMA(den, optim.ema) if optim.ema else None
+    history: list[dict[str, Any]] = []
+    start_step = 0
+    if resume:
+        state = load_state(state_path(out_dir, DENOISER_STEM), identity)
+        den.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        start_step = state["step"]
+        history = [h for h in _read_history(out_dir) if h["step"] <= start_step]
+        log.info("resuming at step %d", start_step)
+    ids_all = data.ids
+    space = base.space
+    started = time.perf_counter()
+    bar = tqdm(
+        range(start_step, optim.steps),
+        initial=start_step,
+        total=optim.steps,
+        desc="denoiser",
+        disable=not progress,
+    )
+    for step in bar:
+        den.train()
+        gen = step_generator(optim.seed, step)
+        idx = torch.randint(len(ids_all), (optim.batch_size,), generator=gen)
+        t = torch.rand(optim.batch_size, generator=gen) * (1 - T_MIN) + T_MIN
+        z0 = space.embed(ids_all[idx].to(device))
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
+        for group in opt.param_groups:
+            group["lr"] = lr_at(optim, step)
+        with autocast(device):
+            loss = denoiser_loss(den, z0, t.to(device), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if optim.grad_clip:
+            nn.utils.clip_grad_norm_(den.parameters(), optim.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(den)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        record: dict[str, Any] = {"step": done, "loss": loss.item(), "lr": lr_at(optim, step)}
+        if holdout is not None and (done % optim.val_every == 0 or done == optim.steps):
+            with _weights(den, ema):
+                den.eval()
+                record.update(validate(den, base, holdout.ids[:256]))
+            log.info("step %d %s", done, {k: round(v, 4) for k, v in record.items()})
+        history.append(record)
+        if done % optim.save_every == 0 or done == optim.steps:
+            _save(out_dir, den, ema, opt, done, identity, history, base)
+    bar.close()
+    final = Denoiser(config).to(device)
+    final.load_state_dict(ema.shadow if ema is not None else den.state_dict())
+    return DenoiserRun(final.eval(), history, time.perf_counter() - started)
+
+
+def _weights(den: Denoiser, ema: EMA | None) -> contextlib.AbstractContextManager[Any]:
+    return ema.applied(den) if ema is not None else contextlib.nullcontext(den)
+
+
+def _read_history(out_dir: Path) -> list[dict[str, Any]]:
+    path = history_path(out_dir, DENOISER_STEM)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _save(
+    out_dir: Path,
+    den: Denoiser,
+    ema: EMA | None,
+    opt: torch.optim.Optimizer,
+    step: int,
+    identity: dict[str, Any],
+    history: list[dict[str, Any]],
+    base: BaseModel,
+) -> None:
+    with _weights(den, ema):
+        save_model(den, out_dir, DENOISER_STEM, space=base.space, base_model=base.name)
+    write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
+    save_state(
+        state_path(out_dir, DENOISER_STEM),
+        step=step,
+        module=den,
+        ema=ema,
+        optimizer=opt,
+        identity=identity,
+    )

@@ -1,0 +1,259 @@
+"""Training: a few steps on a tiny model, exact resume, atomic writes, critic metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import CORPUS
+
+import fastdia.train.denoiser as train_den
+from fastdia.data import windows_from_texts
+from fastdia.errors import CheckpointError
+from fastdia.models.checkpoint import load_checkpoint, write_atomic
+from fastdia.models.critic import CriticConfig
+from fastdia.models.denoiser import DenoiserConfig
+from fastdia.rewards import KeywordReward
+from fastdia.train.common import OptimConfig, lr_at
+from fastdia.train.critic import (
+    pearson,
+    r_squared,
+    reward_labels,
+    spearman,
+    train_critic,
+)
+
+
+@pytest.fixture
+def data(tiny_base):
+    return windows_from_texts(CORPUS * 2, tiny_base, 8, "tiny corpus").split(0.2, seed=0)
+
+
+def _config(tiny_base, **kw):
+    return DenoiserConfig(
+        dim=tiny_base.space.dim, max_length=8, hidden=16, layers=1, heads=2, dropout=0.1, **kw
+    )
+
+
+def _optim(**kw):
+    return OptimConfig(
+        **{
+            "steps": 6,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "warmup": 2,
+            "save_every": 3,
+            "val_every": 3,
+            **kw,
+        }
+    )
+
+
+def test_lr_schedule():
+    cfg = OptimConfig(steps=100, lr=1.0, warmup=10, final_lr_frac=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 99) == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_denoiser_trains_and_validates(tmp_path, tiny_base, data, prediction):
+    train, hold = data
+    run = train_den.train_denoiser(
+        tiny_base,
+        train,
+        tmp_path,
+        _config(tiny_base, prediction=prediction),
+        _optim(steps=40, val_every=20, save_every=20),
+        holdout=hold,
+        progress=False,
+    )
+    first, last = run.history[0], run.history[-1]
+    assert len(run.history) == 40 and last["step"] == 40
+    assert {"val_loss", "acc@0.1", "acc@0.9"} <= set(last)
+    assert 0 <= last["acc@0.1"] <= 1
+    assert sum(h["loss"] for h in run.history[-10:]) < sum(h["loss"] for h in run.history[:10])
+    assert first["lr"] < last["lr"] or first["step"] == 1
+    ckpt = load_checkpoint(tmp_path, tiny_base.space)
+    assert ckpt.denoiser.config.prediction == prediction
+
+
+def test_exact_resume(tmp_path, tiny_base, data, monkeypatch):
+    train, hold = data
+    straight = train_den.train_denoiser(
+        tiny_base, train, tmp_path / "a", _config(tiny_base), _optim(), holdout=hold, progress=False
+    )
+    real_lr = train_den.lr_at
+
+    def interrupt(cfg, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_lr(cfg, step)
+
+    monkeypatch.setattr(train_den, "lr_at", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_den.train_denoiser(
+            tiny_base,
+            train,
+            tmp_path / "b",
+            _config(tiny_base),
+            _optim(),
+            holdout=hold,
+            progress=False,
+        )
+    monkeypatch.setattr(train_den, "lr_at", real_lr)
+    resumed = train_den.train_denoiser(
+        tiny_base,
+        train,
+        tmp_path / "b",
+        _config(tiny_base),
+        _optim(),
+        holdout=hold,
+        resume=True,
+        progress=False,
+    )
+    for (k, a), b in zip(
+        straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+
+
+def test_resume_refuses_other_settings_and_missing_state(tmp_path, tiny_base, data):
+    train, _ = data
+    with pytest.raises(CheckpointError, match="does not exist; start without --resume"):
+        train_den.train_denoiser(
+            tiny_base, train, tmp_path, _config(tiny_base), _optim(), resume=True, progress=False
+        )
+    train_den.train_denoiser(
+        tiny_base, train, tmp_path, _config(tiny_base), _optim(), progress=False
+    )
+    with pytest.raises(CheckpointError, match=r"other settings .*OptimConfig\.lr"):
+        train_den.train_denoiser(
+            tiny_base,
+            train,
+            tmp_path,
+            _config(tiny_base),
+            _optim(lr=5e-4),
+            resume=True,
+            progress=False,
+        )
+    (tmp_path / "training" / "denoiser_state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_den.train_denoiser(
+            tiny_base, train, tmp_path, _config(tiny_base), _optim(), resume=True, progress=False
+        )
+
+
+def test_interrupted_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old complete file")
+
+    def half_then_killed(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half of the new")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, half_then_killed)
+    assert target.read_bytes() == b"old complete file"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_killed_training_process_resumes(tmp_path, tiny_model_dir, tiny_base):
+    """SIGKILL a real training process mid-run: what is on disk loads, and --resume
+    finishes the run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(CORPUS * 4))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastdia.cli",
+        "train-denoiser",
+        "--base-model",
+        str(tiny_model_dir),
+        "--data",
+        f"text:{text}",
+        "--out",
+        str(out),
+        "--length",
+        "8",
+        "--steps",
+        "120",
+        "--batch-size",
+        "4",
+        "--hidden",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--save-every",
+        "1",
+        "--val-every",
+        "1000",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "training" / "denoiser_state.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    load_checkpoint(out, tiny_base.space)  # only complete files are ever in place
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    history = json.loads((out / "training" / "denoiser_history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 121))
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_spearman_and_r2_by_hand():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(a, a * 10) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks [0.5, 0.5, 2, 3], y ranks [0, 1, 2, 3]
+    x = torch.tensor([1.0, 1.0, 2.0, 3.0])
+    assert spearman(x, a) == pytest.approx(
+        pearson(torch.tensor([0.5, 0.5, 2, 3]), torch.tensor([0.0, 1, 2, 3]))
+    )
+    assert pearson(torch.tensor([0.5, 0.5, 2, 3]), torch.tensor([0.0, 1, 2, 3])) == pytest.approx(
+        0.9486832980505138
+    )
+    assert r_squared(a, a) == 1.0
+    assert r_squared(torch.full((4,), 2.5), a) == pytest.approx(0.0)
+    assert r_squared(torch.tensor([1.0, 2, 3, 5]), a) == pytest.approx(1 - 1 / 5)
+
+
+def test_critic_trains_and_reports_fidelity(tmp_path, tiny_base, data):
+    train, hold = data
+    reward = KeywordReward(["movie", "food"])
+    labels, hold_labels = (
+        reward_labels(tiny_base, train, reward),
+        reward_labels(tiny_base, hold, reward),
+    )
+    assert labels.shape == (len(train),) and set(labels.unique().tolist()) <= {0.0, 0.5, 1.0}
+    cfg = CriticConfig(dim=tiny_base.space.dim, hidden=16, reward="keyword:movie,food")
+    run = train_critic(
+        tiny_base,
+        train,
+        labels,
+        hold,
+        hold_labels,
+        tmp_path,
+        cfg,
+        _optim(steps=150, batch_size=16, lr=3e-3),
+        progress=False,
+    )
+    assert {"spearman", "r2", "spearman@0.5"} <= set(run.metrics)
+    assert run.metrics["spearman"] > 0.3  # the keywords are single tokens: easy to learn
+    from fastdia.models.checkpoint import critic_stem, load_model
+
+    critic = load_model(tmp_path, critic_stem("keyword:movie,food"), tiny_base.space)
+    assert critic.config.metrics["spearman"] == pytest.approx(run.metrics["spearman"])

@@ -48,6 +48,7 @@ def _guidance(text: str) -> float:
 def _add_sample_parser(sub: Any) -> None:
     from fastdia.base_model import DEFAULT_BASE_MODEL
     from fastdia.embedding import ROUNDINGS
+    from fastdia.ops.registry import known_backends
     from fastdia.schedules import SAMPLERS
 
     p = sub.add_parser("sample", help="draw reward-guided samples")
@@ -73,7 +74,8 @@ def _add_sample_parser(sub: Any) -> None:
     p.add_argument(
         "--backend",
         default=None,
-        help="op variant: auto (default, or $FASTDIA_BACKEND) or a registered name",
+        help=f"op variant, one of: {', '.join(known_backends())} "
+        "(default: $FASTDIA_BACKEND, else auto)",
     )
     p.add_argument(
         "--checkpoint",

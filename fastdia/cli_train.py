@@ -54,6 +54,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--prompts", default=None, help="file of prompts, one per line")
+    p.add_argument("--shard-size", type=int, default=256, help="sequences per shard file")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("train-denoiser", help="train the diffusion denoiser")
@@ -129,6 +130,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         num_sequences=args.num_sequences,
         length=args.length,
         prompts=prompts,
+        shard_size=args.shard_size,
         batch_size=args.batch_size,
         temperature=args.temperature,
         top_p=args.top_p,

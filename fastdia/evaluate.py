@@ -28,19 +28,11 @@ from typing import Any
 import torch
 
 from fastdia.base_model import BaseModel
+from fastdia.data import DEFAULT_PROMPTS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVAL_PROMPTS = (
-    "The movie was",
-    "The food was",
-    "I think",
-    "Yesterday",
-    "The weather",
-    "My friend said",
-    "The book",
-    "Today",
-)
+DEFAULT_EVAL_PROMPTS = DEFAULT_PROMPTS[:8]  # neutral openers: "The movie was", "I think", ...
 POSITIVE = 0.05
 
 

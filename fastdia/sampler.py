@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -125,7 +125,6 @@ class SampleOutput:
     z: torch.Tensor
     seconds: float
     steps: int
-    rewards: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:

@@ -81,14 +81,16 @@ def test_exact_resume(tmp_path, tiny_base, data, monkeypatch):
     straight = train_den.train_denoiser(
         tiny_base, train, tmp_path / "a", _config(tiny_base), _optim(), holdout=hold, progress=False
     )
-    real_lr = train_den.lr_at
+    import fastdia.train.common as common
+
+    real_lr = common.lr_at
 
     def interrupt(cfg, step):
         if step == 4:
             raise KeyboardInterrupt
         return real_lr(cfg, step)
 
-    monkeypatch.setattr(train_den, "lr_at", interrupt)
+    monkeypatch.setattr(common, "lr_at", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train_den.train_denoiser(
             tiny_base,
@@ -99,7 +101,7 @@ def test_exact_resume(tmp_path, tiny_base, data, monkeypatch):
             holdout=hold,
             progress=False,
         )
-    monkeypatch.setattr(train_den, "lr_at", real_lr)
+    monkeypatch.setattr(common, "lr_at", real_lr)
     resumed = train_den.train_denoiser(
         tiny_base,
         train,

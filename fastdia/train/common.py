@@ -25,6 +25,7 @@ from fastdia.models.checkpoint import write_atomic
 
 log = logging.getLogger(__name__)
 
+T_MIN = 1e-3  # smallest training time (t = 0 has no noise to predict)
 TRAINING_DIR = "training"  # resume states and histories, beside the model files
 
 
@@ -122,6 +123,81 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class Optimisation:
+    """AdamW with the schedule of ``cfg``, clipping, EMA, and the exact-resume state.
+
+    Args:
+        module: the model being trained (its parameters are optimised in place).
+        cfg: optimiser settings.
+        state_file: where :meth:`save` writes and :meth:`resume` reads the state.
+        identity: the run settings a resumed state must match (see :func:`identity_of`).
+    """
+
+    def __init__(
+        self, module: nn.Module, cfg: OptimConfig, state_file: Path, identity: dict[str, Any]
+    ) -> None:
+        self.module, self.cfg, self.state_file, self.identity = module, cfg, state_file, identity
+        self.opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = EMA(module, cfg.ema) if cfg.ema else None
+        self.step = 0
+
+    def resume(self) -> int:
+        """Load the saved state; returns the step to continue from."""
+        state = load_state(self.state_file, self.identity)
+        device = next(self.module.parameters()).device
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        self.step = state["step"]
+        log.info("resuming at step %d", self.step)
+        return self.step
+
+    def update(self, loss: torch.Tensor) -> float:
+        """Backward, clip, step at this step's learning rate, update the EMA.
+
+        Returns the learning rate used.
+        """
+        lr = lr_at(self.cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.module)
+        self.step += 1
+        return lr
+
+    def averaged(self) -> contextlib.AbstractContextManager[Any]:
+        """Context in which the module holds the weights to save (EMA if enabled)."""
+        return self.ema.applied(self.module) if self.ema is not None else contextlib.nullcontext()
+
+    def final_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights to save: the EMA, or the raw weights without EMA."""
+        return self.ema.shadow if self.ema is not None else self.module.state_dict()
+
+    def save(self) -> None:
+        """Write the resume state atomically."""
+        save_state(
+            self.state_file,
+            step=self.step,
+            module=self.module,
+            ema=self.ema,
+            optimizer=self.opt,
+            identity=self.identity,
+        )
+
+
+def batch_draws(gen: torch.Generator, n: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's window indices ``[batch]`` and times ``t ~ U[T_MIN, 1]`` ``[batch]``."""
+    idx = torch.randint(n, (batch_size,), generator=gen)
+    t = torch.rand(batch_size, generator=gen) * (1 - T_MIN) + T_MIN
+    return idx, t
 
 
 def save_state(

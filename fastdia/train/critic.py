@@ -10,6 +10,7 @@ the critic's config (``config.metrics``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -26,18 +27,16 @@ from fastdia.errors import ConfigError
 from fastdia.models.checkpoint import critic_stem, save_model, write_json_atomic
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.train.common import (
-    EMA,
     OptimConfig,
+    Optimisation,
     autocast,
+    batch_draws,
     history_path,
     identity_of,
-    load_state,
-    lr_at,
-    save_state,
     state_path,
     step_generator,
 )
-from fastdia.train.denoiser import T_MIN, noised
+from fastdia.train.denoiser import noised
 
 log = logging.getLogger(__name__)
 
@@ -155,64 +154,41 @@ def train_critic(
     )
     torch.manual_seed(optim.seed)
     critic = build_critic(config).to(device)
-    opt = torch.optim.AdamW(critic.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    ema = EMA(critic, optim.ema) if optim.ema else None
     stem = critic_stem(config.reward)
-    start_step = 0
-    if resume:
-        state = load_state(state_path(out_dir, stem), identity)
-        critic.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
-        start_step = state["step"]
-    started = time.perf_counter()
+    run = Optimisation(critic, optim, state_path(out_dir, stem), identity)
     history: list[dict[str, Any]] = []
+    if resume:
+        start_step = run.resume()
+        path = history_path(out_dir, stem)
+        if path.is_file():
+            history = [h for h in json.loads(path.read_text()) if h["step"] <= start_step]
+    started = time.perf_counter()
     labels = labels.to(device)
     bar = tqdm(
-        range(start_step, optim.steps),
-        initial=start_step,
-        total=optim.steps,
-        desc=f"critic {config.reward}",
-        disable=not progress,
+        total=optim.steps, initial=run.step, desc=f"critic {config.reward}", disable=not progress
     )
-    for step in bar:
+    while run.step < optim.steps:
         critic.train()
-        gen = step_generator(optim.seed, step)
-        idx = torch.randint(len(data), (optim.batch_size,), generator=gen)
-        t = torch.rand(optim.batch_size, generator=gen) * (1 - T_MIN) + T_MIN
+        gen = step_generator(optim.seed, run.step)
+        idx, t = batch_draws(gen, len(data), optim.batch_size)
         z0 = base.space.embed(data.ids[idx].to(device))
         eps = torch.randn(z0.shape, generator=gen).to(device)
         # a quarter of each batch is clean (t = 0): the critic must also score final text
         clean = torch.rand(optim.batch_size, generator=gen) < 0.25
         t = torch.where(clean, torch.zeros_like(t), t).to(device)
         z = torch.where(clean.to(device)[:, None, None], z0, noised(z0, t, eps, schedule))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(optim, step)
         with autocast(device):
             loss = (critic(z, t).float() - labels[idx.to(device)]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if optim.grad_clip:
-            nn.utils.clip_grad_norm_(critic.parameters(), optim.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(critic)
+        run.update(loss)
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        history.append({"step": done, "loss": loss.item()})
-        if done % optim.save_every == 0 and done < optim.steps:
-            save_state(
-                state_path(out_dir, stem),
-                step=done,
-                module=critic,
-                ema=ema,
-                optimizer=opt,
-                identity=identity,
-            )
+        history.append({"step": run.step, "loss": loss.item()})
+        if run.step % optim.save_every == 0 and run.step < optim.steps:
+            write_json_atomic(history_path(out_dir, stem), history)
+            run.save()
     bar.close()
     final = build_critic(config).to(device)
-    final.load_state_dict(ema.shadow if ema is not None else critic.state_dict())
+    final.load_state_dict(run.final_state_dict())
     final.eval()
     metrics = critic_metrics(final, base, holdout.ids, holdout_labels, schedule)
     final.config.metrics = {
@@ -223,13 +199,6 @@ def train_critic(
     }
     save_model(final, out_dir, stem, space=base.space, base_model=base.name)
     write_json_atomic(history_path(out_dir, stem), history)
-    save_state(
-        state_path(out_dir, stem),
-        step=optim.steps,
-        module=critic,
-        ema=ema,
-        optimizer=opt,
-        identity=identity,
-    )
+    run.save()
     log.info("critic %s: %s", config.reward, {k: round(v, 3) for k, v in metrics.items()})
     return CriticRun(final, metrics, history, time.perf_counter() - started)

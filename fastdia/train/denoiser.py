@@ -10,7 +10,6 @@ noise levels, with the EMA weights that are saved for sampling.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from fastdia.base_model import BaseModel
 from fastdia.data import TokenDataset
@@ -29,14 +27,12 @@ from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.ops import round_to_vocab
 from fastdia.schedules import alpha_bar
 from fastdia.train.common import (
-    EMA,
     OptimConfig,
+    Optimisation,
     autocast,
+    batch_draws,
     history_path,
     identity_of,
-    load_state,
-    lr_at,
-    save_state,
     state_path,
     step_generator,
 )
@@ -44,7 +40,7 @@ from fastdia.train.common import (
 log = logging.getLogger(__name__)
 
 VAL_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
-T_MIN = 1e-3
+VAL_WINDOWS = 48  # held-out windows per validation (rounding against V is the cost)
 
 
 @dataclass
@@ -135,92 +131,45 @@ def train_denoiser(
     identity = identity_of(config, optim, data=data.source, windows=len(data), kind="denoiser")
     torch.manual_seed(optim.seed)
     den = Denoiser(config).to(device)
-    opt = torch.optim.AdamW(den.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    ema = EMA(den, optim.ema) if optim.ema else None
+    run = Optimisation(den, optim, state_path(out_dir, DENOISER_STEM), identity)
     history: list[dict[str, Any]] = []
-    start_step = 0
     if resume:
-        state = load_state(state_path(out_dir, DENOISER_STEM), identity)
-        den.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
-        start_step = state["step"]
+        start_step = run.resume()
         history = [h for h in _read_history(out_dir) if h["step"] <= start_step]
-        log.info("resuming at step %d", start_step)
-    ids_all = data.ids
-    space = base.space
+    ids_all, space = data.ids, base.space
     started = time.perf_counter()
-    bar = tqdm(
-        range(start_step, optim.steps),
-        initial=start_step,
-        total=optim.steps,
-        desc="denoiser",
-        disable=not progress,
-    )
-    for step in bar:
+    bar = tqdm(total=optim.steps, initial=run.step, desc="denoiser", disable=not progress)
+    while run.step < optim.steps:
         den.train()
-        gen = step_generator(optim.seed, step)
-        idx = torch.randint(len(ids_all), (optim.batch_size,), generator=gen)
-        t = torch.rand(optim.batch_size, generator=gen) * (1 - T_MIN) + T_MIN
+        gen = step_generator(optim.seed, run.step)
+        idx, t = batch_draws(gen, len(ids_all), optim.batch_size)
         z0 = space.embed(ids_all[idx].to(device))
         eps = torch.randn(z0.shape, generator=gen).to(device)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
-        for group in opt.param_groups:
-            group["lr"] = lr_at(optim, step)
         with autocast(device):
             loss = denoiser_loss(den, z0, t.to(device), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if optim.grad_clip:
-            nn.utils.clip_grad_norm_(den.parameters(), optim.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(den)
+        lr = run.update(loss)
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        record: dict[str, Any] = {"step": done, "loss": loss.item(), "lr": lr_at(optim, step)}
-        if holdout is not None and (done % optim.val_every == 0 or done == optim.steps):
-            with _weights(den, ema):
+        record: dict[str, Any] = {"step": run.step, "loss": loss.item(), "lr": lr}
+        last = run.step == optim.steps
+        if holdout is not None and (run.step % optim.val_every == 0 or last):
+            with run.averaged():
                 den.eval()
-                record.update(validate(den, base, holdout.ids[:256]))
-            log.info("step %d %s", done, {k: round(v, 4) for k, v in record.items()})
+                record.update(validate(den, base, holdout.ids[:VAL_WINDOWS]))
+            log.info("step %d %s", run.step, {k: round(v, 4) for k, v in record.items()})
         history.append(record)
-        if done % optim.save_every == 0 or done == optim.steps:
-            _save(out_dir, den, ema, opt, done, identity, history, base)
+        if run.step % optim.save_every == 0 or last:
+            with run.averaged():
+                save_model(den, out_dir, DENOISER_STEM, space=space, base_model=base.name)
+            write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
+            run.save()
     bar.close()
     final = Denoiser(config).to(device)
-    final.load_state_dict(ema.shadow if ema is not None else den.state_dict())
+    final.load_state_dict(run.final_state_dict())
     return DenoiserRun(final.eval(), history, time.perf_counter() - started)
-
-
-def _weights(den: Denoiser, ema: EMA | None) -> contextlib.AbstractContextManager[Any]:
-    return ema.applied(den) if ema is not None else contextlib.nullcontext(den)
 
 
 def _read_history(out_dir: Path) -> list[dict[str, Any]]:
     path = history_path(out_dir, DENOISER_STEM)
     return json.loads(path.read_text()) if path.is_file() else []
-
-
-def _save(
-    out_dir: Path,
-    den: Denoiser,
-    ema: EMA | None,
-    opt: torch.optim.Optimizer,
-    step: int,
-    identity: dict[str, Any],
-    history: list[dict[str, Any]],
-    base: BaseModel,
-) -> None:
-    with _weights(den, ema):
-        save_model(den, out_dir, DENOISER_STEM, space=base.space, base_model=base.name)
-    write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
-    save_state(
-        state_path(out_dir, DENOISER_STEM),
-        step=step,
-        module=den,
-        ema=ema,
-        optimizer=opt,
-        identity=identity,
-    )

@@ -259,3 +259,16 @@ def test_critic_trains_and_reports_fidelity(tmp_path, tiny_base, data):
 
     critic = load_model(tmp_path, critic_stem("keyword:movie,food"), tiny_base.space)
     assert critic.config.metrics["spearman"] == pytest.approx(run.metrics["spearman"])
+
+
+@pytest.mark.parametrize("kind", ["token_local", "context"])
+def test_fold_affine_rescales_the_output(kind):
+    from fastdia.models.critic import build_critic
+    from fastdia.train.critic import fold_affine
+
+    torch.manual_seed(0)
+    critic = build_critic(CriticConfig(dim=8, kind=kind, hidden=8, heads=2, layers=1)).eval()
+    z = torch.randn(3, 5, 8)
+    before = critic(z, 0.3)
+    fold_affine(critic, 0.05, 0.9)
+    torch.testing.assert_close(critic(z, 0.3), 0.05 * before + 0.9)

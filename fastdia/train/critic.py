@@ -25,7 +25,7 @@ from fastdia.base_model import BaseModel
 from fastdia.data import TokenDataset
 from fastdia.errors import ConfigError
 from fastdia.models.checkpoint import critic_stem, save_model, write_json_atomic
-from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.models.critic import CriticConfig, TokenLocalCritic, build_critic
 from fastdia.train.common import (
     OptimConfig,
     Optimisation,
@@ -84,6 +84,18 @@ def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
     pred, target = pred.double(), target.double()
     ss_tot = float((target - target.mean()).pow(2).sum())
     return 1 - float((target - pred).pow(2).sum()) / ss_tot if ss_tot > 0 else 0.0
+
+
+@torch.no_grad()
+def fold_affine(critic: nn.Module, scale: float, shift: float) -> None:
+    """Make ``critic`` output ``scale * h + shift`` by rescaling its last layer in place."""
+    if isinstance(critic, TokenLocalCritic):
+        critic.w2.mul_(scale)
+        critic.b2.mul_(scale).add_(shift)
+    else:
+        head = critic.head[-1]
+        head.weight.mul_(scale)
+        head.bias.mul_(scale).add_(shift)
 
 
 def reward_labels(
@@ -163,7 +175,10 @@ def train_critic(
         if path.is_file():
             history = [h for h in json.loads(path.read_text()) if h["step"] <= start_step]
     started = time.perf_counter()
-    labels = labels.to(device)
+    # regress standardised labels (a reward with a narrow range, e.g. nontoxic with std
+    # 0.05, would otherwise give tiny gradients); the scale is folded back in at the end
+    shift, scale = labels.mean().item(), labels.std().item() or 1.0
+    labels = ((labels - shift) / scale).to(device)
     bar = tqdm(
         total=optim.steps, initial=run.step, desc=f"critic {config.reward}", disable=not progress
     )
@@ -189,6 +204,7 @@ def train_critic(
     bar.close()
     final = build_critic(config).to(device)
     final.load_state_dict(run.final_state_dict())
+    fold_affine(final, scale, shift)
     final.eval()
     metrics = critic_metrics(final, base, holdout.ids, holdout_labels, schedule)
     final.config.metrics = {

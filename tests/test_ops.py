@@ -137,3 +137,39 @@ def test_registry_auto_prefers_priority_among_available():
     with pytest.raises(ConfigError, match="cannot run on cpu"):
         registry.resolve_backend("gpu_only", "demo_op", "cpu")
     assert registry.get("demo_op", "fast") is round_to_vocab_reference
+
+
+def test_registry_auto_eligibility_is_separate_from_availability():
+    registry.register(
+        "demo_auto_op",
+        "interp",
+        "fastdia.ops.rounding:round_to_vocab_reference",
+        priority=10,
+        auto=lambda device: device.type == "cuda",
+        hint="try elsewhere",
+    )
+    registry.register("demo_auto_op", "plain", "fastdia.ops.rounding:round_to_vocab_reference")
+    assert registry.resolve_backend("interp", "demo_auto_op", "cpu") == "interp"  # explicit
+    assert registry.resolve_backend("auto", "demo_auto_op", "cpu") == "plain"
+    assert registry.resolve_backend("auto", "demo_auto_op", "cuda") == "interp"
+
+
+def test_triton_variant_auto_only_on_cuda(monkeypatch):
+    """``auto`` takes triton on CUDA, never on the CPU (not even under the interpreter,
+    which is far slower than the reference); ``--backend triton`` on the CPU needs
+    ``TRITON_INTERPRET=1``. Resolving a cuda device initialises nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("FASTDIA_BACKEND", raising=False)
+    for op in ops.SAMPLER_OPS:
+        assert "triton" in registry.backends(op)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert registry.resolve_backend("auto", op, "cpu") == "reference"
+        assert registry.resolve_backend("triton", op, "cpu") == "triton"
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert registry.resolve_backend("auto", op, "cpu") == "reference"
+        assert registry.resolve_backend("auto", op, "cuda") == "triton"
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+            registry.resolve_backend("triton", op, "cpu")

@@ -6,6 +6,10 @@ takes the fastest variant available on the input's device.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 
 from fastdia.ops import registry
@@ -16,6 +20,47 @@ SAMPLER_OPS = (GUIDED_STEP, ROUND_TO_VOCAB)
 
 registry.register(GUIDED_STEP, "reference", "fastdia.ops.step:guided_step_reference")
 registry.register(ROUND_TO_VOCAB, "reference", "fastdia.ops.rounding:round_to_vocab_reference")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    """Whether triton can be imported (looked up without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1``."""
+    if not _triton_installed():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+def _triton_auto(device: torch.device) -> bool:
+    """``auto`` picks Triton on CUDA only: the interpreter is far slower than the reference."""
+    return device.type == "cuda" and not _interpreting() and _triton_installed()
+
+
+_TRITON_HINT = (
+    "the triton variant needs a CUDA device and the triton package; on the CPU it runs only "
+    "under the interpreter, TRITON_INTERPRET=1, set before triton is imported"
+)
+for _op, _target in (
+    (GUIDED_STEP, "fastdia.kernels.guided_step:guided_step"),
+    (ROUND_TO_VOCAB, "fastdia.kernels.round_to_vocab:round_to_vocab"),
+):
+    registry.register(
+        _op,
+        "triton",
+        _target,
+        available=_triton_available,
+        priority=10,
+        auto=_triton_auto,
+        hint=_TRITON_HINT,
+    )
 
 
 def round_to_vocab(

@@ -4,8 +4,10 @@ A variant is registered with the dotted path of its function (``"module:function
 registering costs nothing: the module (and Triton, or a CUDA extension) is imported only
 when the variant is first used. The backend is chosen when a sampler is built, from an
 argument, else ``$FASTDIA_BACKEND``, else ``"auto"``; ``"auto"`` takes the available
-variant with the highest priority on the device. Unknown names fail with the list of
-known ones; symbols are never swapped at import.
+variant with the highest priority on the device among those *eligible for auto* there
+(a variant may run on a device without being a sensible default on it: Triton kernels run
+on the CPU under ``TRITON_INTERPRET=1``, far slower than the reference). Unknown names
+fail with the list of known ones; symbols are never swapped at import.
 """
 
 from __future__ import annotations
@@ -31,12 +33,17 @@ class Variant:
     Attributes:
         target: ``"package.module:function"`` of the implementation.
         available: ``available(device) -> bool``, whether it can run on that device.
-        priority: ``auto`` prefers higher values among available variants.
+        priority: ``auto`` prefers higher values among eligible variants.
+        auto: ``auto(device) -> bool``, whether ``auto`` may pick it on that device (only
+            ever asked when ``available(device)`` holds); None means "whenever available".
+        hint: appended to the error raised when it is requested where it cannot run.
     """
 
     target: str
     available: Callable[[torch.device], bool]
     priority: int
+    auto: Callable[[torch.device], bool] | None = None
+    hint: str = ""
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
 
     def load(self) -> Callable[..., Any]:
@@ -56,9 +63,16 @@ def register(
     *,
     available: Callable[[torch.device], bool] = lambda device: True,
     priority: int = 0,
+    auto: Callable[[torch.device], bool] | None = None,
+    hint: str = "",
 ) -> None:
-    """Register ``target`` as the ``backend`` variant of ``op``."""
-    _REGISTRY.setdefault(op, {})[backend] = Variant(target, available, priority)
+    """Register ``target`` as the ``backend`` variant of ``op``.
+
+    ``available(device)`` says whether the variant can run there (an explicit request for
+    it fails otherwise); ``auto(device)``, if given, further restricts where ``"auto"``
+    may choose it; ``hint`` is added to the error for a request where it cannot run.
+    """
+    _REGISTRY.setdefault(op, {})[backend] = Variant(target, available, priority, auto, hint)
 
 
 def backends(op: str) -> list[str]:
@@ -84,7 +98,11 @@ def resolve_backend(name: str | None, op: str, device: torch.device | str) -> st
     requested = name or os.environ.get(ENV_VAR) or AUTO
     variants = _REGISTRY.get(op, {})
     if requested == AUTO:
-        usable = [(v.priority, b) for b, v in variants.items() if v.available(device)]
+        usable = [
+            (v.priority, b)
+            for b, v in variants.items()
+            if v.available(device) and (v.auto is None or v.auto(device))
+        ]
         if not usable:
             raise ConfigError(f"no variant of {op} runs on {device}")
         return max(usable)[1]
@@ -95,6 +113,7 @@ def resolve_backend(name: str | None, op: str, device: torch.device | str) -> st
     if not variants[requested].available(device):
         raise ConfigError(
             f"backend {requested!r} of {op} cannot run on {device}; use 'reference' or 'auto'"
+            + (f" ({variants[requested].hint})" if variants[requested].hint else "")
         )
     return requested
 

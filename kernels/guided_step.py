@@ -1,0 +1,552 @@
+"""Fused Triton ``guided_step``: one reverse step with critic guidance in one kernel pass.
+
+Same call signature and semantics as :func:`fastdia.ops.step.guided_step_reference`::
+
+    z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed, step, n d + j)
+    g[n]  = grad[n] + (silu'(pre[n]) * w2) W1 / L,   pre[n] = z[n] W1^T + b1
+    h_b   = mean_{n in sequence b} w2 . silu(pre[n]) + b2
+
+Design
+------
+* **Tiling.** A program owns ``BLOCK_N`` tokens (rows) and walks ``d`` in chunks of
+  ``BLOCK_D`` columns (a power of two; the tail chunk is masked, so any ``d`` works: 576,
+  768, 577, ...). All ``H`` hidden units of the critic stack sit in one register tile
+  (``BLOCK_H = next_pow2(H)``, masked; padded units have ``w2 = 0`` and contribute nothing).
+  Pass A over the ``d`` chunks accumulates ``pre = z W1^T`` with ``tl.dot``; the
+  elementwise middle gives ``silu``, the token values ``w2 . silu(pre)`` and
+  ``gp = silu'(pre) * w2``; pass B over the ``d`` chunks computes ``gp W1_chunk`` with
+  ``tl.dot``, adds the optional precomputed ``grad``, draws ``tl.randn(key, n d + j)`` in
+  registers and writes ``z'`` once. ``z`` and ``eps`` are read from HBM once (pass B
+  re-reads the program's own ``z`` tile, an L1/L2 hit). Chunking ``d`` rather than padding
+  it to ``next_pow2(d)`` keeps the Philox work (one Philox4x32-10 per element, the
+  convention of :mod:`fastdia.noise`) and the registers on real columns only:
+  ``d = 576`` padded to 1024 would waste 44% of the noise generation, which on a GPU
+  costs about as much as the memory traffic.
+* **Grid.** ``(cdiv(N, BLOCK_N),)`` row tiles that may straddle sequences (per-sample
+  coefficients are gathered per row), except in *sequence mode* below.
+* **Adaptive noise (``noise_kappa > 0``) and ``return_h``: sequence mode.** ``h_b`` needs
+  every token of sequence ``b`` before any noise of that sequence can be scaled by
+  ``exp(-kappa h_b)``. With ``kappa > 0`` or ``return_h`` the grid is ``(B,)``: one
+  program per sequence loops over the sequence's row tiles. With ``kappa > 0`` it first
+  runs pass A only over all tiles (the critic forward, half the matmul work) to get
+  ``h_b``, then the full step; the second read of ``z`` comes mostly from L2. ``h_b`` is
+  reduced inside one program, so it is deterministic (no atomics). With ``kappa == 0`` and
+  no ``return_h`` (the sampler's default) the row-tile grid is used.
+* **CUDA-graph safe.** ``seed``, ``step``, ``guidance``, the coefficients and ``b2`` are
+  read from device tensors in the kernel; the Philox key ``(seed << 32) | step`` is built
+  in-kernel. Python numbers are turned into 0-d tensors with ``torch.full`` (a fill kernel,
+  capturable); nothing calls ``.item()``. Autotuning runs at the first call of a shape:
+  warm up before capturing a graph.
+* **Precision.** Everything is float32. ``z``, ``eps`` and ``grad`` may be fp16/bf16 too:
+  they are upcast in registers after the load. The critic matmuls use ``tf32x3`` tensor
+  core products by default on the GPU (fp32-level accuracy, ``precision="ieee"`` for
+  exact fp32 FMAs, ``"tf32"`` for speed at ~1e-3 relative error in ``g``); the interpreter
+  computes them in fp32.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) the kernel is launched without the autotuner
+(which fails there with several configs) and with large blocks, since the interpreter's
+cost is per program and per loop iteration.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdia.errors import ConfigError
+from fastdia.noise import MAX_INDEX, MAX_SEED
+from fastdia.ops.step import TokenLocalStack
+
+__all__ = ["guided_step"]
+
+_PRECISIONS = ("tf32x3", "ieee", "tf32")
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _critic_pre(
+    z_ptr,
+    w1_ptr,
+    rows,
+    rmask,
+    offs_h,
+    hmask,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Pass A: ``z[rows] @ W1^T`` as ``[BLOCK_N, BLOCK_H]`` float32, over d chunks."""
+    pre = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        zc = tl.load(
+            z_ptr + rows[:, None] * D + cols[None, :],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        wc = tl.load(
+            w1_ptr + offs_h[:, None] * D + cols[None, :],
+            mask=hmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        pre = tl.dot(zc, tl.trans(wc), pre, input_precision=PRECISION)
+    return pre
+
+
+@triton.jit
+def _critic_values(pre, b1, w2):
+    """Token values ``w2 . silu(pre + b1)`` ``[BLOCK_N]`` and ``silu'(pre + b1) * w2``."""
+    pre = pre + b1[None, :]
+    sig = tl.sigmoid(pre)
+    hv = tl.sum(pre * sig * w2[None, :], axis=1)
+    gp = sig * (1.0 + pre * (1.0 - sig)) * w2[None, :]
+    return hv, gp
+
+
+@triton.jit
+def _step_rows(
+    z_ptr,
+    eps_ptr,
+    grad_ptr,
+    out_ptr,
+    coef_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    rows,
+    rmask,
+    key,
+    lam,
+    noise_mult,
+    D,
+    H,
+    L,
+    HAS_CRITIC: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The whole step for ``rows`` (``[BLOCK_N]`` int32, masked by ``rmask``).
+
+    Writes ``z'[rows]`` and returns the token values ``w2 . silu(pre)`` ``[BLOCK_N]`` (zeros
+    without a critic, garbage on masked rows).
+    """
+    offs_h = tl.arange(0, BLOCK_H)
+    hmask = offs_h < H
+    if HAS_CRITIC:
+        pre = _critic_pre(
+            z_ptr, w1_ptr, rows, rmask, offs_h, hmask, D, BLOCK_N, BLOCK_D, BLOCK_H, PRECISION
+        )
+        b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0)
+        w2 = tl.load(w2_ptr + offs_h, mask=hmask, other=0.0)
+        hv, gp = _critic_values(pre, b1, w2)
+    else:
+        hv = tl.zeros([BLOCK_N], dtype=tl.float32)
+        gp = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    if PER_SAMPLE:
+        cbase = coef_ptr + (rows // L) * 4
+        a = tl.load(cbase, mask=rmask, other=0.0)[:, None]
+        b = tl.load(cbase + 1, mask=rmask, other=0.0)[:, None]
+        c = tl.load(cbase + 2, mask=rmask, other=0.0)[:, None]
+        s = tl.load(cbase + 3, mask=rmask, other=0.0)[:, None]
+    else:
+        a = tl.load(coef_ptr)
+        b = tl.load(coef_ptr + 1)
+        c = tl.load(coef_ptr + 2)
+        s = tl.load(coef_ptr + 3)
+    cl = c * lam
+    s = s * noise_mult
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * D + cols[None, :]  # int32: the noise counter n d + j
+        zc = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        ec = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = a * zc + b * ec
+        if HAS_CRITIC or HAS_GRAD:
+            if HAS_GRAD:
+                g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                g = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            if HAS_CRITIC:
+                wc = tl.load(
+                    w1_ptr + offs_h[:, None] * D + cols[None, :],
+                    mask=hmask[:, None] & cmask[None, :],
+                    other=0.0,
+                )
+                g += tl.dot(gp, wc, input_precision=PRECISION) / L
+            acc += cl * g
+        acc += s * tl.randn(key, offs)
+        tl.store(out_ptr + offs, acc, mask=mask)
+    return hv
+
+
+@triton.jit
+def _guided_step_kernel(
+    z_ptr,
+    eps_ptr,
+    grad_ptr,
+    out_ptr,
+    h_ptr,
+    coef_ptr,
+    seed_ptr,
+    step_ptr,
+    lam_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    kappa,
+    N,
+    D,
+    H,
+    L,
+    HAS_CRITIC: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    SEQ_MODE: tl.constexpr,
+    USE_KAPPA: tl.constexpr,
+    RETURN_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(cdiv(N, BLOCK_N),)`` row tiles, or ``(B,)`` sequences when ``SEQ_MODE``."""
+    pid = tl.program_id(0)
+    key = (tl.load(seed_ptr).to(tl.int64) << 32) | tl.load(step_ptr).to(tl.int64)
+    lam = tl.load(lam_ptr)
+    if SEQ_MODE:
+        first = pid * L
+        offs_n = tl.arange(0, BLOCK_N)
+        noise_mult = 1.0
+        if USE_KAPPA:
+            # pass 1: the critic forward over the whole sequence gives h_b
+            offs_h = tl.arange(0, BLOCK_H)
+            hmask = offs_h < H
+            b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0)
+            w2 = tl.load(w2_ptr + offs_h, mask=hmask, other=0.0)
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for t0 in range(0, L, BLOCK_N):
+                rmask = t0 + offs_n < L
+                rows = first + t0 + offs_n
+                pre = _critic_pre(
+                    z_ptr,
+                    w1_ptr,
+                    rows,
+                    rmask,
+                    offs_h,
+                    hmask,
+                    D,
+                    BLOCK_N,
+                    BLOCK_D,
+                    BLOCK_H,
+                    PRECISION,
+                )
+                hv, _ = _critic_values(pre, b1, w2)
+                total += tl.where(rmask, hv, 0.0)
+            h = tl.sum(total, axis=0) / L + tl.load(b2_ptr)
+            noise_mult = tl.exp(-kappa * h)
+        # pass 2: the step itself
+        total2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for t0 in range(0, L, BLOCK_N):
+            rmask = t0 + offs_n < L
+            rows = first + t0 + offs_n
+            hv = _step_rows(
+                z_ptr,
+                eps_ptr,
+                grad_ptr,
+                out_ptr,
+                coef_ptr,
+                w1_ptr,
+                b1_ptr,
+                w2_ptr,
+                rows,
+                rmask,
+                key,
+                lam,
+                noise_mult,
+                D,
+                H,
+                L,
+                HAS_CRITIC,
+                HAS_GRAD,
+                PER_SAMPLE,
+                BLOCK_N,
+                BLOCK_D,
+                BLOCK_H,
+                PRECISION,
+            )
+            total2 += tl.where(rmask, hv, 0.0)
+        if RETURN_H:
+            if USE_KAPPA:
+                tl.store(h_ptr + pid, h)
+            else:
+                tl.store(h_ptr + pid, tl.sum(total2, axis=0) / L + tl.load(b2_ptr))
+    else:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        _step_rows(
+            z_ptr,
+            eps_ptr,
+            grad_ptr,
+            out_ptr,
+            coef_ptr,
+            w1_ptr,
+            b1_ptr,
+            w2_ptr,
+            rows,
+            rmask,
+            key,
+            lam,
+            1.0,
+            D,
+            H,
+            L,
+            HAS_CRITIC,
+            HAS_GRAD,
+            PER_SAMPLE,
+            BLOCK_N,
+            BLOCK_D,
+            BLOCK_H,
+            PRECISION,
+        )
+
+
+# H100/H200 configs. The kernel is bound by HBM traffic and by the Philox integer work (one
+# Philox4x32-10 per element), plus, with a critic, two [BLOCK_N, d] x [d, H] tf32x3 matmuls
+# against an L2-resident W1. Small d chunks keep the Philox temporaries and the tf32x3 operand
+# splits in registers. Checked offline (triton.compile for GPUTarget("cuda", 90, 32), then
+# cuobjdump -res-usage): on the sampler's row-tile path with H = 128 the configs below have at
+# most a 32-128 byte stack (32 bytes is libdevice's cos slow path, never taken here); H = 256
+# and the sequence mode (kappa > 0) spill a few hundred bytes in some of them.
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+    for bn, bd, w, st in (
+        (64, 32, 8, 2),
+        (64, 64, 8, 2),
+        (32, 64, 8, 2),
+        (64, 32, 8, 3),
+        (128, 32, 8, 2),
+        (32, 32, 4, 2),
+        (16, 32, 4, 2),
+        (16, 64, 4, 2),
+    )
+]
+_TUNE_KEY = [
+    "N",
+    "D",
+    "H",
+    "L",
+    "HAS_CRITIC",
+    "HAS_GRAD",
+    "PER_SAMPLE",
+    "SEQ_MODE",
+    "USE_KAPPA",
+    "RETURN_H",
+    "BLOCK_H",
+    "PRECISION",
+]
+_guided_step_tuned = triton.autotune(configs=_CONFIGS, key=_TUNE_KEY)(_guided_step_kernel)
+
+
+def _interpreter_meta(rows: int, d: int) -> dict[str, int]:
+    """Few, large programs: the interpreter's cost is per program and per loop trip."""
+    return {
+        "BLOCK_N": max(16, min(64, triton.next_power_of_2(rows))),
+        "BLOCK_D": max(16, min(1024, triton.next_power_of_2(d))),
+    }
+
+
+def _scalar_tensor(
+    value: int | float | torch.Tensor, dtype: torch.dtype, device: torch.device, name: str
+) -> torch.Tensor:
+    """A 0-d ``dtype`` tensor on ``device``; never reads a device tensor back to the host."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ConfigError(f"{name} must be a scalar or a 1-element tensor, got {value.shape}")
+        if dtype == torch.int64 and (value.is_floating_point() or value.is_complex()):
+            raise ConfigError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+        return value.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def _float_input(x: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(x.shape) != shape:
+        raise ConfigError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
+    if x.dtype not in _SUPPORTED:
+        x = x.float()
+    return x.contiguous()
+
+
+def guided_step(
+    z: torch.Tensor,
+    eps: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    seq_len: int,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor,
+    guidance: float | torch.Tensor = 0.0,
+    critic: TokenLocalStack | None = None,
+    grad: torch.Tensor | None = None,
+    noise_kappa: float = 0.0,
+    return_h: bool = False,
+    out: torch.Tensor | None = None,
+    h_out: torch.Tensor | None = None,
+    precision: str = "tf32x3",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One guided reverse step as one fused Triton kernel.
+
+    Arguments and results as :func:`fastdia.ops.step.guided_step_reference`, plus
+    optional output buffers and the critic matmul precision.
+
+    Args:
+        z: ``[N, d]`` current state, ``N = B * seq_len``; float32 (fp16/bf16 are upcast in
+            the kernel, other dtypes cast to float32 first).
+        eps: ``[N, d]`` the denoiser's noise estimate, same dtypes.
+        coef: ``[4]`` or ``[B, 4]`` ``(a, b, c, s)`` (cast to float32 on ``z``'s device).
+        seq_len: tokens per sequence ``L``.
+        seed, step: the noise counter: ints in ``[0, 2**31)`` or 1-element integer tensors
+            (read on the device; their range is then the caller's responsibility).
+        guidance: ``lambda``, a number or a 1-element tensor.
+        critic: token-local stack at one row (``b1 [H]``), or None.
+        grad: ``[N, d]`` extra guidance gradient, or None.
+        noise_kappa: adaptive noise strength ``kappa >= 0`` (a Python float); used only with
+            a critic, as in the reference.
+        return_h: also return the stack's value per sequence.
+        out: optional ``[N, d]`` float32 contiguous buffer for ``z'`` (every element is
+            written).
+        h_out: optional ``[B]`` float32 buffer for ``h`` (with ``return_h`` and a critic).
+        precision: ``tl.dot`` input precision of the critic matmuls on the GPU:
+            ``"tf32x3"`` (default, fp32-level), ``"ieee"`` or ``"tf32"``.
+
+    Returns:
+        ``(z' [N, d] float32, h [B] float32 or None)``.
+
+    Raises:
+        ConfigError: bad shapes, a seed or step out of range, ``N * d >= 2**31``.
+    """
+    if z.dim() != 2:
+        raise ConfigError(f"z must be [N, d], got shape {list(z.shape)}")
+    n, d = z.shape
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be a positive int, got {seq_len!r}")
+    if n % seq_len:
+        raise ConfigError(f"N = {n} tokens is not a multiple of seq_len = {seq_len}")
+    if n * d >= MAX_INDEX:
+        raise ConfigError(f"N * d = {n * d} must be < 2**31 (the noise uses int32 offsets)")
+    if precision not in _PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+    batch = n // seq_len
+    device = z.device
+    z = _float_input(z, "z", (n, d))
+    eps = _float_input(eps, "eps", (n, d))
+    if eps.device != device:
+        raise ConfigError(f"eps is on {eps.device} but z is on {device}")
+    if grad is not None:
+        grad = _float_input(grad, "grad", (n, d)).to(device)
+
+    coef = coef.to(device=device, dtype=torch.float32)
+    if coef.shape == (4,):
+        per_sample = False
+    elif coef.shape == (batch, 4):
+        per_sample = True
+    else:
+        raise ConfigError(f"coef must be [4] or [B={batch}, 4], got {list(coef.shape)}")
+    coef = coef.contiguous()
+
+    for name, value in (("seed", seed), ("step", step)):
+        if not isinstance(value, torch.Tensor) and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED
+        ):
+            raise ConfigError(f"{name} must be an int in [0, 2**31) or a tensor, got {value!r}")
+    seed_t = _scalar_tensor(seed, torch.int64, device, "seed")
+    step_t = _scalar_tensor(step, torch.int64, device, "step")
+    lam_t = _scalar_tensor(guidance, torch.float32, device, "guidance")
+    kappa = float(noise_kappa)
+    if not kappa >= 0.0:
+        raise ConfigError(f"noise_kappa must be >= 0, got {noise_kappa!r}")
+
+    has_critic = critic is not None
+    if has_critic:
+        w1 = critic.w1.to(device=device, dtype=torch.float32).contiguous()
+        hidden = w1.shape[0]
+        if w1.shape != (hidden, d):
+            raise ConfigError(f"critic.w1 must be [H, d={d}], got {list(w1.shape)}")
+        b1 = critic.b1.to(device=device, dtype=torch.float32).contiguous()
+        if b1.shape != (hidden,):
+            raise ConfigError(
+                f"critic.b1 must be [H={hidden}] (one row of the step table: pass "
+                f"stack.row(r)), got {list(b1.shape)}"
+            )
+        w2 = critic.w2.to(device=device, dtype=torch.float32).contiguous()
+        b2 = critic.b2.to(device=device, dtype=torch.float32).reshape(())
+        if w2.shape != (hidden,):
+            raise ConfigError(f"critic.w2 must be [H={hidden}], got {list(w2.shape)}")
+    else:
+        hidden = 1
+        w1 = b1 = w2 = b2 = coef  # never read
+    use_kappa = has_critic and kappa > 0.0
+    want_h = has_critic and return_h
+    seq_mode = use_kappa or want_h
+
+    if out is None:
+        out = torch.empty((n, d), dtype=torch.float32, device=device)
+    elif (
+        out.shape != (n, d)
+        or out.dtype != torch.float32
+        or not out.is_contiguous()
+        or out.device != device
+    ):
+        raise ConfigError(f"out must be a contiguous float32 [{n}, {d}] tensor on {device}")
+    h = None
+    if want_h:
+        h = torch.empty(batch, dtype=torch.float32, device=device) if h_out is None else h_out
+        if (
+            h.shape != (batch,)
+            or h.dtype != torch.float32
+            or not h.is_contiguous()
+            or h.device != device
+        ):
+            raise ConfigError(f"h_out must be a contiguous float32 [{batch}] tensor on {device}")
+    if n == 0 or d == 0:
+        return out, h
+
+    args = (z, eps, grad if grad is not None else z, out, h if h is not None else out)
+    args += (coef, seed_t, step_t, lam_t, w1, b1, w2, b2, kappa, n, d, hidden, seq_len)
+    flags = {
+        "HAS_CRITIC": has_critic,
+        "HAS_GRAD": grad is not None,
+        "PER_SAMPLE": per_sample,
+        "SEQ_MODE": seq_mode,
+        "USE_KAPPA": use_kappa,
+        "RETURN_H": want_h,
+        "BLOCK_H": max(16, triton.next_power_of_2(hidden)),
+        "PRECISION": precision,
+    }
+    if _interpreting():
+        meta = _interpreter_meta(seq_len if seq_mode else n, d)
+        grid = (batch,) if seq_mode else (triton.cdiv(n, meta["BLOCK_N"]),)
+        _guided_step_kernel[grid](*args, **flags, **meta)
+    else:
+
+        def grid(meta: dict[str, int]) -> tuple[int]:
+            return (batch,) if seq_mode else (triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _guided_step_tuned[grid](*args, **flags)
+    return out, h

@@ -157,6 +157,38 @@ def corpus_texts(name: str) -> list[str]:
     raise ConfigError(f"unknown corpus {name!r}; known: shakespeare, fortunes")
 
 
+@torch.no_grad()
+def sample_continuations(
+    base: BaseModel,
+    prompt_ids: Sequence[int],
+    n: int,
+    length: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+) -> torch.Tensor:
+    """``n`` base-model samples of exactly ``length`` tokens starting with ``prompt_ids``.
+
+    Sampling uses the KV cache, ``temperature`` and ``top_p`` (no top-k), and the global
+    torch generator. Returns ``[n, length]`` int64 on the CPU, the prompt included.
+    """
+    model = base.model
+    prompt = torch.tensor([list(prompt_ids)] * n, device=model.device)
+    new = length - prompt.shape[1]
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=True,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        pad_token_id=base.tokenizer.eos_token_id,
+    )
+    return out[:, :length].cpu()
+
+
 def generate_dataset(
     base: BaseModel,
     folder: str | Path,
@@ -211,7 +243,6 @@ def generate_dataset(
     if not encoded or any(not p or len(p) >= length for p in encoded):
         raise ConfigError(f"need prompts of 1 to {length - 1} tokens")
     write_json_atomic(meta_path, meta)
-    model, pad = base.model, base.tokenizer.eos_token_id
     n_shards = math.ceil(num_sequences / shard_size)
     bar = tqdm(total=num_sequences, desc="sampling", unit="seq", disable=not progress)
     for shard in range(n_shards):
@@ -225,22 +256,12 @@ def generate_dataset(
         for start in range(0, size, batch_size):
             n = min(batch_size, size - start)
             choice = torch.randint(len(encoded), (1,), generator=gen).item()
-            prompt = torch.tensor([encoded[choice]] * n, device=model.device)
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-            new = length - prompt.shape[1]
-            with torch.no_grad():
-                out = model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    do_sample=True,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=0,
-                    pad_token_id=pad,
+            rows.append(
+                sample_continuations(
+                    base, encoded[choice], n, length, temperature=temperature, top_p=top_p
                 )
-            rows.append(out[:, :length].cpu())
+            )
             bar.update(n)
         ids = torch.cat(rows).to(torch.int32).contiguous()
         write_atomic(path, lambda tmp, ids=ids: save_file({"ids": ids}, tmp))

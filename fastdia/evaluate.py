@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fastdia.base_model import BaseModel
-from fastdia.data import DEFAULT_PROMPTS
+from fastdia.data import DEFAULT_PROMPTS, sample_continuations
 
 log = logging.getLogger(__name__)
 
@@ -103,27 +103,13 @@ def base_model_row(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of the base model's own samples (the reference row)."""
-    model, pad = base.model, base.tokenizer.eos_token_id
     batches, texts, seconds = [], [], 0.0
     torch.manual_seed(seed)
     for prompt in prompts:
         p_ids = base.space.encode(prompt)
-        inp = torch.tensor([p_ids] * num_samples, device=model.device)
-        new = length - len(p_ids)
         start = time.perf_counter()
-        out = model.generate(
-            inp,
-            attention_mask=torch.ones_like(inp),
-            do_sample=True,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            top_p=0.95,
-            top_k=0,
-            temperature=1.0,
-            pad_token_id=pad,
-        )
+        out = sample_continuations(base, p_ids, num_samples, length)
         seconds += time.perf_counter() - start
-        out = out[:, :length].cpu()
         batches.append((out, len(p_ids)))
         texts.extend(base.space.decode_batch(out))
     return {"name": "base model", **_summarise(base, reward, batches, texts, seconds)}

@@ -63,7 +63,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--prediction", default="x0", help="eps or x0")
+    p.add_argument(
+        "--prediction",
+        default="x0",
+        help="eps, x0, or tokens (a distribution over the data's tokens, cross-entropy)",
+    )
     p.add_argument("--schedule", default="sqrt", help="linear, cosine or sqrt")
     p.add_argument("--dropout", type=float, default=0.0)
     p.set_defaults(func=cmd_train_denoiser)
@@ -74,6 +78,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--reward", required=True, help="one reward, e.g. sentiment")
     p.add_argument("--kind", default="token_local", help="token_local or context")
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument(
+        "--target",
+        default="reward",
+        help="what the critic regresses: reward, or logit (for probability rewards: nontoxic)",
+    )
     p.add_argument(
         "--schedule",
         default=None,
@@ -197,6 +206,7 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
         kind=args.kind,
         hidden=args.hidden,
         reward=name,
+        target=args.target,
         max_length=max(64, args.length),
     )
     run = train_critic(

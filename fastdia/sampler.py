@@ -289,9 +289,9 @@ class SamplerPlan:
         rows = self.table.rows[r]
         sab, s1m = rows[SQRT_ABAR], rows[SQRT_1M_ABAR]
         out = den(z, self._t[r])
-        if den.config.prediction == "eps" and not self._clamp[r]:
+        if not den.config.predicts_x0 and not self._clamp[r]:
             return out
-        x0 = out if den.config.prediction == "x0" else (z - s1m * out) / sab
+        x0 = out if den.config.predicts_x0 else (z - s1m * out) / sab
         if self._clamp[r]:
             space = self.sampler.space
             _, emb = self._round(x0, space.weight, self.bias, return_embeddings=True)

@@ -36,8 +36,17 @@ def test_denoiser_shapes_and_time_dependence():
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="known: eps, x0"):
+    with pytest.raises(ConfigError, match="known: eps, x0, tokens"):
         DenoiserConfig(dim=8, prediction="v")
+    with pytest.raises(ConfigError, match="size of a 'tokens' head"):
+        DenoiserConfig(dim=8, vocab_size=5)
+    with pytest.raises(ConfigError, match="vocab_size > 0"):
+        Denoiser(DenoiserConfig(dim=8, hidden=8, heads=2, prediction="tokens"))
+    with pytest.raises(ConfigError, match="distinct token ids"):
+        Denoiser(
+            DenoiserConfig(dim=8, hidden=8, heads=2, prediction="tokens", vocab_size=3),
+            torch.tensor([1, 1, 2]),
+        )
     with pytest.raises(ConfigError, match="multiple of heads"):
         DenoiserConfig(dim=8, hidden=30, heads=4)
     with pytest.raises(ConfigError, match="known: token_local, context"):
@@ -121,6 +130,28 @@ def test_checkpoint_round_trip(tmp_path, space):
     meta = json.loads((tmp_path / "denoiser.json").read_text())
     assert meta["embedding"]["fingerprint"] == space.fingerprint
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_tokens_denoiser_round_trip_binds_embeddings(tmp_path, space):
+    torch.manual_seed(2)
+    vocab = torch.tensor([40, 3, 17, 99, 5])
+    cfg = DenoiserConfig(
+        dim=16, max_length=8, hidden=16, layers=1, heads=2, prediction="tokens", vocab_size=5
+    )
+    den = Denoiser(cfg, vocab).eval()
+    z = torch.randn(2, 8, 16)
+    with pytest.raises(ConfigError, match="bind_embeddings"):
+        den(z, 0.4)
+    den.bind_embeddings(space)
+    assert torch.equal(den.vocab_ids, vocab.sort().values)
+    save_checkpoint(tmp_path, den, [], space=space, base_model="tiny")
+    loaded = load_checkpoint(tmp_path, space).denoiser
+    torch.testing.assert_close(loaded(z, 0.4), den(z, 0.4))
+    # the embeddings are not stored in the checkpoint: they come from the base model
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "denoiser.safetensors")) >= {"vocab_ids"}
+    assert "token_embeddings" not in load_file(tmp_path / "denoiser.safetensors")
 
 
 def test_checkpoint_of_another_base_model_fails(tmp_path, space):

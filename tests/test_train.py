@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny import CORPUS
 
 import fastdia.train.denoiser as train_den
 from fastdia.data import windows_from_texts
-from fastdia.errors import CheckpointError
+from fastdia.errors import CheckpointError, ConfigError
 from fastdia.models.checkpoint import load_checkpoint, write_atomic
 from fastdia.models.critic import CriticConfig
 from fastdia.models.denoiser import DenoiserConfig
@@ -54,7 +56,7 @@ def test_lr_schedule():
     assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 99) == pytest.approx(0.1, abs=1e-3)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "tokens"])
 def test_denoiser_trains_and_validates(tmp_path, tiny_base, data, prediction):
     train, hold = data
     run = train_den.train_denoiser(
@@ -74,6 +76,61 @@ def test_denoiser_trains_and_validates(tmp_path, tiny_base, data, prediction):
     assert first["lr"] < last["lr"] or first["step"] == 1
     ckpt = load_checkpoint(tmp_path, tiny_base.space)
     assert ckpt.denoiser.config.prediction == prediction
+    z = torch.randn(2, 8, tiny_base.space.dim)
+    torch.testing.assert_close(ckpt.denoiser(z, 0.3), run.denoiser(z, 0.3))
+
+
+def test_tokens_head_covers_the_data_and_learns_it(tmp_path, tiny_base, data):
+    train, hold = data
+    run = train_den.train_denoiser(
+        tiny_base,
+        train,
+        tmp_path,
+        _config(tiny_base, prediction="tokens"),
+        _optim(steps=150, batch_size=16, lr=1e-2, val_every=150, save_every=150, ema=0.0),
+        holdout=hold,
+        progress=False,
+    )
+    den = run.denoiser
+    vocab = torch.unique(train.ids)
+    assert den.config.vocab_size == len(vocab) and torch.equal(den.vocab_ids, vocab)
+    # the x0 estimate is a convex combination of the subset's embeddings
+    z = torch.randn(3, 8, tiny_base.space.dim)
+    x0 = den(z, 0.5)
+    probs = torch.softmax(den.features(z, 0.5), -1)
+    torch.testing.assert_close(x0, probs @ tiny_base.space.embed(vocab))
+    # at low noise the head recovers the clean tokens (rounding accuracy)
+    assert run.history[-1]["acc@0.1"] > 0.5
+    # a preset vocab_size that disagrees with the data is refused
+    with pytest.raises(ConfigError, match="distinct tokens"):
+        train_den.train_denoiser(
+            tiny_base,
+            train,
+            tmp_path / "other",
+            _config(tiny_base, prediction="tokens", vocab_size=len(vocab) + 1),
+            _optim(),
+            progress=False,
+        )
+
+
+def test_tokens_loss_is_cross_entropy_by_hand(tiny_base, data):
+    train, _ = data
+    vocab = torch.unique(train.ids)
+    torch.manual_seed(0)
+    den = train_den.Denoiser(
+        _config(tiny_base, prediction="tokens", vocab_size=len(vocab)), vocab
+    ).eval()
+    ids = train.ids[:3]
+    z0, t = tiny_base.space.embed(ids), torch.tensor([0.2, 0.5, 0.9])
+    eps = torch.randn(z0.shape)
+    loss = train_den.denoiser_loss(den, ids, z0, t, eps)
+    logits = den.features(train_den.noised(z0, t, eps, "sqrt"), t)
+    logp = torch.log_softmax(logits, -1)
+    pos = torch.searchsorted(vocab, ids)
+    by_hand = -logp.gather(-1, pos[..., None]).mean()
+    torch.testing.assert_close(loss, by_hand)
+    # a token outside the subset is ignored, not an error
+    assert den.token_index(torch.tensor([int(vocab.max()) + 1])).item() == -100
 
 
 def test_exact_resume(tmp_path, tiny_base, data, monkeypatch):
@@ -259,6 +316,52 @@ def test_critic_trains_and_reports_fidelity(tmp_path, tiny_base, data):
 
     critic = load_model(tmp_path, critic_stem("keyword:movie,food"), tiny_base.space)
     assert critic.config.metrics["spearman"] == pytest.approx(run.metrics["spearman"])
+
+
+def test_logit_target_critic_ranks_a_probability_reward(tmp_path, tiny_base, data):
+    train, hold = data
+    reward = KeywordReward(["movie", "food"])
+
+    def prob(texts):  # a probability-valued reward in (0, 1)
+        return torch.sigmoid(4 * reward(texts) - 2)
+
+    labels, hold_labels = (
+        reward_labels(tiny_base, train, prob),
+        reward_labels(tiny_base, hold, prob),
+    )
+    cfg = CriticConfig(dim=tiny_base.space.dim, hidden=16, reward="keyword", target="logit")
+    run = train_critic(
+        tiny_base,
+        train,
+        labels,
+        hold,
+        hold_labels,
+        tmp_path,
+        cfg,
+        _optim(steps=150, batch_size=16, lr=3e-3),
+        progress=False,
+    )
+    assert run.metrics["spearman"] > 0.3
+    # the critic estimates logit(reward): its mean over the training set matches
+    z0 = tiny_base.space.embed(train.ids)
+    out = run.critic(z0, torch.zeros(len(train)))
+    assert out.mean().item() == pytest.approx(torch.logit(labels).mean().item(), abs=0.5)
+    # R^2 is measured on the logit scale
+    pred = run.critic(tiny_base.space.embed(hold.ids), torch.zeros(len(hold)))
+    assert run.metrics["r2"] == pytest.approx(r_squared(pred, torch.logit(hold_labels)), abs=1e-6)
+
+
+def test_critic_target_values():
+    from fastdia.models.critic import critic_target
+
+    r = torch.tensor([0.0, 0.5, 0.9, 1.0])
+    torch.testing.assert_close(critic_target(r, "reward"), r)
+    expected = torch.tensor(
+        [math.log(1e-4 / (1 - 1e-4)), 0.0, math.log(9.0), -math.log(1e-4 / (1 - 1e-4))]
+    )
+    torch.testing.assert_close(critic_target(r, "logit"), expected)
+    with pytest.raises(ConfigError, match="known: reward, logit"):
+        CriticConfig(dim=4, target="probit")
 
 
 @pytest.mark.parametrize("kind", ["token_local", "context"])

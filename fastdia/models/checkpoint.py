@@ -134,6 +134,8 @@ def load_model(
             f"checkpoint file {weights} is corrupt or does not match its config "
             f"({str(exc).splitlines()[0]}); re-save it"
         ) from exc
+    if isinstance(module, Denoiser):
+        module.bind_embeddings(space)
     return module.to(device).eval().requires_grad_(False)
 
 

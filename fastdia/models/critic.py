@@ -26,7 +26,25 @@ from fastdia.errors import ConfigError
 from fastdia.models.common import TimeMLP, batch_times
 
 CRITIC_KINDS = ("token_local", "context")
+CRITIC_TARGETS = ("reward", "logit")
 _TIME_FEATURES = 64
+_LOGIT_EPS = 1e-4
+
+
+def critic_target(rewards: torch.Tensor, target: str) -> torch.Tensor:
+    """The values a critic regresses: ``rewards`` themselves, or ``logit(rewards)``.
+
+    ``"logit"`` is for rewards that are probabilities (``nontoxic``): a linear classifier's
+    probability is a sigmoid of a score that is additive over words, so its logit is what
+    a token-local critic (a mean over tokens) can fit; the rewards are clamped to
+    ``[1e-4, 1 - 1e-4]`` first. Both targets rank samples alike, so guidance climbs the
+    same reward; with ``"logit"``, lambda is in logit units.
+    """
+    if target == "reward":
+        return rewards.float()
+    if target == "logit":
+        return torch.logit(rewards.double().clamp(_LOGIT_EPS, 1 - _LOGIT_EPS)).float()
+    raise ConfigError(f"unknown critic target {target!r}; known: {', '.join(CRITIC_TARGETS)}")
 
 
 @dataclass
@@ -39,6 +57,8 @@ class CriticConfig:
         hidden: hidden width (MLP units, or transformer width).
         time_conditioned: whether ``t`` enters (through the hidden bias, or added tokens).
         reward: the reward spec it imitates (e.g. ``"sentiment"``).
+        target: what its output estimates: ``"reward"``, or ``"logit"`` of a reward that
+            is a probability (see :func:`critic_target`).
         layers, heads, max_length: the context critic's transformer (ignored otherwise).
         metrics: held-out fidelity figures recorded by training (e.g. Spearman).
     """
@@ -48,6 +68,7 @@ class CriticConfig:
     hidden: int = 128
     time_conditioned: bool = True
     reward: str = ""
+    target: str = "reward"
     layers: int = 2
     heads: int = 4
     max_length: int = 64
@@ -57,6 +78,10 @@ class CriticConfig:
         if self.kind not in CRITIC_KINDS:
             raise ConfigError(
                 f"unknown critic kind {self.kind!r}; known: {', '.join(CRITIC_KINDS)}"
+            )
+        if self.target not in CRITIC_TARGETS:
+            raise ConfigError(
+                f"unknown critic target {self.target!r}; known: {', '.join(CRITIC_TARGETS)}"
             )
         if min(self.dim, self.hidden) < 1:
             raise ConfigError(f"critic sizes must be positive: {self}")

@@ -3,9 +3,10 @@
 Labels are the true reward of each window's decoded text, computed once. The critic sees
 the window's embeddings noised to a random level ``t`` (``z_t`` of the forward process,
 with the same schedule as the denoiser), so its gradient means something along the whole
-reverse path, and regresses the label with a squared loss. At the end, held-out Spearman
-and R^2 between critic and true reward are measured at several noise levels and stored in
-the critic's config (``config.metrics``).
+reverse path, and regresses the label (or its logit, ``config.target``) with a squared
+loss. At the end, held-out Spearman between critic and true reward, and R^2 on the
+critic's target scale, are measured at several noise levels and stored in the critic's
+config (``config.metrics``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastdia.base_model import BaseModel
 from fastdia.data import TokenDataset
 from fastdia.errors import ConfigError
 from fastdia.models.checkpoint import critic_stem, save_model, write_json_atomic
-from fastdia.models.critic import CriticConfig, TokenLocalCritic, build_critic
+from fastdia.models.critic import CriticConfig, TokenLocalCritic, build_critic, critic_target
 from fastdia.train.common import (
     OptimConfig,
     Optimisation,
@@ -119,7 +120,12 @@ def critic_metrics(
     *,
     seed: int = 4321,
 ) -> dict[str, float]:
-    """Held-out Spearman and R^2 at each of :data:`METRIC_LEVELS`."""
+    """Held-out Spearman and R^2 at each of :data:`METRIC_LEVELS`.
+
+    ``labels [n]`` are true rewards; Spearman compares the critic with them, R^2 with
+    their image on the critic's target scale (:func:`critic_target`).
+    """
+    target = critic_target(labels, getattr(critic.config, "target", "reward"))
     space = base.space
     device = space.weight.device
     gen = torch.Generator().manual_seed(seed)
@@ -131,7 +137,7 @@ def critic_metrics(
         z = z0 if level == 0 else noised(z0, t, eps, schedule)
         pred = critic(z, t).float().cpu()
         out[f"spearman@{level}"] = spearman(pred, labels)
-        out[f"r2@{level}"] = r_squared(pred, labels)
+        out[f"r2@{level}"] = r_squared(pred, target)
     out["spearman"], out["r2"] = out["spearman@0.0"], out["r2@0.0"]
     return out
 
@@ -177,6 +183,7 @@ def train_critic(
     started = time.perf_counter()
     # regress standardised labels (a reward with a narrow range, e.g. nontoxic with std
     # 0.05, would otherwise give tiny gradients); the scale is folded back in at the end
+    labels = critic_target(labels, config.target)
     shift, scale = labels.mean().item(), labels.std().item() or 1.0
     labels = ((labels - shift) / scale).to(device)
     bar = tqdm(

@@ -2,7 +2,9 @@
 
 Each step draws windows ``x``, times ``t ~ U(0, 1]`` and noise ``eps``, forms
 ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` and minimises
-``|eps_hat - eps|^2`` (epsilon prediction) or ``|x0_hat - z_0|^2`` (x0 prediction).
+``|eps_hat - eps|^2`` (epsilon prediction), ``|x0_hat - z_0|^2`` (x0 prediction) or the
+cross-entropy of the true tokens under the predicted distribution (``"tokens"``, whose
+token subset is every token of the training data).
 Validation reports, on held-out windows, the loss and the rounding accuracy of the x0
 estimate (the fraction of tokens whose nearest embedding is the right one) at several
 noise levels, with the EMA weights that are saved for sampling.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +61,30 @@ def noised(z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: str) 
 
 
 def denoiser_loss(
-    den: Denoiser, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+    den: Denoiser, ids: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
 ) -> torch.Tensor:
-    """The DDPM loss of one batch (mean squared error per element)."""
-    out = den(noised(z0, t, eps, den.config.schedule), t)
+    """The loss of one batch: ``ids [B, L]``, ``z0 = c E[ids]``, ``t [B]``, ``eps`` like z0.
+
+    Mean squared error per element for ``"eps"``/``"x0"``; mean cross-entropy per token
+    (tokens outside the head's subset ignored) for ``"tokens"``.
+    """
+    out = den.features(noised(z0, t, eps, den.config.schedule), t).float()
+    if den.config.prediction == "tokens":
+        target = den.token_index(ids.to(out.device))
+        return torch.nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
     target = eps if den.config.prediction == "eps" else z0
-    return (out.float() - target).pow(2).mean()
+    return (out - target).pow(2).mean()
+
+
+def token_vocabulary(data: TokenDataset) -> torch.Tensor:
+    """The sorted distinct token ids of ``data`` (the subset of a ``"tokens"`` head)."""
+    return torch.unique(data.ids)
 
 
 def x0_estimate(den: Denoiser, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The denoiser's estimate of ``z_0`` (converting an epsilon prediction)."""
     out = den(z_t, t).float()
-    if den.config.prediction == "x0":
+    if den.config.predicts_x0:
         return out
     abar = alpha_bar(den.config.schedule, t).to(z_t.dtype)[:, None, None]
     return (z_t - (1 - abar).sqrt() * out) / abar.sqrt()
@@ -96,7 +110,7 @@ def validate(
         x0 = x0_estimate(den, z_t, t)
         acc = (round_to_vocab(x0, space.weight, bias) == ids).float().mean().item()
         out[f"acc@{level}"] = acc
-        losses.append(denoiser_loss(den, z0, t, eps).item())
+        losses.append(denoiser_loss(den, ids, z0, t, eps).item())
     out["val_loss"] = sum(losses) / len(losses)
     return out
 
@@ -118,6 +132,7 @@ def train_denoiser(
     ``out_dir`` receives ``denoiser.{safetensors,json}`` (EMA weights) every
     ``optim.save_every`` steps and at the end, and ``training/denoiser_state.pt`` (resume
     state) and ``training/denoiser_history.json`` (loss and validation metrics).
+    A ``"tokens"`` config with ``vocab_size == 0`` gets the size of the data's token set.
     """
     from tqdm import tqdm
 
@@ -128,9 +143,18 @@ def train_denoiser(
     if data.length > config.max_length:
         raise ConfigError(f"windows of {data.length} tokens exceed max_length {config.max_length}")
     base.space.check_fingerprint(data.fingerprint, f"dataset {data.source}")
+    vocab_ids = None
+    if config.prediction == "tokens":
+        vocab_ids = token_vocabulary(data)
+        if config.vocab_size not in (0, len(vocab_ids)):
+            raise ConfigError(
+                f"vocab_size {config.vocab_size} != the {len(vocab_ids)} distinct tokens of "
+                f"{data.source}; leave it 0 to take it from the data"
+            )
+        config = replace(config, vocab_size=len(vocab_ids))
     identity = identity_of(config, optim, data=data.source, windows=len(data), kind="denoiser")
     torch.manual_seed(optim.seed)
-    den = Denoiser(config).to(device)
+    den = Denoiser(config, vocab_ids).bind_embeddings(base.space).to(device)
     run = Optimisation(den, optim, state_path(out_dir, DENOISER_STEM), identity)
     history: list[dict[str, Any]] = []
     if resume:
@@ -147,7 +171,7 @@ def train_denoiser(
         eps = torch.randn(z0.shape, generator=gen).to(device)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
         with autocast(device):
-            loss = denoiser_loss(den, z0, t.to(device), eps)
+            loss = denoiser_loss(den, ids_all[idx], z0, t.to(device), eps)
         lr = run.update(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -165,8 +189,9 @@ def train_denoiser(
             write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
             run.save()
     bar.close()
-    final = Denoiser(config).to(device)
+    final = Denoiser(config)
     final.load_state_dict(run.final_state_dict())
+    final.bind_embeddings(base.space).to(device)
     return DenoiserRun(final.eval(), history, time.perf_counter() - started)
 
 

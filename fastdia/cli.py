@@ -67,8 +67,9 @@ def _add_sample_parser(sub: Any) -> None:
     p.add_argument(
         "--guidance",
         type=_guidance,
-        default=DEFAULT_GUIDANCE,
-        help="guidance strength lambda (0: unguided)",
+        default=None,
+        help="guidance strength lambda (0: unguided; default: the checkpoint's "
+        f"sampling.json, else {DEFAULT_GUIDANCE:g})",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**31)")
     p.add_argument(
@@ -135,16 +136,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Run ``fastdia sample``: validate, load, sample, print."""
     from fastdia import ops
     from fastdia.base_model import load_base_model
+    from fastdia.models.checkpoint import default_guidance
     from fastdia.ops import registry
     from fastdia.pipeline import build_sampler, resolve_checkpoint
     from fastdia.rewards import build_rewards
     from fastdia.sampler import SamplerConfig, check_seed
 
     # 1. cheap checks, before anything heavy
+    checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)
+    guidance = args.guidance
+    if guidance is None:
+        guidance = (
+            DEFAULT_GUIDANCE
+            if checkpoint is None
+            else default_guidance(checkpoint, DEFAULT_GUIDANCE)
+        )
     config = SamplerConfig(
         sampler=args.sampler,
         steps=args.steps,
-        guidance=args.guidance,
+        guidance=guidance,
         rounding=args.rounding,
         clamp_from=args.clamp_from,
         corrector_steps=args.corrector_steps,
@@ -157,7 +167,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for op in ops.SAMPLER_OPS:
         registry.resolve_backend(args.backend, op, device)
     rewards = build_rewards(args.reward)
-    checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)
 
     # 2. load and build
     base = load_base_model(args.base_model, device=device)
@@ -205,7 +214,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "num_samples": args.num_samples,
         "length": args.length,
         "sampler": args.sampler,
-        "guidance": args.guidance,
+        "guidance": guidance,
         "reward": rewards.spec,
         "base_model": args.base_model,
         "device": device,

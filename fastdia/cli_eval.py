@@ -20,7 +20,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--guide", default="sentiment", help="reward spec whose critics guide")
     p.add_argument("--rewards", default="sentiment,nontoxic", help="true rewards to report")
-    p.add_argument("--lambdas", default="0,1,2,4,8", help="comma-separated guidance strengths")
+    p.add_argument(
+        "--lambdas",
+        default="0,1,2,4,8,16,32,64,128,256",
+        help="comma-separated guidance strengths",
+    )
     p.add_argument("--prompts", default=None, help="file with one prompt per line")
     p.add_argument("--num-samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--length", type=int, default=32)

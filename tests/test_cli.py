@@ -89,6 +89,19 @@ def test_checkpoint_is_used(capsys, tiny_args, tiny_checkpoint):
     assert code == 0
     samples, summary = _records(out)
     assert len(samples) == 4 and summary["sampler"] == "ddpm"
+    assert summary["guidance"] == 1.0  # no sampling.json: the built-in default
+
+
+def test_checkpoint_sampling_defaults(capsys, tiny_args, tiny_checkpoint):
+    (tiny_checkpoint / "sampling.json").write_text('{"guidance": 3.5}')
+    argv = [*tiny_args, "--checkpoint", str(tiny_checkpoint), "--json"]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0 and _records(out)[1]["guidance"] == 3.5
+    code, out, _ = _run(capsys, *argv, "--guidance", "0")  # an explicit value wins
+    assert code == 0 and _records(out)[1]["guidance"] == 0.0
+    (tiny_checkpoint / "sampling.json").write_text('{"guidance": -2}')
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "sampling.json must be a JSON object" in err
 
 
 def test_human_readable_output(capsys, tiny_args):
@@ -149,7 +162,10 @@ def test_prompt_longer_than_length(capsys, tiny_args):
     assert code == 2 and "pass --length >" in err
 
 
-def test_missing_checkpoint_says_how_to_get_one(capsys, tiny_args, tmp_path):
+def test_missing_checkpoint_says_how_to_get_one(capsys, tiny_args, tmp_path, monkeypatch):
+    import fastdia.pipeline
+
+    monkeypatch.setattr(fastdia.pipeline, "DEMO_CHECKPOINT", tmp_path / "no-demo")
     code, _, err = _run(capsys, *tiny_args)
     assert code == 2 and "--random-init" in err and "--checkpoint" in err
     code, _, err = _run(capsys, *tiny_args, "--checkpoint", str(tmp_path / "none"))

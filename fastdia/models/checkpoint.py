@@ -9,12 +9,15 @@ A model ``<stem>`` in a folder is two files: ``<stem>.safetensors`` (the weights
 
 Each file is written to a temporary name in the same folder, flushed to disk and renamed
 over the target, so a reader sees either the old file or the new one, never half of one.
-A checkpoint folder holds ``denoiser.*`` and one ``critic-<name>.*`` per critic.
+A checkpoint folder holds ``denoiser.*`` and one ``critic-<name>.*`` per critic, and
+optionally ``sampling.json``, the sampling defaults its evaluation recommends (e.g.
+``{"guidance": 64}``), which ``fastdia sample`` uses for options not given.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -34,6 +37,7 @@ from fastdia.models.denoiser import Denoiser, DenoiserConfig
 FORMAT, VERSION = "fastdia", 1
 DENOISER_STEM = "denoiser"
 CRITIC_PREFIX = "critic-"
+SAMPLING_DEFAULTS = "sampling.json"
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -137,6 +141,27 @@ def load_model(
     if isinstance(module, Denoiser):
         module.bind_embeddings(space)
     return module.to(device).eval().requires_grad_(False)
+
+
+def default_guidance(folder: str | Path, fallback: float) -> float:
+    """The guidance strength ``folder/sampling.json`` recommends, else ``fallback``.
+
+    Raises:
+        CheckpointError: the file exists but is not JSON with a finite ``guidance >= 0``.
+    """
+    path = Path(folder) / SAMPLING_DEFAULTS
+    if not path.is_file():
+        return fallback
+    try:
+        value = json.loads(path.read_text()).get("guidance", fallback)
+        value = float(value)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise CheckpointError(
+            f'{path} must be a JSON object with a finite "guidance" >= 0; fix or delete it'
+        )
+    return value
 
 
 @dataclass

@@ -156,7 +156,7 @@ class Denoiser(nn.Module):
                 "(load_model does) before sampling"
             )
         probs = torch.softmax(out.float(), dim=-1)
-        return probs @ self.token_embeddings.to(probs.device)
+        return probs @ self.token_embeddings
 
 
 def _sorted_ids(vocab_ids: torch.Tensor, size: int) -> torch.Tensor:

@@ -125,7 +125,7 @@ def critic_metrics(
     ``labels [n]`` are true rewards; Spearman compares the critic with them, R^2 with
     their image on the critic's target scale (:func:`critic_target`).
     """
-    target = critic_target(labels, getattr(critic.config, "target", "reward"))
+    target = critic_target(labels, critic.config.target)
     space = base.space
     device = space.weight.device
     gen = torch.Generator().manual_seed(seed)

@@ -1,41 +1,20 @@
-"""Helpers shared by the benchmark scripts: environment facts and result files."""
+"""Helpers shared by the benchmark scripts: environment facts and result files.
+
+The environment record (machine, versions, date, git sha) is :func:`fastdia.profile.environment`,
+shared with ``fastdia profile``.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from fastdia.profile import environment
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def environment() -> dict[str, Any]:
-    """Machine, versions, date and git sha, to store beside every result."""
-    import torch
-
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=RESULTS.parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": sha,
-        "device": device,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+__all__ = ["RESULTS", "environment", "write_result"]
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

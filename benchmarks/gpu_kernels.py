@@ -17,6 +17,9 @@ extra memory of each call; (d) prints one JSON object and writes it to
 ``$OUT/gpu_kernels.json`` if ``$OUT`` is set, else to
 ``benchmarks/results/gpu_kernels_<device>.json``.
 
+The correctness checks (a) also run as tests, ``tests/test_gpu_kernels.py`` (marked
+``cuda``: ``TRITON_INTERPRET=0 python -m pytest tests/test_gpu_kernels.py`` on a GPU).
+
 Targets (DESIGN §5): ``guided_step`` >= 85% of HBM bandwidth and >= 8x the eager
 reference; ``round_to_vocab`` (bf16) >= 60% of the bf16 matmul rate at N >= 4096, >= 2x
 ``torch.matmul`` + ``argmax``, extra memory O(N). Options: ``--quick`` (N = 64 and 1024
@@ -74,27 +77,17 @@ def _ensure_kernels_importable() -> None:
 
 
 def _bench(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of ``fn`` (CUDA events, L2 flushed, after warm-up)."""
-    import torch
-    import triton.testing
+    """Median milliseconds of ``fn`` (``do_bench``: CUDA events, L2 flushed, after warm-up)."""
+    from fastdia.profile import bench_ms
 
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return bench_ms(lambda _: fn(), "cuda")
 
 
 def _peak_extra_bytes(fn: Callable[[], Any]) -> int:
     """Peak device memory allocated during ``fn()`` above what was allocated before."""
-    import torch
+    from fastdia.profile import peak_extra_bytes
 
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del result
-    return int(peak)
+    return peak_extra_bytes(fn, "cuda")
 
 
 def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
@@ -112,22 +105,21 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 def measure_ceilings() -> dict[str, float]:
-    """HBM bandwidth of a 2 GiB device-to-device copy and the bf16 matmul rate."""
-    import torch
+    """HBM bandwidth of a 2 GiB device-to-device copy and the bf16 matmul rate
+    (:func:`fastdia.profile.measure_ceilings`, under this script's key names)."""
+    from fastdia.profile import measure_ceilings as measure
 
-    n = 2**29  # 2 GiB of float32
-    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = _bench(functools.partial(dst.copy_, src))
-    hbm = 2 * n * 4 / (ms * 1e-3) / 1e9
-    src = dst = None  # free 4 GiB before the matmul
-    size = 8192
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    ms_mm = _bench(lambda: torch.matmul(a, b))
-    mm = 2 * size**3 / (ms_mm * 1e-3) / 1e12
-    log.info("ceilings: HBM %.0f GB/s, bf16 matmul %.0f TFLOP/s", hbm, mm)
-    return {"hbm_gb_per_s": hbm, "bf16_matmul_tflop_per_s": mm, "copy_bytes": 2 * n * 4}
+    ceil = measure("cuda")
+    log.info(
+        "ceilings: HBM %.0f GB/s, bf16 matmul %.0f TFLOP/s",
+        ceil["bandwidth_gb_per_s"],
+        ceil["matmul_tflop_per_s"],
+    )
+    return {
+        "hbm_gb_per_s": ceil["bandwidth_gb_per_s"],
+        "bf16_matmul_tflop_per_s": ceil["matmul_tflop_per_s"],
+        "copy_bytes": ceil["copy_bytes"],
+    }
 
 
 # ---- correctness -------------------------------------------------------------------------
@@ -152,7 +144,7 @@ def check_guided_step() -> list[dict[str, Any]]:
     import torch
     from fastdia.kernels.guided_step import guided_step
 
-    from fastdia.ops.step import guided_step_reference
+    from fastdia.ops.guided_step import guided_step_reference
 
     dev = "cuda"
     # (per_sample, kappa, critic, grad, return_h): row-tile mode (the sampler's) and
@@ -196,7 +188,7 @@ def check_guided_step() -> list[dict[str, Any]]:
         }
         out = torch.full((n, dim), float("nan"), device=dev)
         h_out = torch.full((batch,), float("nan"), device=dev)
-        got, h = guided_step(z, eps, coef, out=out, h_out=h_out, **kw)
+        got, h = guided_step(z, eps, coef, out=out, h_out=h_out, precision="ieee", **kw)
         ref, ref_h = guided_step_reference(z, eps, coef, **kw)
         err = (got - ref).abs()
         rel = (err / ref.abs().clamp_min(1e-3)).max().item()
@@ -275,7 +267,7 @@ def check_round_to_vocab() -> list[dict[str, Any]]:
     import torch
     from fastdia.kernels.round_to_vocab import round_to_vocab, rounding_mismatches
 
-    from fastdia.ops.rounding import round_to_vocab_reference
+    from fastdia.ops.round_to_vocab import round_to_vocab_reference
 
     dev = "cuda"
     records = []
@@ -353,7 +345,7 @@ def time_guided_step(
     import torch
     from fastdia.kernels.guided_step import guided_step
 
-    from fastdia.ops.step import guided_step_reference
+    from fastdia.ops.guided_step import guided_step_reference
 
     dev = "cuda"
     compiled = _compiled(guided_step_reference, compile_ref)
@@ -432,7 +424,7 @@ def time_round_to_vocab(
     import torch
     from fastdia.kernels.round_to_vocab import round_to_vocab
 
-    from fastdia.ops.rounding import round_to_vocab_reference
+    from fastdia.ops.round_to_vocab import round_to_vocab_reference
 
     dev = "cuda"
     compiled = _compiled(round_to_vocab_reference, compile_ref)

@@ -9,56 +9,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fastdia.cli_options import (
+    add_sampling_options,
+    guidance_value,
+    positive_int,
+    sampling_overrides,
+)
+from fastdia.device import default_device
 from fastdia.errors import FastdiaError
 
 log = logging.getLogger("fastdia")
 
 DEFAULT_REWARD = "sentiment"
-DEFAULT_GUIDANCE = 1.0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number >= 0, got {text}; to steer away from a reward, give it a "
-            "negative weight in --reward (e.g. sentiment:-1)"
-        )
-    return value
 
 
 def _add_sample_parser(sub: Any) -> None:
     from fastdia.base_model import DEFAULT_BASE_MODEL
     from fastdia.embedding import ROUNDINGS
     from fastdia.ops.registry import known_backends
-    from fastdia.schedules import SAMPLERS
 
     p = sub.add_parser("sample", help="draw reward-guided samples")
     p.add_argument("--prompt", default=None, help="text every sample starts with")
     p.add_argument(
-        "--length", type=_positive_int, default=32, help="tokens per sample, prompt included"
+        "--length", type=positive_int, default=32, help="tokens per sample, prompt included"
     )
-    p.add_argument("--num-samples", type=_positive_int, default=4, help="samples (the batch size)")
-    p.add_argument("--steps", type=_positive_int, default=50, help="reverse diffusion steps")
-    p.add_argument("--sampler", default="dia", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--num-samples", type=positive_int, default=4, help="samples (the batch size)")
     p.add_argument(
         "--reward",
         default=DEFAULT_REWARD,
@@ -66,11 +45,12 @@ def _add_sample_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--guidance",
-        type=_guidance,
+        type=guidance_value,
         default=None,
         help="guidance strength lambda (0: unguided; default: the checkpoint's "
-        f"sampling.json, else {DEFAULT_GUIDANCE:g})",
+        "sampling.json, else 1)",
     )
+    add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**31)")
     p.add_argument(
         "--backend",
@@ -96,7 +76,7 @@ def _add_sample_parser(sub: Any) -> None:
     p.add_argument("--rounding", default="l2", help=f"one of: {', '.join(ROUNDINGS)}")
     p.add_argument(
         "--clamp-from",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="clamp the x0 estimate to the nearest embedding from this step on",
     )
@@ -113,53 +93,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(sub)
-    from fastdia import cli_eval, cli_train
+    from fastdia import cli_eval, cli_profile, cli_train
 
     cli_train.add_parsers(sub)
     cli_eval.add_parser(sub)
+    cli_profile.add_parser(sub)
     return parser
-
-
-def default_device(requested: str | None) -> str:
-    import torch
-
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise FastdiaError(
-                f"--device {requested}: no CUDA device is available; use --device cpu"
-            )
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Run ``fastdia sample``: validate, load, sample, print."""
     from fastdia import ops
     from fastdia.base_model import load_base_model
-    from fastdia.models.checkpoint import default_guidance
     from fastdia.ops import registry
-    from fastdia.pipeline import build_sampler, resolve_checkpoint
+    from fastdia.pipeline import (
+        build_sampler,
+        resolve_checkpoint,
+        sampler_config,
+        sampling_settings,
+    )
     from fastdia.rewards import build_rewards
-    from fastdia.sampler import SamplerConfig, check_seed
+    from fastdia.sampler import check_seed
 
     # 1. cheap checks, before anything heavy
     checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)
-    guidance = args.guidance
-    if guidance is None:
-        guidance = (
-            DEFAULT_GUIDANCE
-            if checkpoint is None
-            else default_guidance(checkpoint, DEFAULT_GUIDANCE)
-        )
-    config = SamplerConfig(
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance=guidance,
+    settings = sampling_settings(checkpoint, guidance=args.guidance, **sampling_overrides(args))
+    config = sampler_config(
+        settings,
         rounding=args.rounding,
         clamp_from=args.clamp_from,
         corrector_steps=args.corrector_steps,
         backend=args.backend,
     )
+    guidance = config.guidance
     check_seed(args.seed)
     if args.prompt is not None and not args.prompt.strip():
         raise FastdiaError("--prompt is empty; pass some text, or leave --prompt out")
@@ -209,11 +175,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "tokens_per_s": out.tokens_per_s,
         "seconds": out.seconds,
         "backend": backend,
-        "steps": args.steps,
+        "steps": config.steps,
         "rows": out.steps,
         "num_samples": args.num_samples,
         "length": args.length,
-        "sampler": args.sampler,
+        "sampler": config.sampler,
+        "decode": config.decode,
+        "stop_at": config.stop_at,
         "guidance": guidance,
         "reward": rewards.spec,
         "base_model": args.base_model,

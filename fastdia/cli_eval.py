@@ -1,4 +1,5 @@
-"""``fastdia eval``: the reward/fluency/diversity table over guidance strengths."""
+"""``fastdia eval``: fastdia's rows beside the baselines, per prompt set (see
+:mod:`fastdia.evaluate`)."""
 
 from __future__ import annotations
 
@@ -10,94 +11,218 @@ from typing import Any
 
 from fastdia.errors import ConfigError
 
+BASELINE_TILT = 0.5  # critic-weighted decoding's weight, as in the issue's measurement
+
 
 def add_parser(sub: Any) -> None:
     """Register the ``eval`` subcommand."""
     from fastdia.base_model import DEFAULT_BASE_MODEL
+    from fastdia.cli_options import add_sampling_options
 
-    p = sub.add_parser("eval", help="evaluate guided sampling over guidance strengths")
+    p = sub.add_parser("eval", help="evaluate fastdia beside the baselines on prompt sets")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the demo)")
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     p.add_argument("--guide", default="sentiment", help="reward spec whose critics guide")
     p.add_argument("--rewards", default="sentiment,nontoxic", help="true rewards to report")
     p.add_argument(
         "--lambdas",
-        default="0,1,2,4,8,16,32,64,128,256",
-        help="comma-separated guidance strengths",
+        default=None,
+        help="comma-separated guidance strengths, one fastdia row each (default: the "
+        "checkpoint's guidance only)",
     )
-    p.add_argument("--prompts", default=None, help="file with one prompt per line")
-    p.add_argument("--num-samples", type=int, default=8, help="samples per prompt")
+    p.add_argument(
+        "--prompt-sets",
+        default="neutral,negative",
+        help="comma-separated shipped sets (neutral, negative) or files, one prompt per line",
+    )
+    p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="dia")
-    p.add_argument("--clamp-from", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="the default row's lambda")
+    add_sampling_options(p)
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="an extra fastdia row with some settings changed, e.g. "
+        "'nearest:decode=nearest,stop_at=0' or 'no-sc:self_condition=false' (repeatable)",
+    )
+    p.add_argument(
+        "--baselines",
+        default="base,best-of-4,best-of-16,critic",
+        help="comma-separated baseline rows: base, best-of-N, critic (or 'none')",
+    )
+    p.add_argument(
+        "--baseline-tilt",
+        type=float,
+        default=BASELINE_TILT,
+        help="critic-weighted decoding's weight on the critic's per-token values",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-base", action="store_true", help="skip the base-model reference row")
-    p.add_argument("--out", default="eval.json", help="JSON result file")
+    p.add_argument(
+        "--out", default="eval.json", help="JSON result file (and a Markdown table beside it)"
+    )
     p.add_argument("--plot", default=None, help="PNG plot file (default: --out with .png)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval)
 
 
-def _lambdas(text: str) -> list[float]:
+def _floats(text: str, what: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--lambdas must be comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise ConfigError(f"--lambdas must be finite numbers >= 0, got {text!r}")
+        raise ConfigError(f"{what} must be finite numbers >= 0, got {text!r}")
     return values
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from fastdia.base_model import load_base_model
-    from fastdia.cli import default_device
-    from fastdia.evaluate import DEFAULT_EVAL_PROMPTS, base_model_row, guided_rows, plot
-    from fastdia.pipeline import build_sampler, resolve_checkpoint
-    from fastdia.rewards import build_rewards
-    from fastdia.sampler import SamplerConfig
+_BOOL = {"true": True, "false": False, "1": True, "0": False}
+_VARIANT_KEYS = {"guidance", "self_condition", "clean_prompt", "time_warp"}
 
-    lambdas = _lambdas(args.lambdas)
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE,...`` -> ``(NAME, {key: value})`` with numbers and booleans parsed.
+
+    Keys are the sampling settings (``decode``, ``stop_at``, ``tilt``, ...) and
+    ``guidance``, ``self_condition``, ``clean_prompt``, ``time_warp``.
+    """
+    from fastdia.pipeline import BUILTIN_SAMPLING
+
+    name, sep, body = text.partition(":")
+    if not sep or not name or not body:
+        raise ConfigError(f"--variant must look like NAME:KEY=VALUE,..., got {text!r}")
+    changes: dict[str, Any] = {}
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in set(BUILTIN_SAMPLING) | _VARIANT_KEYS:
+            known = ", ".join(sorted(set(BUILTIN_SAMPLING) | _VARIANT_KEYS))
+            raise ConfigError(f"--variant {text!r}: unknown setting {key!r}; known: {known}")
+        value = value.strip()
+        if value.lower() in _BOOL and key in _VARIANT_KEYS - {"guidance"}:
+            changes[key] = _BOOL[value.lower()]
+        elif key in ("decode", "sampler"):
+            changes[key] = value
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"--variant {text!r}: {key} needs a number") from None
+            changes[key] = int(number) if key == "steps" else number
+    return name, changes
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastdia import evaluate as ev
+    from fastdia.base_model import load_base_model
+    from fastdia.cli_options import sampling_overrides
+    from fastdia.device import default_device
+    from fastdia.models.critic import TokenLocalCritic
+    from fastdia.pipeline import (
+        build_sampler,
+        resolve_checkpoint,
+        sampler_config,
+        sampling_settings,
+    )
+    from fastdia.rewards import build_rewards
+
+    # cheap checks first
+    lambdas = _floats(args.lambdas, "--lambdas") if args.lambdas else None
     guide, report = build_rewards(args.guide), build_rewards(args.rewards)
-    SamplerConfig(sampler=args.sampler, steps=args.steps, clamp_from=args.clamp_from)
-    prompts = DEFAULT_EVAL_PROMPTS
-    if args.prompts:
-        prompts = tuple(p for p in Path(args.prompts).read_text().splitlines() if p.strip())
-        if not prompts:
-            raise ConfigError(f"--prompts {args.prompts} holds no prompts")
+    if args.num_samples < 1 or args.length < 2:
+        raise ConfigError("--num-samples must be >= 1 and --length >= 2")
     checkpoint = resolve_checkpoint(args.checkpoint)
+    default = sampling_settings(checkpoint, guidance=args.guidance, **sampling_overrides(args))
+    configs: list[tuple[str, dict[str, Any]]] = []
+    for lam in lambdas or [default["guidance"]]:
+        tag = " (default)" if lam == default["guidance"] else ""
+        configs.append((f"fastdia lambda={lam:g}{tag}", default | {"guidance": lam}))
+    for text in args.variant:
+        name, changes = parse_variant(text)
+        configs.append((f"fastdia {name}", default | changes))
+    toggles = ("self_condition", "clean_prompt", "time_warp")
+    built = []
+    for name, settings in configs:
+        extra = {k: settings[k] for k in toggles if k in settings}
+        built.append((name, settings, sampler_config(settings, **extra)))
+    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    for b in baselines:
+        if b not in ("base", "critic") and not (b.startswith("best-of-") and b[8:].isdigit()):
+            raise ConfigError(f"unknown baseline {b!r}; known: base, best-of-N, critic, none")
+    sets = {
+        Path(s).stem if Path(s).suffix else s: ev.prompt_set(s) for s in args.prompt_sets.split(",")
+    }
     device = default_device(args.device)
     base = load_base_model(args.base_model, device=device)
     weights = list(zip(guide.names, guide.weights, strict=True))
+    n, length = args.num_samples, args.length
+    true_guide = guide  # best-of-N picks by the true guiding reward
 
-    def make(lam: float) -> Any:
-        config = SamplerConfig(
-            sampler=args.sampler, steps=args.steps, guidance=lam, clamp_from=args.clamp_from
-        )
-        return build_sampler(
-            base, config, rewards=weights, checkpoint=checkpoint, length=args.length, device=device
-        ).sampler
+    def score(texts: list[str]) -> Any:
+        values = true_guide(texts)
+        return sum(w * values[k] for k, w in zip(guide.names, guide.weights, strict=True))
 
-    rows = []
-    if not args.no_base:
-        rows.append(
-            base_model_row(base, prompts, args.num_samples, args.length, report, seed=args.seed)
+    methods: list[tuple[str, str, dict[str, Any], Any]] = []
+    for b in baselines:
+        if b == "base":
+            methods.append(("base model", "baseline", {}, ev.base_model_method(base, n, length)))
+        elif b.startswith("best-of-"):
+            k = int(b[8:])
+            methods.append(
+                (b, "baseline", {"n": k}, ev.best_of_n_method(base, n, length, k, score))
+            )
+    samplers = []
+    for name, settings, config in built:
+        assembly = build_sampler(
+            base, config, rewards=weights, checkpoint=checkpoint, length=length, device=device
         )
-    rows += guided_rows(
-        base, make, lambdas, prompts, args.num_samples, args.length, report, seed=args.seed
-    )
-    result = {
+        samplers.append((name, settings, assembly))
+    if "critic" in baselines:
+        critics = [
+            (c.module, c.weight)
+            for c in samplers[0][2].critics
+            if isinstance(c.module, TokenLocalCritic)
+        ]
+        methods.append(
+            (
+                f"critic-weighted decoding (tilt {args.baseline_tilt:g})",
+                "baseline",
+                {"tilt": args.baseline_tilt},
+                ev.critic_decoding_method(base, critics, args.baseline_tilt, n, length),
+            )
+        )
+    for name, settings, assembly in samplers:
+        methods.append((name, "fastdia", settings, ev.sampler_method(assembly.sampler, n, length)))
+
+    result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "func"}
-        | {"checkpoint": str(checkpoint), "prompts": list(prompts), "lambdas": lambdas},
-        "rows": rows,
+        | {"checkpoint": str(checkpoint), "default_settings": default, "prompts": sets},
+        "sets": {},
     }
+    for set_name, prompts in sets.items():
+        rows = []
+        for name, kind, settings, method in methods:
+            row = ev.evaluate_method(base, method, prompts, report, seed=args.seed)
+            rows.append({"name": name, "kind": kind, "settings": settings, **row})
+            _print_row(set_name, rows[-1])
+        result["sets"][set_name] = rows
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(ev.markdown_table(result, report.names[0]))
     png = args.plot or str(Path(args.out).with_suffix(".png"))
-    plot(result, png, report.names[0])
-    for row in rows:
-        rw = " ".join(f"{k}={v['mean']:+.3f}" for k, v in row["rewards"].items())
-        print(
-            f"{row['name']:>14}  ppl={row['perplexity']:9.1f}  d1={row['distinct_1']:.2f} "
-            f"d2={row['distinct_2']:.2f}  s/100tok={row['seconds_per_100_tokens']:.3f}  {rw}"
-        )
+    ev.plot(result, png, report.names[0])
     return 0
+
+
+def _print_row(set_name: str, row: dict[str, Any]) -> None:
+    rw = " ".join(
+        f"{k}={v['mean']:+.3f}" + (f" pos={v['positive_frac']:.0%}" if "positive_frac" in v else "")
+        for k, v in row["rewards"].items()
+    )
+    gap = "n/a" if row["prompt_gap"] is None else f"{row['prompt_gap']:.2f}"
+    print(
+        f"[{set_name}] {row['name']:<40} ppl={row['perplexity']:8.1f} "
+        f"d2={row['distinct_2']:.2f} degen={row['degenerate_frac']:.0%} gap={gap} "
+        f"s/100tok={row['seconds_per_100_tokens']:.2f}  {rw}",
+        flush=True,
+    )

@@ -70,6 +70,20 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--schedule", default="sqrt", help="linear, cosine or sqrt")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument(
+        "--arch", default="encoder", help="encoder (time at the input) or adaln (every layer)"
+    )
+    p.add_argument(
+        "--self-condition", action="store_true", help="feed back the previous x0 estimate"
+    )
+    p.add_argument(
+        "--clean-prompt", action="store_true", help="train with clean, masked prompt prefixes"
+    )
+    p.add_argument(
+        "--time-warp",
+        action="store_true",
+        help="after training, measure the loss over t and store the step allocation",
+    )
     p.set_defaults(func=cmd_train_denoiser)
 
     p = sub.add_parser("train-critic", help="train a critic that imitates a reward")
@@ -93,7 +107,7 @@ def add_parsers(sub: Any) -> None:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, str]:
     from fastdia.base_model import load_base_model
-    from fastdia.cli import default_device
+    from fastdia.device import default_device
 
     device = default_device(args.device)
     if args.length < 2:
@@ -165,6 +179,9 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         prediction=args.prediction,
         schedule=args.schedule,
         dropout=args.dropout,
+        arch=args.arch,
+        self_condition=args.self_condition,
+        clean_prompt=args.clean_prompt,
     )
     train, hold = _data(args, base)
     run = train_denoiser(
@@ -177,6 +194,7 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=device,
         progress=not args.no_progress,
+        warp=args.time_warp,
     )
     last = run.history[-1] if run.history else {}
     print(json.dumps({"out": args.out, "seconds": run.seconds, "final": last}))

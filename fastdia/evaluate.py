@@ -1,19 +1,29 @@
-"""``fastdia eval``: reward, fluency and diversity of guided samples over guidance strengths.
+"""``fastdia eval``: fastdia's rows beside the baselines, on the same prompts and lengths.
 
-For every prompt and every ``lambda`` the sampler draws ``num_samples`` sequences; each row
-of the result reports, over all prompts:
+For every prompt set (neutral and negative openers by default, ``fastdia/assets/prompts``)
+each *method* writes ``num_samples`` sequences of ``length`` tokens per prompt; a row
+reports, over all prompts of the set:
 
-* ``rewards``: mean and standard deviation of every true reward of the output texts, and
-  for ``sentiment`` the fraction of positive texts (VADER compound > 0.05);
+* ``rewards``: mean and standard deviation of every true reward of the output texts
+  (prompt included), and for ``sentiment`` the fraction of positive texts (VADER
+  compound > 0.05);
 * ``perplexity``: the base model's perplexity of the generated tokens given the prompt,
   ``exp(mean token NLL)`` over all generated tokens;
 * ``distinct_1``/``distinct_2``: distinct token uni-/bigrams over all generated tokens
   divided by their count;
-* ``seconds_per_100_tokens``: sampling wall time per 100 generated tokens.
+* ``degenerate_frac``: the fraction of samples whose continuation is degenerate (fewer
+  than 60% of its bigrams distinct, or one token filling more than a quarter of it);
+* ``prompt_gap``: the base model's mean NLL per token of a continuation after another
+  prompt of the set (the next one, cyclically) minus after its own: how much the
+  continuation follows its prompt (0: not at all);
+* ``seconds_per_100_tokens``: wall time of writing the samples *and scoring them with the
+  true reward* (best-of-N scores N times as many), per 100 generated tokens.
 
-The same metrics for the base model's own samples (temperature 1, top-p 0.95, the training
-data's settings) form the reference row. Results are written as JSON and drawn as a PNG of
-reward against perplexity, one point per lambda.
+Methods: the base model's own samples (temperature 1, top-p 0.95); best-of-N of those by
+the true guiding reward; critic-weighted decoding of the base model (the critic's
+per-token values as a logit bias, :mod:`fastdia.decode` with the latent weight 0); and
+fastdia's sampler, one row per configuration. Results are written as JSON and drawn as
+a PNG of positive rate against perplexity.
 """
 
 from __future__ import annotations
@@ -21,19 +31,40 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastdia.base_model import BaseModel
-from fastdia.data import DEFAULT_PROMPTS, sample_continuations
+from fastdia.data import sample_continuations
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVAL_PROMPTS = DEFAULT_PROMPTS[:8]  # neutral openers: "The movie was", "I think", ...
+PROMPT_DIR = Path(__file__).resolve().parent / "assets" / "prompts"
+PROMPT_SETS = ("neutral", "negative")
 POSITIVE = 0.05
+DEGENERATE_DISTINCT2 = 0.6  # a sample with fewer distinct bigrams than this is degenerate
+DEGENERATE_TOP_TOKEN = 0.25  # ... or one whose most frequent token fills more than this
+
+
+def prompt_set(name: str) -> list[str]:
+    """The prompts of a shipped set (``neutral``, ``negative``) or of a file, one per line."""
+    from fastdia.errors import ConfigError
+
+    path = PROMPT_DIR / f"eval-{name}.txt" if name in PROMPT_SETS else Path(name)
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown prompt set {name!r}: use {', '.join(PROMPT_SETS)} or a file of prompts, "
+            "one per line"
+        )
+    prompts = [p for p in path.read_text().splitlines() if p.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt file {path} holds no prompts")
+    return prompts
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
@@ -63,16 +94,57 @@ def perplexity(base: BaseModel, ids: torch.Tensor, prompt_len: int) -> float:
     return math.exp(total / count)
 
 
-def _summarise(
+def is_degenerate(seq: Sequence[int]) -> bool:
+    """Whether a continuation repeats itself (see the module docstring for the rule)."""
+    if not seq:
+        return False
+    bigrams = [tuple(seq[i : i + 2]) for i in range(len(seq) - 1)]
+    if bigrams and len(set(bigrams)) / len(bigrams) < DEGENERATE_DISTINCT2:
+        return True
+    return Counter(seq).most_common(1)[0][1] / len(seq) > DEGENERATE_TOP_TOKEN
+
+
+@torch.no_grad()
+def continuation_nll(base: BaseModel, prompt: Sequence[int], cont: torch.Tensor) -> torch.Tensor:
+    """Base-model NLL of each token of ``cont [n, m]`` after ``prompt``: ``[n, m]`` float32."""
+    model = base.model
+    ids = torch.cat([torch.tensor(list(prompt)).expand(cont.shape[0], -1), cont], dim=1)
+    ids = ids.to(model.device)
+    logp = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return nll[:, len(prompt) - 1 :].cpu()
+
+
+@dataclass
+class Batch:
+    """One prompt's samples: ``ids [n, L]`` (prompt included) and the prompt's ids."""
+
+    ids: torch.Tensor
+    prompt: list[int]
+
+
+def summarise(
     base: BaseModel,
-    reward: Any,
-    batches: list[tuple[torch.Tensor, int]],
-    texts: list[str],
+    reward: Callable[[list[str]], dict[str, torch.Tensor]],
+    batches: list[Batch],
     seconds: float,
 ) -> dict[str, Any]:
-    generated = [row[p:].tolist() for ids, p in batches for row in ids]
+    """The metrics of a row (see the module docstring); ``seconds`` spent writing and
+    scoring the samples."""
+    texts = [t for b in batches for t in base.space.decode_batch(b.ids)]
+    generated = [row[len(b.prompt) :].tolist() for b in batches for row in b.ids]
     n_tokens = sum(len(g) for g in generated)
-    nll = [token_nll(base, ids, p) for ids, p in batches]
+    own = [continuation_nll(base, b.prompt, b.ids[:, len(b.prompt) :]) for b in batches]
+    nll_own = torch.cat([x.flatten() for x in own])
+    gap = None
+    if len(batches) > 1:
+        other = [
+            continuation_nll(
+                base, batches[(i + 1) % len(batches)].prompt, b.ids[:, len(b.prompt) :]
+            )
+            for i, b in enumerate(batches)
+        ]
+        gap = (torch.cat([x.flatten() for x in other]) - nll_own).mean().item()
     values = reward(texts)
     rewards: dict[str, Any] = {}
     for name, v in values.items():
@@ -84,108 +156,163 @@ def _summarise(
     return {
         "num_samples": len(texts),
         "rewards": rewards,
-        "perplexity": math.exp(sum(t for t, _ in nll) / sum(c for _, c in nll)),
+        "perplexity": math.exp(nll_own.double().mean().item()),
         "distinct_1": distinct_n(generated, 1),
         "distinct_2": distinct_n(generated, 2),
+        "degenerate_frac": sum(map(is_degenerate, generated)) / len(generated),
+        "prompt_gap": gap,
         "seconds_per_100_tokens": 100 * seconds / n_tokens,
-        "examples": texts[:3],
+        "examples": texts[:4],
     }
 
 
-@torch.no_grad()
-def base_model_row(
+Method = Callable[[str, int], tuple[torch.Tensor, float]]
+"""``method(prompt, seed) -> (ids [n, L] int64 on the CPU, seconds)``: one prompt's samples."""
+
+
+def evaluate_method(
     base: BaseModel,
+    method: Method,
     prompts: Sequence[str],
-    num_samples: int,
-    length: int,
-    reward: Any,
+    reward: Callable[[list[str]], dict[str, torch.Tensor]],
     *,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of the base model's own samples (the reference row)."""
-    batches, texts, seconds = [], [], 0.0
-    torch.manual_seed(seed)
-    for prompt in prompts:
-        p_ids = base.space.encode(prompt)
+    """Run ``method`` on every prompt and summarise (scoring time included)."""
+    batches, seconds = [], 0.0
+    for i, prompt in enumerate(prompts):
+        ids, sec = method(prompt, seed + i)
+        batches.append(Batch(ids, base.space.encode(prompt)))
+        seconds += sec
+    start = time.perf_counter()
+    reward([t for b in batches for t in base.space.decode_batch(b.ids)])
+    seconds += time.perf_counter() - start  # what a user pays to score the samples
+    return summarise(base, reward, batches, seconds)
+
+
+def base_model_method(base: BaseModel, num_samples: int, length: int) -> Method:
+    """The base model's own samples: temperature 1, top-p 0.95."""
+
+    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
+        torch.manual_seed(seed)
         start = time.perf_counter()
-        out = sample_continuations(base, p_ids, num_samples, length)
-        seconds += time.perf_counter() - start
-        batches.append((out, len(p_ids)))
-        texts.extend(base.space.decode_batch(out))
-    return {"name": "base model", **_summarise(base, reward, batches, texts, seconds)}
+        ids = sample_continuations(base, base.space.encode(prompt), num_samples, length)
+        return ids, time.perf_counter() - start
+
+    return run
 
 
-def guided_rows(
+def best_of_n_method(
     base: BaseModel,
-    make_sampler: Any,
-    lambdas: Sequence[float],
-    prompts: Sequence[str],
     num_samples: int,
     length: int,
-    reward: Any,
+    n: int,
+    score: Callable[[list[str]], torch.Tensor],
+) -> Method:
+    """Best of ``n`` base-model samples by ``score`` (the true reward), per output sample.
+
+    The time includes writing all ``n * num_samples`` samples and scoring them.
+    """
+
+    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        ids = sample_continuations(base, base.space.encode(prompt), n * num_samples, length)
+        values = score(base.space.decode_batch(ids)).view(num_samples, n)
+        best = values.argmax(dim=1) + torch.arange(num_samples) * n
+        return ids[best], time.perf_counter() - start
+
+    return run
+
+
+def sampler_method(sampler: Any, num_samples: int, length: int) -> Method:
+    """fastdia's sampler (one plan, reused for every prompt)."""
+    plan = sampler.plan(num_samples, length)
+
+    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
+        out = plan.run(prompt, seed=seed)
+        return out.token_ids, out.seconds
+
+    return run
+
+
+def critic_decoding_method(
+    base: BaseModel,
+    critics: Sequence[tuple[Any, float]],
+    tilt: float,
+    num_samples: int,
+    length: int,
     *,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """One row per ``lambda``; ``make_sampler(lam)`` returns a :class:`~fastdia.Sampler`."""
-    rows = []
-    for lam in lambdas:
-        plan = make_sampler(lam).plan(num_samples, length)
-        batches, texts, seconds = [], [], 0.0
-        for i, prompt in enumerate(prompts):
-            out = plan.run(prompt, seed=seed + i)
-            seconds += out.seconds
-            batches.append((out.token_ids, plan.prompt_len))
-            texts.extend(out.texts)
-        row = {
-            "name": f"lambda={lam:g}",
-            "lambda": lam,
-            **_summarise(base, reward, batches, texts, seconds),
-        }
-        log.info("%s: %s", row["name"], {k: row[k] for k in ("perplexity", "distinct_1")})
-        rows.append(row)
-    return rows
+    temperature: float = 1.0,
+) -> Method:
+    """Critic-weighted decoding: the base model with ``tilt`` x the critics' per-token
+    values added to its logits (no diffusion, no latent), Gumbel-max with Philox noise."""
+    from fastdia.decode import DecodeConfig, LMDecoder
+    from fastdia.ops import ROUND_TO_VOCAB
+
+    config = DecodeConfig(temperature=temperature, latent_weight=0.0)
+    decoder = LMDecoder(base, config, {ROUND_TO_VOCAB: "reference"})
+    plan = decoder.plan(num_samples, length, 0.0, critics, tilt)
+
+    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        ids = plan.run(None, torch.tensor(base.space.encode(prompt)), seed=seed)
+        return ids.cpu(), time.perf_counter() - start
+
+    return run
+
+
+def markdown_table(result: dict[str, Any], reward_name: str) -> str:
+    """The rows of every prompt set as one Markdown table (what the model card shows)."""
+    head = (
+        f"| prompts | row | positive | {reward_name} | perplexity | distinct-2 | degenerate "
+        "| prompt gap | s / 100 tok |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for set_name, rows in result["sets"].items():
+        for row in rows:
+            entry = row["rewards"][reward_name]
+            pos = entry.get("positive_frac")
+            gap = row["prompt_gap"]
+            lines.append(
+                f"| {set_name} | {row['name']} | "
+                f"{'n/a' if pos is None else f'{pos:.0%}'} | {entry['mean']:+.3f} | "
+                f"{row['perplexity']:.1f} | {row['distinct_2']:.2f} | "
+                f"{row['degenerate_frac']:.0%} | {'n/a' if gap is None else f'{gap:.2f}'} | "
+                f"{row['seconds_per_100_tokens']:.2f} |"
+            )
+    return head + "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
-    """Reward against perplexity, one point per lambda, the base model and lambda 0 marked."""
+    """Positive rate (or mean reward) against perplexity, one panel per prompt set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    guided = [r for r in result["rows"] if "lambda" in r]
-    xs = [r["perplexity"] for r in guided]
-    ys = [r["rewards"][reward_name]["mean"] for r in guided]
-    ax.plot(xs, ys, "o-", color="tab:blue", label="fastdia (one point per lambda)")
-    for r, x, y in zip(guided, xs, ys, strict=True):
-        ax.annotate(f"λ={r['lambda']:g}", (x, y), textcoords="offset points", xytext=(5, 5))
-    unguided = [r for r in guided if r["lambda"] == 0]
-    if unguided:
-        ax.plot(
-            [unguided[0]["perplexity"]],
-            [unguided[0]["rewards"][reward_name]["mean"]],
-            "s",
-            ms=11,
-            mfc="none",
-            color="tab:red",
-            label="unguided (λ=0)",
-        )
-    for r in result["rows"]:
-        if r.get("name") == "base model":
-            ax.plot(
-                [r["perplexity"]],
-                [r["rewards"][reward_name]["mean"]],
-                "*",
-                ms=14,
-                color="tab:green",
-                label="base model samples",
+    sets = result["sets"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.8), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], sets.items(), strict=True):
+        for row in rows:
+            entry = row["rewards"][reward_name]
+            y = entry.get("positive_frac", entry["mean"])
+            kind = row.get("kind", "fastdia")
+            style = {"baseline": ("s", "tab:green"), "fastdia": ("o", "tab:blue")}[kind]
+            ax.plot([row["perplexity"]], [y], style[0], color=style[1], ms=7)
+            ax.annotate(
+                row["name"],
+                (row["perplexity"], y),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("base-model perplexity of the output (log scale)")
-    ax.set_ylabel(f"mean true reward: {reward_name}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("base-model perplexity of the continuation (log scale)")
+        label = "positive fraction" if reward_name == "sentiment" else f"mean {reward_name}"
+        ax.set_ylabel(f"{label} (true reward)")
+        ax.set_title(f"{name} prompts (squares: baselines, circles: fastdia)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

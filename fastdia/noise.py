@@ -45,9 +45,11 @@ __all__ = [
     "MAX_INDEX",
     "MAX_SEED",
     "MAX_STEP",
+    "gumbel",
     "philox_randint4x",
     "randn",
     "randn_at",
+    "randn_like",
     "randn_like_shape",
     "triton_key",
 ]
@@ -112,17 +114,19 @@ def _philox4x32(
     c1: torch.Tensor,
     c2: torch.Tensor,
     c3: torch.Tensor,
-    k0: int,
-    k1: int,
+    k0: int | torch.Tensor,
+    k1: int | torch.Tensor,
     n_rounds: int = _N_ROUNDS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32 (``n_rounds`` rounds, 10 by default) exactly as Triton's ``philox_impl``.
 
     ``c0..c3``: int64 tensors of one shape (broadcastable), holding uint32 values.
-    ``k0, k1``: Python ints in ``[0, 2**32)``. Returns four int64 tensors of uint32 values.
+    ``k0, k1``: Python ints in ``[0, 2**32)``, or 0-d int64 tensors on the counters' device
+    (the key read from device memory: nothing is read back to the host, the caller's
+    tensors are not modified). Returns four int64 tensors of uint32 values.
     """
-    k0 &= _MASK32
-    k1 &= _MASK32
+    k0 = k0 & _MASK32
+    k1 = k1 & _MASK32
     for _ in range(n_rounds):
         hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
@@ -165,8 +169,9 @@ def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's ``uint_to_uniform_float`` for uint32 words (int64 tensor) -> fp32 in [0, 1)."""
     # Bitcast to int32 s; s < 0 (x >= 2**31) maps to -s - 1 = 2**32 - 1 - x. Result in [0, 2**31).
     folded = torch.where(x >= 2**31, _MASK32 - x, x)
-    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
-    return folded.to(torch.float32).mul_(scale)
+    # a Python scalar is applied in the tensor's fp32 (the same product as an fp32 0-d
+    # tensor) and creates no tensor: graph-safe (DESIGN §2)
+    return folded.to(torch.float32).mul_(_UNIFORM_SCALE)
 
 
 def randn(
@@ -197,6 +202,84 @@ def randn(
     Raises:
         ConfigError: a value is out of range.
     """
+    if not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
+    logger.debug("randn seed=%d step=%d numel=%d offset=%d", seed, step, numel, offset)
+    key, counters = _key_and_counters(seed, step, numel, offset, device)
+    return _randn_counters(key & _MASK32, key >> 32, counters).to(dtype)
+
+
+def _key_word(name: str, value: int | torch.Tensor, device: torch.device) -> int | torch.Tensor:
+    """A Philox key word: a checked Python int, or a 1-element integer tensor on ``device``
+    as a 0-d int64 tensor (its range is the caller's responsibility: checking it would read
+    it back to the host)."""
+    if not isinstance(value, torch.Tensor):
+        _check_int(name, value, MAX_SEED)
+        return value
+    if value.numel() != 1 or value.is_floating_point() or value.is_complex():
+        raise ConfigError(
+            f"{name} must be an int or a 1-element integer tensor, got {value.dtype} "
+            f"of shape {list(value.shape)}"
+        )
+    if value.device != device:
+        raise ConfigError(f"{name} is on {value.device} but the indices are on {device}")
+    return value.reshape(()).to(torch.int64)
+
+
+def randn_at(
+    seed: int | torch.Tensor, step: int | torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Standard normals at arbitrary element indices (float32, ``index``'s shape and device).
+
+    ``randn_at(seed, step, index)[i] == randn(seed, step, n)[index[i]]``; use it to draw
+    the noise of a few scattered elements without drawing the whole tensor.
+
+    Args:
+        seed, step: as in :func:`randn`, or 1-element integer tensors on ``index``'s
+            device, read there (no host sync; their range is then the caller's
+            responsibility). The Philox integers are the same either way.
+        index: integer tensor of element indices in ``[0, 2**31)``.
+    """
+    if index.is_floating_point() or index.is_complex():
+        raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
+    k1 = _key_word("seed", seed, index.device)
+    k0 = _key_word("step", step, index.device)
+    return _randn_counters(k0, k1, index.to(torch.int64))
+
+
+def randn_like(
+    seed: int | torch.Tensor, step: int | torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """Standard normals with ``like``'s shape and device (float32), element ``k`` of the
+    row-major flat order drawn at index ``k``: ``randn(seed, step, like.numel())`` reshaped.
+
+    Graph-safe (DESIGN §2): with ``seed`` and ``step`` as device tensors (as in
+    :func:`randn_at`) nothing is created from host values and nothing is read back; the
+    indices come from a cumulative sum over ``like``'s shape, not from ``arange``.
+    ``like.numel()`` must be ``<= 2**31``.
+    """
+    if like.numel() > MAX_INDEX:
+        raise ConfigError(f"{like.numel()} elements: element indices must be < 2**31")
+    index = torch.ones_like(like, dtype=torch.int64).view(-1).cumsum_(0).sub_(1)
+    return randn_at(seed, step, index.view(like.shape))
+
+
+def _randn_counters(
+    k0: int | torch.Tensor, k1: int | torch.Tensor, counters: torch.Tensor
+) -> torch.Tensor:
+    """fp32 ``tl.randn(key, counters)`` with ``key = (k1 << 32) | k0``."""
+    zero = torch.zeros_like(counters)
+    i1, i2, _, _ = _philox4x32(counters, zero, zero, zero, k0, k1)
+    u1 = _uint32_to_uniform(i1).clamp_(min=_U1_MIN)
+    u2 = _uint32_to_uniform(i2)
+    r = torch.sqrt(torch.log(u1).mul_(-2.0))
+    return r.mul_(torch.cos(u2.mul_(_TWO_PI)))
+
+
+def _key_and_counters(
+    seed: int, step: int, numel: int, offset: int, device: torch.device | str | None
+) -> tuple[int, torch.Tensor]:
+    """The checked Triton key and the int64 counters ``offset .. offset + numel - 1``."""
     key = triton_key(seed, step)
     _check_int("numel", numel, MAX_INDEX + 1)
     _check_int("offset", offset, MAX_INDEX)
@@ -204,38 +287,28 @@ def randn(
         raise ConfigError(
             f"offset + numel = {offset + numel} exceeds 2**31: element indices must be < 2**31"
         )
-    if not dtype.is_floating_point:
-        raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
-    logger.debug("randn seed=%d step=%d numel=%d offset=%d", seed, step, numel, offset)
-    counters = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    return _randn_counters(key, counters).to(dtype)
+    return key, torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
 
 
-def randn_at(seed: int, step: int, index: torch.Tensor) -> torch.Tensor:
-    """Standard normals at arbitrary element indices (float32, ``index``'s shape and device).
+GUMBEL_U_MIN = 1.0e-7  # clamp of the uniform of a Gumbel draw (no -log(0))
+GUMBEL_U_MAX = 0.99999994  # 1 - 2**-24, the largest fp32 below 1 (no log(1) = 0)
 
-    ``randn_at(seed, step, index)[i] == randn(seed, step, n)[index[i]]``; use it to draw
-    the noise of a few scattered elements without drawing the whole tensor.
 
-    Args:
-        seed, step: as in :func:`randn`.
-        index: integer tensor of element indices in ``[0, 2**31)``.
+def gumbel(
+    seed: int, step: int, numel: int, *, offset: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Standard Gumbel variables for element indices ``offset .. offset + numel - 1``.
+
+    Element ``k`` is ``-log(-log(u))`` with ``u = tl.rand((seed << 32) | step, k)`` (the
+    first Philox word mapped to ``[0, 1)`` as Triton does) clamped to
+    ``[GUMBEL_U_MIN, GUMBEL_U_MAX]``; fp32, shape ``(numel,)``. A fused kernel computes
+    the same numbers with ``tl.rand`` and the same clamp.
     """
-    key = triton_key(seed, step)
-    if index.is_floating_point() or index.is_complex():
-        raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
-    return _randn_counters(key, index.to(torch.int64))
-
-
-def _randn_counters(key: int, counters: torch.Tensor) -> torch.Tensor:
-    """fp32 ``tl.randn(key, counters)``."""
+    key, counters = _key_and_counters(seed, step, numel, offset, device)
     zero = torch.zeros_like(counters)
-    i1, i2, _, _ = _philox4x32(counters, zero, zero, zero, key & _MASK32, key >> 32)
-    u1 = _uint32_to_uniform(i1).clamp_(min=_U1_MIN)
-    u2 = _uint32_to_uniform(i2)
-    two_pi = torch.tensor(_TWO_PI, dtype=torch.float32, device=u2.device)
-    r = torch.sqrt(torch.log(u1).mul_(-2.0))
-    return r.mul_(torch.cos(u2.mul_(two_pi)))
+    i1, _, _, _ = _philox4x32(counters, zero, zero, zero, key & _MASK32, key >> 32)
+    u = _uint32_to_uniform(i1).clamp_(GUMBEL_U_MIN, GUMBEL_U_MAX)
+    return torch.log(u).neg_().log_().neg_()
 
 
 def randn_like_shape(

@@ -11,12 +11,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fastdia.base_model import BaseModel
+from fastdia.decode import DecodeConfig
 from fastdia.errors import CheckpointError, ConfigError
-from fastdia.models.checkpoint import DENOISER_STEM, load_checkpoint
+from fastdia.models.checkpoint import DENOISER_STEM, load_checkpoint, sampling_defaults
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
@@ -127,4 +129,55 @@ def build_sampler(
     if config.guidance and not rewards:
         raise ConfigError("guidance needs at least one reward (--reward NAME)")
     weighted = [WeightedCritic(name, critics[name], weight) for name, weight in rewards]
-    return Assembly(Sampler(denoiser, base.space, weighted, config, device=device), weighted)
+    sampler = Sampler(denoiser, base.space, weighted, config, device=device, base_model=base)
+    return Assembly(sampler, weighted)
+
+
+BUILTIN_SAMPLING: dict[str, Any] = {
+    "guidance": 1.0,
+    "steps": 50,
+    "sampler": "dia",
+    "decode": "nearest",
+    "stop_at": 0.0,
+    "score_temperature": 1.0,
+    "lm_temperature": 1.0,
+    "latent_weight": 1.0,
+    "tilt": 0.0,
+}
+
+
+def sampling_settings(checkpoint: Path | None, **given: Any) -> dict[str, Any]:
+    """The sampling settings of a run: ``given`` (values not None) over the checkpoint's
+    ``sampling.json`` over :data:`BUILTIN_SAMPLING` (``--random-init``: no checkpoint).
+
+    Returns every key of :data:`BUILTIN_SAMPLING` plus the ``given`` ones.
+    """
+    settings = dict(BUILTIN_SAMPLING)
+    if checkpoint is not None:
+        defaults = sampling_defaults(checkpoint)
+        settings.update({k: v for k, v in defaults.items() if k in BUILTIN_SAMPLING})
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return settings
+
+
+def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
+    """A :class:`SamplerConfig` from :func:`sampling_settings` (``extra``: other fields).
+
+    Raises:
+        ConfigError: a value out of range, or an LM-decode setting without ``decode="lm"``.
+    """
+    decode = DecodeConfig(
+        temperature=settings["lm_temperature"],
+        latent_weight=settings["latent_weight"],
+        tilt=settings["tilt"],
+    )
+    return SamplerConfig(
+        sampler=settings["sampler"],
+        steps=settings["steps"],
+        guidance=settings["guidance"],
+        decode=settings["decode"],
+        stop_at=settings["stop_at"],
+        score_temperature=settings["score_temperature"],
+        lm=decode,
+        **extra,
+    )

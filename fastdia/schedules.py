@@ -2,8 +2,11 @@
 
 Time is continuous, ``t`` in ``[0, 1]``; a schedule gives ``abar(t)`` (the signal
 fraction of the variance-preserving forward process ``z_t = sqrt(abar_t) z_0 +
-sqrt(1 - abar_t) eps``). Sampling in ``S`` steps walks the grid ``t_i = i / S`` from
-``i = S`` down to ``1``, landing on clean data (``abar = 1``) after the last step.
+sqrt(1 - abar_t) eps``). Sampling in ``S`` steps walks a grid ``t_0 < ... < t_S = 1``
+from ``t_S`` down to ``t_0``: by default ``t_i = i / S`` (landing on clean data, ``abar =
+1``, after the last step). :func:`step_times` builds the grid from a measured time warp
+(a denoiser's ``time_grid``: steps uniform in its loss, CDCD) and a stop level ``t* =
+t_0 > 0`` (the run ends at ``abar(t*)``, for a decode that reads the noisy latent).
 
 Every reverse step of every sampler is one linear combination (DESIGN §1)::
 
@@ -51,6 +54,7 @@ s = sqrt(2 delta)``. They follow each predictor row except the last.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -142,6 +146,45 @@ def _predictor(sampler: str, ab: float, ab_p: float, eta_scale: float) -> tuple[
     return 1 / alpha_s, -sig / alpha_s - d / sig, d, math.sqrt(2 * d)
 
 
+def check_stop(stop: float) -> float:
+    """Return ``stop`` if it is a level in ``[0, 1)``; else raise ConfigError."""
+    if isinstance(stop, bool) or not isinstance(stop, (int, float)) or not 0 <= stop < 1:
+        raise ConfigError(
+            f"the stop level t* must be a number in [0, 1) (0: denoise to clean data), got {stop!r}"
+        )
+    return float(stop)
+
+
+def step_times(steps: int, warp: list[float] | None = None, stop: float = 0.0) -> list[float]:
+    """The ``S + 1`` ascending times ``t_0 = stop < ... < t_S = 1`` of a run.
+
+    Args:
+        steps: predictor steps ``S >= 1``.
+        warp: a measured time warp (``DenoiserConfig.time_grid``): ``[G]`` ascending
+            times from 0 to 1 at evenly spaced quantiles of the warped coordinate; steps
+            are spaced evenly in that coordinate. None or empty: evenly in ``t``.
+        stop: the level ``t*`` the run ends at (0: clean data).
+    """
+    check_stop(stop)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if not warp:
+        return [stop + (1 - stop) * i / steps for i in range(steps + 1)]
+    grid = torch.tensor(warp, dtype=torch.float64)
+    knots = torch.linspace(0, 1, len(warp), dtype=torch.float64)
+
+    def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+        idx = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+        x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+        return f0 + (x - x0) / (x1 - x0).clamp_min(1e-12) * (f1 - f0)
+
+    u_stop = float(interp(torch.tensor([stop], dtype=torch.float64), grid, knots)[0])
+    u = u_stop + (1 - u_stop) * torch.arange(steps + 1, dtype=torch.float64) / steps
+    times = interp(u, knots, grid).tolist()
+    times[0], times[-1] = stop, 1.0
+    return times
+
+
 def coefficient_table(
     schedule: str,
     sampler: str,
@@ -150,6 +193,7 @@ def coefficient_table(
     corrector_steps: int = 0,
     corrector_snr: float = 0.1,
     eta_scale: float = 1.0,
+    times: list[float] | None = None,
 ) -> StepTable:
     """Build the coefficient table of a run (on the CPU; move it with ``.to``).
 
@@ -160,6 +204,8 @@ def coefficient_table(
         corrector_steps: Langevin corrector rows after each predictor row but the last.
         corrector_snr: the corrector's signal-to-noise ratio ``r`` (step ``2 r^2 sigma^2``).
         eta_scale: multiplier of the ``dia`` Langevin step (1 keeps marginals exact).
+        times: the ``S + 1`` ascending times of :func:`step_times` (default ``i / S``);
+            ``times[0] == 0`` lands on clean data, ``times[0] > 0`` stops at that level.
 
     Returns:
         A :class:`StepTable` of ``R = S + corrector_steps * (S - 1)`` rows.
@@ -171,15 +217,20 @@ def coefficient_table(
         raise ConfigError("corrector_steps must be >= 0 and corrector_snr a positive number")
     if not math.isfinite(eta_scale) or eta_scale <= 0:
         raise ConfigError(f"eta_scale must be a positive number, got {eta_scale!r}")
-    grid = torch.arange(steps + 1, dtype=torch.float64) / steps
+    if times is None:
+        times = step_times(steps)
+    if len(times) != steps + 1 or any(b <= a for a, b in itertools.pairwise(times)):
+        raise ConfigError(f"times must be {steps + 1} strictly ascending levels")
+    grid = torch.tensor(times, dtype=torch.float64)
     abar = alpha_bar(schedule, grid).tolist()
-    abar[0] = 1.0  # the last step lands on clean data
-    times, rows, predictor = [], [], []
+    if times[0] == 0:
+        abar[0] = 1.0  # the last step lands on clean data
+    t_rows, rows, predictor = [], [], []
     for i in range(steps, 0, -1):
         ab, ab_p = abar[i], abar[i - 1]
         coef = _predictor(sampler, ab, ab_p, eta_scale)
         levels = (math.sqrt(ab), math.sqrt(1 - ab), math.sqrt(ab_p), math.sqrt(1 - ab_p))
-        times.append(i / steps)
+        t_rows.append(times[i])
         rows.append((*coef, *levels))
         predictor.append(True)
         if i > 1:
@@ -188,11 +239,11 @@ def coefficient_table(
             corr = (1.0, -delta / sig, delta, math.sqrt(2 * delta))
             level = (math.sqrt(ab_p), sig, math.sqrt(ab_p), sig)
             for _ in range(corrector_steps):
-                times.append((i - 1) / steps)
+                t_rows.append(times[i - 1])
                 rows.append((*corr, *level))
                 predictor.append(False)
     return StepTable(
-        t=torch.tensor(times, dtype=torch.float32),
+        t=torch.tensor(t_rows, dtype=torch.float32),
         rows=torch.tensor(rows, dtype=torch.float64).to(torch.float32),
         predictor=predictor,
     )

@@ -1,6 +1,6 @@
 """Fused Triton ``guided_step``: one reverse step with critic guidance in one kernel pass.
 
-Same call signature and semantics as :func:`fastdia.ops.step.guided_step_reference`::
+Same call signature and semantics as :func:`fastdia.ops.guided_step.guided_step_reference`::
 
     z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed, step, n d + j)
     g[n]  = grad[n] + (silu'(pre[n]) * w2) W1 / L,   pre[n] = z[n] W1^T + b1
@@ -22,12 +22,30 @@ Design
   convention of :mod:`fastdia.noise`) and the registers on real columns only:
   ``d = 576`` padded to 1024 would waste 44% of the noise generation, which on a GPU
   costs about as much as the memory traffic.
-* **Grid.** ``(cdiv(N, BLOCK_N),)`` row tiles that may straddle sequences (per-sample
-  coefficients are gathered per row), except in *sequence mode* below.
+* **Grid: row tiles x d groups.** ``(cdiv(N, BLOCK_N), G)``: program ``(m, g)`` owns the
+  row tile ``m`` (tiles may straddle sequences; per-sample coefficients are gathered per
+  row) and writes the ``g``-th of ``G`` equal groups of ``d`` chunks. The sampler's
+  ``N = B L`` is a few hundred tokens, i.e. 4 to 32 row tiles, far from filling an H100's
+  132 SMs, so ``G`` is chosen per autotuned config as ``min(chunks, SMs // row tiles)``
+  (as many programs as fit in one wave), and ``G = 1`` once the row tiles fill more than
+  half the GPU (``N`` >= about 4K).
+  *Cost, and why one kernel.* The critic's pre-activation ``pre = z W1^T`` needs all of
+  ``d``, so every group recomputes pass A for its row tile: per extra group
+  ``2 BLOCK_N H d`` tensor-core FLOPs plus the ``[BLOCK_N, d]`` z tile and the ``[H, d]``
+  ``W1`` re-read from L2 (HBM traffic is unchanged: z, eps and z' still cross it once).
+  The alternative, a first kernel writing ``silu'(pre) w2`` ``[N, H]`` and a second
+  ``(row tile x d chunk)`` kernel, avoids the recompute but adds a launch and an ``[N, H]``
+  round trip to every step, and a second code path for the sequence mode; at the few
+  hundred tokens where the split matters the step is latency-bound, the recompute runs
+  in parallel on otherwise idle SMs, and the autotuner trades it off itself (a smaller
+  ``BLOCK_N`` gives more row tiles and fewer groups). Without a critic the split costs
+  nothing. ``d_groups=`` overrides ``G`` (tests use it under the interpreter, where
+  ``G = 1`` by default).
 * **Adaptive noise (``noise_kappa > 0``) and ``return_h``: sequence mode.** ``h_b`` needs
   every token of sequence ``b`` before any noise of that sequence can be scaled by
-  ``exp(-kappa h_b)``. With ``kappa > 0`` or ``return_h`` the grid is ``(B,)``: one
-  program per sequence loops over the sequence's row tiles. With ``kappa > 0`` it first
+  ``exp(-kappa h_b)``. With ``kappa > 0`` or ``return_h`` the grid is ``(B, G)``: one
+  program per sequence and d group loops over the sequence's row tiles (each group
+  computes ``h_b`` itself; group 0 stores it). With ``kappa > 0`` it first
   runs pass A only over all tiles (the critic forward, half the matmul work) to get
   ``h_b``, then the full step; the second read of ``z`` comes mostly from L2. ``h_b`` is
   reduced inside one program, so it is deterministic (no atomics). With ``kappa == 0`` and
@@ -35,13 +53,18 @@ Design
 * **CUDA-graph safe.** ``seed``, ``step``, ``guidance``, the coefficients and ``b2`` are
   read from device tensors in the kernel; the Philox key ``(seed << 32) | step`` is built
   in-kernel. Python numbers are turned into 0-d tensors with ``torch.full`` (a fill kernel,
-  capturable); nothing calls ``.item()``. Autotuning runs at the first call of a shape:
-  warm up before capturing a graph.
+  capturable, but a captured graph replays the value it had at capture: the sampler passes
+  device tensors, ``tests/test_graph_safe.py`` checks that the host side then makes no
+  tensor); nothing calls ``.item()``. Autotuning runs at the first call of a shape: warm
+  up before capturing a graph.
 * **Precision.** Everything is float32. ``z``, ``eps`` and ``grad`` may be fp16/bf16 too:
-  they are upcast in registers after the load. The critic matmuls use ``tf32x3`` tensor
-  core products by default on the GPU (fp32-level accuracy, ``precision="ieee"`` for
-  exact fp32 FMAs, ``"tf32"`` for speed at ~1e-3 relative error in ``g``); the interpreter
-  computes them in fp32.
+  they are upcast in registers after the load. The critic matmuls use ``tf32`` tensor-core
+  products by default on the GPU: their operands are rounded to 10-bit mantissas, which
+  perturbs the guidance gradient ``g`` by about 1e-3 relative (``c lambda g`` is one term
+  of the update, and the critic that produced ``g`` is itself a rough imitation of the
+  reward), at three times the rate of ``tf32x3``. ``precision="ieee"`` (exact fp32 FMAs,
+  what the tests compare against the reference in) and ``"tf32x3"`` (fp32-level) are
+  there for checks; the interpreter ignores the choice and computes in fp32.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) the kernel is launched without the autotuner
 (which fails there with several configs) and with large blocks, since the interpreter's
@@ -50,24 +73,20 @@ cost is per program and per loop iteration.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fastdia.device import sm_count, triton_interpreting
 from fastdia.errors import ConfigError
 from fastdia.noise import MAX_INDEX, MAX_SEED
-from fastdia.ops.step import TokenLocalStack
+from fastdia.ops.guided_step import TokenLocalStack
+
+from ._common import FLOAT_DTYPES, check_precision
 
 __all__ = ["guided_step"]
 
-_PRECISIONS = ("tf32x3", "ieee", "tf32")
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+DEFAULT_PRECISION = "tf32"
 
 
 @triton.jit
@@ -129,6 +148,8 @@ def _step_rows(
     lam,
     noise_mult,
     D,
+    d_lo,
+    d_hi,
     H,
     L,
     HAS_CRITIC: tl.constexpr,
@@ -139,10 +160,11 @@ def _step_rows(
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """The whole step for ``rows`` (``[BLOCK_N]`` int32, masked by ``rmask``).
+    """The whole step for ``rows`` (``[BLOCK_N]`` int32, masked by ``rmask``), columns
+    ``[d_lo, d_hi)`` of ``z'`` (the critic's pass A still runs over all ``D`` columns).
 
-    Writes ``z'[rows]`` and returns the token values ``w2 . silu(pre)`` ``[BLOCK_N]`` (zeros
-    without a critic, garbage on masked rows).
+    Writes ``z'[rows, d_lo:d_hi]`` and returns the token values ``w2 . silu(pre)``
+    ``[BLOCK_N]`` (zeros without a critic, garbage on masked rows).
     """
     offs_h = tl.arange(0, BLOCK_H)
     hmask = offs_h < H
@@ -169,9 +191,9 @@ def _step_rows(
         s = tl.load(coef_ptr + 3)
     cl = c * lam
     s = s * noise_mult
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        cmask = cols < D
+        cmask = cols < d_hi
         mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * D + cols[None, :]  # int32: the noise counter n d + j
         zc = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -226,8 +248,12 @@ def _guided_step_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Grid ``(cdiv(N, BLOCK_N),)`` row tiles, or ``(B,)`` sequences when ``SEQ_MODE``."""
+    """Grid ``(cdiv(N, BLOCK_N), G)`` row tiles, or ``(B, G)`` sequences when ``SEQ_MODE``;
+    program ``(p, g)`` writes the ``g``-th of ``G`` equal groups of ``BLOCK_D`` chunks."""
     pid = tl.program_id(0)
+    per_group = tl.cdiv(tl.cdiv(D, BLOCK_D), tl.num_programs(1)) * BLOCK_D
+    d_lo = tl.program_id(1) * per_group
+    d_hi = tl.minimum(D, d_lo + per_group)
     key = (tl.load(seed_ptr).to(tl.int64) << 32) | tl.load(step_ptr).to(tl.int64)
     lam = tl.load(lam_ptr)
     if SEQ_MODE:
@@ -281,6 +307,8 @@ def _guided_step_kernel(
                 lam,
                 noise_mult,
                 D,
+                d_lo,
+                d_hi,
                 H,
                 L,
                 HAS_CRITIC,
@@ -293,10 +321,11 @@ def _guided_step_kernel(
             )
             total2 += tl.where(rmask, hv, 0.0)
         if RETURN_H:
-            if USE_KAPPA:
-                tl.store(h_ptr + pid, h)
-            else:
-                tl.store(h_ptr + pid, tl.sum(total2, axis=0) / L + tl.load(b2_ptr))
+            if tl.program_id(1) == 0:
+                if USE_KAPPA:
+                    tl.store(h_ptr + pid, h)
+                else:
+                    tl.store(h_ptr + pid, tl.sum(total2, axis=0) / L + tl.load(b2_ptr))
     else:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -315,6 +344,8 @@ def _guided_step_kernel(
             lam,
             1.0,
             D,
+            d_lo,
+            d_hi,
             H,
             L,
             HAS_CRITIC,
@@ -328,12 +359,14 @@ def _guided_step_kernel(
 
 
 # H100/H200 configs. The kernel is bound by HBM traffic and by the Philox integer work (one
-# Philox4x32-10 per element), plus, with a critic, two [BLOCK_N, d] x [d, H] tf32x3 matmuls
-# against an L2-resident W1. Small d chunks keep the Philox temporaries and the tf32x3 operand
-# splits in registers. Checked offline (triton.compile for GPUTarget("cuda", 90, 32), then
-# cuobjdump -res-usage): on the sampler's row-tile path with H = 128 the configs below have at
+# Philox4x32-10 per element), plus, with a critic, two [BLOCK_N, d] x [d, H] tf32 matmuls
+# against an L2-resident W1. Small d chunks keep the Philox temporaries (and, in tf32x3 mode,
+# the operand splits) in registers; the grid's d groups are cut from these chunks, and the
+# small-BLOCK_N configs give the sampler's few hundred tokens more row tiles. Checked offline
+# before the d groups were added, in tf32x3 mode (triton.compile for GPUTarget("cuda", 90,
+# 32), then cuobjdump -res-usage): on the row-tile path with H = 128 these configs had at
 # most a 32-128 byte stack (32 bytes is libdevice's cos slow path, never taken here); H = 256
-# and the sequence mode (kappa > 0) spill a few hundred bytes in some of them.
+# and the sequence mode (kappa > 0) spilled a few hundred bytes in some of them.
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=st)
     for bn, bd, w, st in (
@@ -364,6 +397,24 @@ _TUNE_KEY = [
 _guided_step_tuned = triton.autotune(configs=_CONFIGS, key=_TUNE_KEY)(_guided_step_kernel)
 
 
+def d_groups_for(
+    programs: int, d: int, block_d: int, sms: int, requested: int | None = None
+) -> int:
+    """The number ``G`` of d groups of the grid ``(programs, G)``.
+
+    ``requested`` (else the most groups that still fit in one wave, ``sms // programs``:
+    a second, partial wave would cost a whole extra pass A per program) is clamped to
+    ``[1, cdiv(d, block_d)]`` and normalised so that every group is non-empty: the kernel
+    recomputes each group's chunk count as ``cdiv(cdiv(d, block_d), G)``, which gives back
+    the same ``G``.
+    """
+    chunks = max(1, triton.cdiv(d, block_d))
+    if requested is None:
+        requested = sms // max(1, programs)
+    groups = max(1, min(int(requested), chunks))
+    return triton.cdiv(chunks, triton.cdiv(chunks, groups))
+
+
 def _interpreter_meta(rows: int, d: int) -> dict[str, int]:
     """Few, large programs: the interpreter's cost is per program and per loop trip."""
     return {
@@ -388,7 +439,7 @@ def _scalar_tensor(
 def _float_input(x: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     if tuple(x.shape) != shape:
         raise ConfigError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
-    if x.dtype not in _SUPPORTED:
+    if x.dtype not in FLOAT_DTYPES:
         x = x.float()
     return x.contiguous()
 
@@ -408,11 +459,12 @@ def guided_step(
     return_h: bool = False,
     out: torch.Tensor | None = None,
     h_out: torch.Tensor | None = None,
-    precision: str = "tf32x3",
+    precision: str = DEFAULT_PRECISION,
+    d_groups: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One guided reverse step as one fused Triton kernel.
 
-    Arguments and results as :func:`fastdia.ops.step.guided_step_reference`, plus
+    Arguments and results as :func:`fastdia.ops.guided_step.guided_step_reference`, plus
     optional output buffers and the critic matmul precision.
 
     Args:
@@ -433,7 +485,10 @@ def guided_step(
             written).
         h_out: optional ``[B]`` float32 buffer for ``h`` (with ``return_h`` and a critic).
         precision: ``tl.dot`` input precision of the critic matmuls on the GPU:
-            ``"tf32x3"`` (default, fp32-level), ``"ieee"`` or ``"tf32"``.
+            ``"tf32"`` (default, ~1e-3 relative error in the guidance gradient),
+            ``"tf32x3"`` (fp32-level) or ``"ieee"`` (exact fp32, for comparisons).
+        d_groups: split ``d`` into this many groups of columns in the grid (None: fill the
+            GPU's SMs, 1 under the interpreter); for tests.
 
     Returns:
         ``(z' [N, d] float32, h [B] float32 or None)``.
@@ -450,8 +505,11 @@ def guided_step(
         raise ConfigError(f"N = {n} tokens is not a multiple of seq_len = {seq_len}")
     if n * d >= MAX_INDEX:
         raise ConfigError(f"N * d = {n * d} must be < 2**31 (the noise uses int32 offsets)")
-    if precision not in _PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
+    if d_groups is not None and (
+        isinstance(d_groups, bool) or not isinstance(d_groups, int) or d_groups < 1
+    ):
+        raise ConfigError(f"d_groups must be a positive int or None, got {d_groups!r}")
     batch = n // seq_len
     device = z.device
     z = _float_input(z, "z", (n, d))
@@ -539,14 +597,15 @@ def guided_step(
         "BLOCK_H": max(16, triton.next_power_of_2(hidden)),
         "PRECISION": precision,
     }
-    if _interpreting():
+    sms = sm_count(device)
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        programs = batch if seq_mode else triton.cdiv(n, meta["BLOCK_N"])
+        return programs, d_groups_for(programs, d, meta["BLOCK_D"], sms, d_groups)
+
+    if triton_interpreting():
         meta = _interpreter_meta(seq_len if seq_mode else n, d)
-        grid = (batch,) if seq_mode else (triton.cdiv(n, meta["BLOCK_N"]),)
-        _guided_step_kernel[grid](*args, **flags, **meta)
+        _guided_step_kernel[grid(meta)](*args, **flags, **meta)
     else:
-
-        def grid(meta: dict[str, int]) -> tuple[int]:
-            return (batch,) if seq_mode else (triton.cdiv(n, meta["BLOCK_N"]),)
-
         _guided_step_tuned[grid](*args, **flags)
     return out, h

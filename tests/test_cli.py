@@ -101,7 +101,16 @@ def test_checkpoint_sampling_defaults(capsys, tiny_args, tiny_checkpoint):
     assert code == 0 and _records(out)[1]["guidance"] == 0.0
     (tiny_checkpoint / "sampling.json").write_text('{"guidance": -2}')
     code, _, err = _run(capsys, *argv)
-    assert code == 2 and "sampling.json must be a JSON object" in err
+    assert code == 2 and 'sampling.json: "guidance" must be a finite number >= 0' in err
+    (tiny_checkpoint / "sampling.json").write_text('{"guidance": 1, "stop_at": 0.5, "decode": "x"}')
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "unknown decode 'x'" in err
+    (tiny_checkpoint / "sampling.json").write_text('{"speed": 3}')
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "unknown keys speed" in err
+    (tiny_checkpoint / "sampling.json").write_text("[1, 2]")
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "must hold a JSON object" in err
 
 
 def test_human_readable_output(capsys, tiny_args):
@@ -249,3 +258,26 @@ def test_default_base_model_random_init_is_deterministic(capsys, default_base):
     assert all(s["text"].startswith("The movie was") for s in samples)
     _, again, _ = _run(capsys, *argv)
     assert [s["token_ids"] for s in _records(again)[0]] == [s["token_ids"] for s in samples]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--decode", "beam"], "unknown decode 'beam'"),
+        (["--decode", "lm"], "stop level t* in (0, 1)"),
+        (["--decode", "lm", "--stop-at", "1.5"], "stop level t* must be a number in [0, 1)"),
+        (["--decode", "lm", "--stop-at", "0.9", "--tilt", "-1"], "tilt must be a finite"),
+        (["--decode", "lm", "--stop-at", "0.9", "--latent-weight", "nan"], "latent weight"),
+        (["--decode", "lm", "--stop-at", "0.9", "--lm-temperature", "0"], "temperature must"),
+        (["--score-temperature", "-2"], "score_temperature must"),
+    ],
+)
+def test_decode_bad_input_fails_before_loading(capsys, monkeypatch, flags, message):
+    import fastdia.base_model
+
+    def boom(*a, **k):
+        raise AssertionError("the base model must not load for bad input")
+
+    monkeypatch.setattr(fastdia.base_model, "load_base_model", boom)
+    code, _, err = _run(capsys, "sample", "--random-init", *flags)
+    assert code == 2 and message in err, err

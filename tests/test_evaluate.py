@@ -102,7 +102,7 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
             str(tiny_model_dir),
             "--lambdas",
             "0,2",
-            "--prompts",
+            "--prompt-sets",
             str(prompts),
             "--num-samples",
             "3",
@@ -110,22 +110,38 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
             "8",
             "--steps",
             "3",
+            "--baselines",
+            "base,best-of-2,critic",
+            "--variant",
+            "lm:decode=lm,stop_at=0.9,tilt=0.5",
             "--out",
             str(out),
         ]
     )
     assert code == 0
     result = json.loads(out.read_text())
-    names = [r["name"] for r in result["rows"]]
-    assert names == ["base model", "lambda=0", "lambda=2"]
-    for row in result["rows"]:
+    rows = result["sets"]["prompts"]
+    names = [r["name"] for r in rows]
+    assert names == [
+        "base model",
+        "best-of-2",
+        "critic-weighted decoding (tilt 0.5)",
+        "fastdia lambda=0",
+        "fastdia lambda=2",
+        "fastdia lm",
+    ]
+    for row in rows:
         assert row["num_samples"] == 6
         assert set(row["rewards"]) == {"sentiment", "nontoxic", "total"}
         assert row["perplexity"] > 1 and 0 < row["distinct_1"] <= 1
         assert 0 <= row["rewards"]["sentiment"]["positive_frac"] <= 1
+        assert 0 <= row["degenerate_frac"] <= 1 and row["prompt_gap"] is not None
+    assert rows[-1]["settings"]["decode"] == "lm" and rows[-1]["settings"]["stop_at"] == 0.9
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "lambda=2" in capsys.readouterr().out
+    assert "fastdia lambda=2" in capsys.readouterr().out
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| prompts | base model |")
     # the trained checkpoint also drives `fastdia sample`
     assert (
         main(
@@ -181,3 +197,70 @@ def test_train_bad_input(tmp_path, tiny_model_dir, capsys, monkeypatch):
     assert "pip install alt-profanity-check" in capsys.readouterr().err
     assert main(["eval", "--lambdas", "1,-2"]) == 2
     assert "--lambdas must be finite numbers >= 0" in capsys.readouterr().err
+
+
+def test_degenerate_rule_by_hand():
+    from fastdia.evaluate import is_degenerate
+
+    assert not is_degenerate([1, 2, 3, 4, 5, 6, 7, 8])
+    # bigrams (1,2),(2,1) repeat: 2 distinct of 7 < 60%
+    assert is_degenerate([1, 2, 1, 2, 1, 2, 1, 2])
+    # 3 of 8 tokens are 9: 37.5% > 25%, though its bigrams are all distinct
+    assert is_degenerate([9, 1, 9, 2, 9, 3, 4, 5])
+    # 2 of 8 is exactly 25%: not more than a quarter
+    assert not is_degenerate([9, 1, 9, 2, 3, 4, 5, 6])
+    assert not is_degenerate([])
+
+
+def test_prompt_gap_and_nll_by_hand(tiny_base):
+    from fastdia.evaluate import Batch, continuation_nll, summarise
+
+    space = tiny_base.space
+    p1, p2 = space.encode("The movie was"), space.encode("I love this")
+    c1 = torch.tensor([space.encode(" great and the actors")[:4]] * 2)
+    c2 = torch.tensor([space.encode(" film, it is a")[:4]] * 2)
+    with torch.no_grad():
+
+        def nll(prompt, cont):
+            ids = torch.tensor([prompt + cont])
+            logp = torch.log_softmax(tiny_base.model(ids).logits[0].float(), dim=-1)
+            return [-logp[len(prompt) + j - 1, tok].item() for j, tok in enumerate(cont)]
+
+    got = continuation_nll(tiny_base, p1, c1)
+    assert got.shape == (2, 4)
+    torch.testing.assert_close(got[0], torch.tensor(nll(p1, c1[0].tolist())), rtol=1e-4, atol=1e-4)
+    batches = [
+        Batch(torch.cat([torch.tensor([p1] * 2), c1], 1), p1),
+        Batch(torch.cat([torch.tensor([p2] * 2), c2], 1), p2),
+    ]
+
+    def reward(texts):
+        return {"sentiment": torch.linspace(-0.5, 0.5, len(texts))}
+
+    row = summarise(tiny_base, reward, batches, seconds=0.8)
+    own = nll(p1, c1[0].tolist()) * 2 + nll(p2, c2[0].tolist()) * 2
+    other = nll(p2, c1[0].tolist()) * 2 + nll(p1, c2[0].tolist()) * 2
+    assert row["prompt_gap"] == pytest.approx(
+        (sum(other) - sum(own)) / len(own), rel=1e-4, abs=1e-4
+    )
+    assert row["perplexity"] == pytest.approx(math.exp(sum(own) / len(own)), rel=1e-4)
+    assert row["seconds_per_100_tokens"] == pytest.approx(100 * 0.8 / 16)
+    assert row["rewards"]["sentiment"]["positive_frac"] == 0.5  # 0.1667, 0.5 of 4
+    assert row["degenerate_frac"] == 0.0 and row["num_samples"] == 4
+
+
+def test_best_of_n_keeps_the_best_by_the_score(tiny_base):
+    from fastdia.evaluate import best_of_n_method
+
+    seen = []
+
+    def score(texts):
+        values = torch.tensor([float(len(t)) for t in texts])
+        seen.append(values)
+        return values
+
+    ids, seconds = best_of_n_method(tiny_base, 3, 8, 4, score)("The movie", 0)
+    assert ids.shape == (3, 8) and seconds > 0
+    values = seen[0].view(3, 4)  # 3 outputs, each the best of its own 4 draws
+    got = torch.tensor([float(len(t)) for t in tiny_base.space.decode_batch(ids)])
+    assert torch.equal(got, values.max(dim=1).values)

@@ -1,7 +1,11 @@
 """The Triton ``round_to_vocab`` kernel (under ``TRITON_INTERPRET=1`` on the CPU) against the
-PyTorch reference: every dtype, awkward shapes, ties, vocabulary splits, poisoned outputs."""
+PyTorch reference: every dtype, awkward shapes, ties, vocabulary splits, poisoned outputs,
+the bf16 path for float32 ``E`` (cached copy, near ties re-scored, flagged rows re-scanned)
+and the split count chosen from the tile that runs."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ pytest.importorskip("triton")
 
 from fastdia import ops
 from fastdia.errors import ConfigError
-from fastdia.ops.rounding import round_to_vocab_reference
+from fastdia.ops.round_to_vocab import round_to_vocab_reference
 
 kernel = pytest.importorskip("fastdia.kernels.round_to_vocab")
 
@@ -59,6 +63,8 @@ def _check(z, weight, bias, **kw):
 def test_matches_reference(dtype, with_bias, splits):
     z, weight, bias = _data((2, 37), 3001, 48, dtype, seed=1, with_bias=with_bias)
     _check(z, weight, bias, num_splits=splits)
+    if dtype == torch.float32:  # the exact (ieee) float32 path besides the bf16 default
+        _check(z, weight, bias, num_splits=splits, precision="ieee")
 
 
 @pytest.mark.parametrize(
@@ -111,6 +117,8 @@ def test_gpu_like_tiles(monkeypatch, d, splits):
     ids = _check(z, weight, bias, num_splits=splits)
     if bias is not None:
         assert ids[0] in (5, 40, 41, 250)
+    if splits > 1:  # the exact float32 path once
+        assert torch.equal(_check(z, weight, bias, num_splits=splits, precision="ieee"), ids)
     ids = kernel.round_to_vocab(z, weight, num_splits=splits)
     assert ids[0] == 5
     assert torch.equal(ids, round_to_vocab_reference(z, weight))
@@ -151,3 +159,215 @@ def test_public_entry_point_dispatches_to_triton():
 def test_property_matches_reference(n, v, d, dtype, with_bias, splits, seed):
     z, weight, bias = _data((n,), v, d, dtype, seed=seed, with_bias=with_bias)
     _check(z, weight, bias, num_splits=splits)
+
+
+# ---- float32 E against a cached bf16 copy: near ties ---------------------------------------
+
+
+def _bf16_argmax(z, weight, bias):
+    """What rounding against bf16 copies of ``z`` and ``E`` alone would give (no re-score)."""
+    scores = z.bfloat16().float() @ weight.bfloat16().float().T
+    return (scores + (0 if bias is None else bias)).argmax(-1)
+
+
+def _bf16_equal_copies(base, copies):
+    """``copies`` rows ``base (1 + (k + 1) 0.1 2^-9)``: scaled by less than half a bf16 ulp,
+    so all equal ``base`` (exact in bf16) once rounded to bf16, while in float32 each one
+    scores ``z . base`` higher than the last by about ``2e-4`` relative (thousands of fp32
+    ulps: no float32 near tie)."""
+    return [base * (1 + (k + 1) * 0.1 * 2**-9) for k in range(copies)]
+
+
+def _near_tie_data(copies, *, seed=0, v=2600, d=40, rows=(150, 1200, 2500)):
+    """Rows of ``E`` equal in bf16 but not in float32: bf16 scores tie (bf16 picks the
+    lowest id) while float32 ranks them by the scaling: the highest id wins."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=gen) * 0.05
+    base = torch.randn(d, generator=gen).bfloat16().float()  # exact in bf16
+    for row, copy in zip(rows, _bf16_equal_copies(base, copies), strict=False):
+        weight[row] = copy
+    weight[7] = torch.randn(d, generator=gen)  # a second row with a clear winner
+    z = torch.stack([base * 4, weight[7] * 4])
+    return z, weight, rows[:copies]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_near_tie_of_two_is_re_scored_in_float32(monkeypatch, splits):
+    z, weight, rows = _near_tie_data(2)
+    ref = round_to_vocab_reference(z, weight)
+    assert ref[0] == rows[1]  # the float32 argmax: the larger perturbation
+    assert _bf16_argmax(z, weight, None)[0] == rows[0]  # bf16 alone gets it wrong
+    rescans = []
+    monkeypatch.setattr(
+        kernel._Launch,
+        "_rescan_flagged",
+        _spy(kernel._Launch._rescan_flagged, lambda flags: rescans.append(flags.tolist())),
+    )
+    ids = kernel.round_to_vocab(z, weight, num_splits=splits)
+    assert torch.equal(ids, ref)
+    assert ids[1] == 7
+    assert rescans == [[0, 0]]  # at most two ids in a window: the top-two re-score decided
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_near_tie_of_three_is_re_scanned_in_float32(monkeypatch, splits, with_bias):
+    """Three ids in the bf16 window: the top two of the bf16 scores (the lowest ids) do not
+    hold the float32 argmax; the flagged row is re-scanned exactly."""
+    z, weight, rows = _near_tie_data(3)
+    bias = torch.zeros(weight.shape[0]) if with_bias else None
+    ref = round_to_vocab_reference(z, weight, bias)
+    assert ref[0] == rows[2] and _bf16_argmax(z, weight, bias)[0] == rows[0]
+    rescans = []
+    monkeypatch.setattr(
+        kernel._Launch,
+        "_rescan_flagged",
+        _spy(kernel._Launch._rescan_flagged, lambda flags: rescans.append(flags.tolist())),
+    )
+    ids, emb = kernel.round_to_vocab(z, weight, bias, return_embeddings=True, num_splits=splits)
+    assert torch.equal(ids, ref) and torch.equal(emb, weight[ref])
+    assert rescans == [[1, 0]]  # only the near-tie row was flagged
+
+
+def test_near_ties_in_random_rows_match_the_float32_argmax():
+    """Many rows, each with its own bf16-equal pair or triple of rows of E."""
+    gen = torch.Generator().manual_seed(12)
+    v, d, n = 3000, 64, 48
+    weight = torch.randn(v, d, generator=gen) * 0.05
+    z = torch.randn(n, d, generator=gen) * 0.01
+    for i in range(n):
+        base = torch.randn(d, generator=gen).bfloat16().float()
+        ids = torch.randperm(v, generator=gen)[: 2 + i % 2].tolist()
+        for row, copy in zip(ids, _bf16_equal_copies(base, len(ids)), strict=True):
+            weight[row] = copy
+        z[i] += base * 3
+    bias = torch.randn(v, generator=gen) * 1e-4
+    ref = round_to_vocab_reference(z, weight, bias)
+    assert (_bf16_argmax(z, weight, bias) != ref).sum() > n // 4  # bf16 alone is often wrong
+    for splits in (None, 4):
+        assert torch.equal(kernel.round_to_vocab(z, weight, bias, num_splits=splits), ref)
+
+
+def test_real_like_rows_need_no_re_scan(monkeypatch):
+    """A z near one token (as rounding sees at the end of sampling) has a clear winner: the
+    window count stays at one, so nothing is re-scanned."""
+    gen = torch.Generator().manual_seed(13)
+    v, d, n = 4000, 576, 24
+    weight = torch.randn(v, d, generator=gen)
+    bias = -0.5 * weight.pow(2).sum(-1)
+    ids = torch.randint(v, (n,), generator=gen)
+    z = weight[ids] + 0.3 * torch.randn(n, d, generator=gen)
+    rescans = []
+    monkeypatch.setattr(
+        kernel._Launch,
+        "_rescan_flagged",
+        _spy(kernel._Launch._rescan_flagged, lambda flags: rescans.append(int(flags.sum()))),
+    )
+    assert torch.equal(kernel.round_to_vocab(z, weight, bias, num_splits=3), ids)
+    assert rescans == [0]
+
+
+def _spy(method, record):
+    def wrapper(self, flags, emb):
+        record(flags)
+        return method(self, flags, emb)
+
+    return wrapper
+
+
+def test_bf16_copy_is_cached_per_weight_and_version():
+    kernel.clear_weight_cache()
+    z, weight, bias = _data((5,), 700, 32, torch.float32, seed=14)
+    first, norm = kernel.bf16_weight(weight)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, weight.bfloat16())
+    torch.testing.assert_close(norm, weight.norm(dim=1).max().reshape(1), rtol=1e-5, atol=0)
+    kernel.round_to_vocab(z, weight, bias)
+    assert kernel.bf16_weight(weight)[0].data_ptr() == first.data_ptr()  # reused
+    # an in-place update makes a new copy, and the rounding sees it
+    weight[3] = z[0] * 10
+    second, _ = kernel.bf16_weight(weight)
+    assert second.data_ptr() != first.data_ptr() and torch.equal(second, weight.bfloat16())
+    assert kernel.round_to_vocab(z, weight, bias)[0] == 3
+    # a dead tensor's entry is dropped
+    other = weight.clone()
+    kernel.bf16_weight(other)
+    key = id(other)
+    assert key in kernel._BF16_CACHE
+    del other
+    gc.collect()
+    assert key not in kernel._BF16_CACHE
+    kernel.clear_weight_cache()
+    assert not kernel._BF16_CACHE
+
+
+def test_precision_argument_is_checked():
+    z, weight, _ = _data((2,), 10, 8, torch.float32)
+    with pytest.raises(ConfigError, match="precision must be one of bf16, tf32, tf32x3, ieee"):
+        kernel.round_to_vocab(z, weight, precision="fp8")
+    with pytest.raises(ConfigError, match="num_splits"):
+        kernel.round_to_vocab(z, weight, num_splits=0)
+
+
+# ---- the vocabulary split is sized from the tile that runs ---------------------------------
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def test_split_count_follows_the_row_tile():
+    # 64 tokens on 132 SMs: 4 row tiles of 16 rows need fewer slices than 1 tile of 128
+    assert kernel.split_count(64, 49152, 16, 128, 132) == 64  # 66 asked, 768-id slices
+    assert kernel.split_count(64, 49152, 128, 128, 132) == 192
+    assert kernel.split_count(8192, 49152, 128, 128, 132) == 5  # 64 row tiles
+    assert kernel.split_count(65536, 49152, 128, 128, 132) == 1
+    assert kernel.split_count(64, 49152, 16, 128, 1) == 1  # no GPU: one slice
+    for n, v, bm, bv, sms, req in ((5, 3001, 16, 1024, 132, None), (40, 5000, 16, 64, 8, 7)):
+        s = kernel.split_count(n, v, bm, bv, sms, req)
+        width = _cdiv(_cdiv(v, s), bv) * bv  # what the kernel recomputes from the grid
+        assert _cdiv(v, width) == s and (s - 1) * width < v  # the same S, no empty slice
+
+
+def test_top2_configs_keep_small_tiles():
+    for wide in (False, True):
+        kept = kernel._candidates(kernel._CONFIGS, wide, True)
+        assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_V"] <= 128 * 128 for c in kept)
+        assert all((c.kwargs["BLOCK_K"] == 32) == wide for c in kept)
+
+
+class _FakeTuner:
+    """Stands in for the autotuner on the CPU: runs one fixed config through the
+    interpreter, calling the grid function the way ``Autotuner.run`` does."""
+
+    def __init__(self, config):
+        self.best_config, self.grids = config, []
+
+    def __getitem__(self, grid):
+        def run(*args, **flags):
+            meta = dict(self.best_config.kwargs)
+            self.grids.append(grid(meta))
+            kernel._round_kernel[self.grids[-1]](
+                *args, **flags, **meta, EVEN_K=args[10] % meta["BLOCK_K"] == 0
+            )
+
+        return run
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_merge_uses_the_split_count_of_the_config_that_ran(monkeypatch, block_m):
+    """The GPU path (autotuner, SM count) on the CPU: 8 SMs, 40 rows. A 16-row tile gives 3
+    row tiles and 6 slices, a 64-row tile 1 row tile and 16 slices; the partial buffers
+    hold the most any config needs and the merge reads the slices that ran."""
+    config = next(c for c in kernel._CONFIGS_32 if c.kwargs["BLOCK_M"] == block_m)
+    config = type(config)({**config.kwargs, "BLOCK_V": 64}, num_warps=4)
+    tuner = _FakeTuner(config)
+    monkeypatch.setattr(kernel, "_round_tuned", tuner)
+    monkeypatch.setattr(kernel, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(kernel, "sm_count", lambda device: 8)
+    z, weight, bias = _data((40,), 5000, 48, torch.float32, seed=15)
+    z[7] = weight[4990] * 5  # the winner in the last slice
+    ids = kernel.round_to_vocab(z, weight, bias, precision="ieee")
+    expected = {16: 6, 64: 16}[block_m]
+    assert tuner.grids == [(_cdiv(40, block_m), expected)]
+    assert ids[7] == 4990
+    assert torch.equal(ids, round_to_vocab_reference(z, weight, bias))

@@ -9,8 +9,8 @@ from fastdia import noise, ops
 from fastdia.errors import ConfigError
 from fastdia.models.critic import CriticConfig, TokenLocalCritic
 from fastdia.ops import TokenLocalStack, registry
-from fastdia.ops.rounding import round_to_vocab_reference
-from fastdia.ops.step import guided_step_reference
+from fastdia.ops.guided_step import guided_step_reference
+from fastdia.ops.round_to_vocab import round_to_vocab_reference
 
 
 def _critics(dim, seed=0):
@@ -29,7 +29,7 @@ def test_stack_is_the_weighted_sum_of_critics():
         tt = t[r].expand(4)
         v1, g1 = c1.value_and_grad(z, tt)
         v2, g2 = c2.value_and_grad(z, tt)
-        from fastdia.ops.step import critic_value_and_grad
+        from fastdia.ops.guided_step import critic_value_and_grad
 
         h, g = critic_value_and_grad(z.view(-1, dim), stack.row(r), length)
         torch.testing.assert_close(h, 0.7 * v1 - 1.5 * v2)
@@ -122,9 +122,9 @@ def test_registry_names_and_errors(monkeypatch):
 
 
 def test_registry_auto_prefers_priority_among_available():
-    registry.register("demo_op", "slow", "fastdia.ops.rounding:round_to_vocab_reference")
+    registry.register("demo_op", "slow", "fastdia.ops.round_to_vocab:round_to_vocab_reference")
     registry.register(
-        "demo_op", "fast", "fastdia.ops.rounding:round_to_vocab_reference", priority=10
+        "demo_op", "fast", "fastdia.ops.round_to_vocab:round_to_vocab_reference", priority=10
     )
     registry.register(
         "demo_op",
@@ -143,12 +143,14 @@ def test_registry_auto_eligibility_is_separate_from_availability():
     registry.register(
         "demo_auto_op",
         "interp",
-        "fastdia.ops.rounding:round_to_vocab_reference",
+        "fastdia.ops.round_to_vocab:round_to_vocab_reference",
         priority=10,
         auto=lambda device: device.type == "cuda",
         hint="try elsewhere",
     )
-    registry.register("demo_auto_op", "plain", "fastdia.ops.rounding:round_to_vocab_reference")
+    registry.register(
+        "demo_auto_op", "plain", "fastdia.ops.round_to_vocab:round_to_vocab_reference"
+    )
     assert registry.resolve_backend("interp", "demo_auto_op", "cpu") == "interp"  # explicit
     assert registry.resolve_backend("auto", "demo_auto_op", "cpu") == "plain"
     assert registry.resolve_backend("auto", "demo_auto_op", "cuda") == "interp"
@@ -173,3 +175,19 @@ def test_triton_variant_auto_only_on_cuda(monkeypatch):
         assert registry.resolve_backend("auto", op, "cuda") == "triton"
         with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
             registry.resolve_backend("triton", op, "cpu")
+
+
+def test_public_ops_are_not_shadowed_by_their_reference_modules():
+    """``fastdia.ops.round_to_vocab`` is both a function and the reference's module name:
+    loading the module later (the registry does, lazily) must not replace the function."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fastdia.ops as o\n"
+        "from fastdia.ops import registry\n"
+        "registry.get('round_to_vocab', 'reference'); registry.get('guided_step', 'reference')\n"
+        "print(o.round_to_vocab.__module__, o.guided_step.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fastdia.ops", "fastdia.ops"]

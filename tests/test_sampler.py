@@ -61,7 +61,8 @@ def test_initial_noise_and_first_step_follow_the_counter(tiny_base, tiny_models)
     a, b, _, _ = coefficient_table(denoiser.config.schedule, "ddim", 1).coef[0].tolist()
     with torch.no_grad():
         expected = a * z_t + b * denoiser(z_t, 1.0)
-    torch.testing.assert_close(out.z, expected)
+    # the plan precomputes the time embeddings of all rows in one batch: float rounding
+    torch.testing.assert_close(out.z, expected, rtol=1e-5, atol=2e-4)
 
 
 def test_guidance_raises_the_critic_value(tiny_base, tiny_models):

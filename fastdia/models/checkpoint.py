@@ -55,6 +55,19 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries a killed :func:`write_atomic` left in ``folder`` (not below).
+
+    Only names of :func:`write_atomic`'s pattern (``.NAME.XXXX.tmp``) are touched; call it
+    when no write is under way (``--resume`` does). Returns the removed paths.
+    """
+    folder = Path(folder)
+    removed = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
@@ -143,25 +156,63 @@ def load_model(
     return module.to(device).eval().requires_grad_(False)
 
 
-def default_guidance(folder: str | Path, fallback: float) -> float:
-    """The guidance strength ``folder/sampling.json`` recommends, else ``fallback``.
+SAMPLING_KEYS = {
+    "guidance": "a finite number >= 0",
+    "steps": "a positive integer",
+    "sampler": "a sampler name",
+    "decode": "a decode mode",
+    "stop_at": "a level in [0, 1)",
+    "score_temperature": "a finite number > 0",
+    "lm_temperature": "a finite number > 0",
+    "latent_weight": "a finite number >= 0",
+    "tilt": "a finite number >= 0",
+}
+
+
+NOTE_KEYS = ("why",)  # free-text keys of sampling.json (explanations, not settings)
+
+
+def sampling_defaults(folder: str | Path) -> dict[str, Any]:
+    """The sampling settings ``folder/sampling.json`` recommends (``{}`` without one).
+
+    The file is a JSON object whose keys are among :data:`SAMPLING_KEYS` (each of the
+    ``fastdia sample`` option of the same name) or :data:`NOTE_KEYS` (text); values are
+    checked for type here and for range when the sampler's config is built.
 
     Raises:
-        CheckpointError: the file exists but is not JSON with a finite ``guidance >= 0``.
+        CheckpointError: the file is not such an object.
     """
     path = Path(folder) / SAMPLING_DEFAULTS
     if not path.is_file():
-        return fallback
+        return {}
     try:
-        value = json.loads(path.read_text()).get("guidance", fallback)
-        value = float(value)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
-        value = float("nan")
-    if not math.isfinite(value) or value < 0:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; fix or delete it")
+    notes = {k: values.pop(k) for k in NOTE_KEYS if isinstance(values.get(k), str)}
+    unknown = sorted(set(values) - set(SAMPLING_KEYS))
+    if unknown:
         raise CheckpointError(
-            f'{path} must be a JSON object with a finite "guidance" >= 0; fix or delete it'
+            f"{path} has unknown keys {', '.join(unknown)}; known: {', '.join(SAMPLING_KEYS)}"
         )
-    return value
+    for key, value in values.items():
+        text = key in ("sampler", "decode")
+        ok = isinstance(value, str) if text else _finite_number(value)
+        if key == "steps":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif not text and ok and (value < 0 or (value == 0 and "> 0" in SAMPLING_KEYS[key])):
+            ok = False
+        if not ok:
+            raise CheckpointError(
+                f'{path}: "{key}" must be {SAMPLING_KEYS[key]}, got {value!r}; fix or delete it'
+            )
+    return values | notes
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

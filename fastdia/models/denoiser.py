@@ -12,14 +12,32 @@ Three parametrisations (``DenoiserConfig.prediction``):
 
 ``"x0"`` and ``"tokens"`` both return an x0 estimate from ``forward``; the sampler
 converts it to an epsilon estimate.
+
+Two architectures (``DenoiserConfig.arch``):
+
+* ``"encoder"``: a pre-norm transformer encoder; time enters once, added at the input.
+* ``"adaln"``: time conditions every layer through adaptive LayerNorm (shift, scale and
+  a zero-initialised gate per sub-layer, computed from the time embedding, as in DiT).
+
+Two conditioning inputs, each switched on in the config and trained for:
+
+* ``self_condition``: the previous x0 estimate ``x0_prev [B, L, d]`` enters through its
+  own input projection (Chen et al. 2022, "Analog Bits"); zeros mean "no estimate yet".
+  Training feeds the model's own (stop-gradient) estimate on half of the batches.
+* ``clean_prompt``: positions flagged by ``clean_mask [B, L]`` carry the *clean* scaled
+  embedding ``c E[x]`` (not noised) and a learned flag embedding; they are the prompt,
+  and the loss ignores them. The sampler writes the prompt clean at every step, so a
+  continuation sees its prompt exactly instead of buried in noise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fastdia.embedding import EmbeddingSpace
 from fastdia.errors import ConfigError
@@ -27,6 +45,7 @@ from fastdia.models.common import TimeMLP, batch_times
 from fastdia.schedules import SCHEDULES, check_choice
 
 PREDICTIONS = ("eps", "x0", "tokens")
+ARCHS = ("encoder", "adaln")
 
 
 @dataclass
@@ -45,6 +64,12 @@ class DenoiserConfig:
         dropout: dropout in the transformer layers (training only).
         vocab_size: size ``K`` of the token subset of a ``"tokens"`` head (0 otherwise;
             :func:`fastdia.train.denoiser.train_denoiser` fills it in from the data).
+        arch: ``"encoder"`` (time at the input) or ``"adaln"`` (time in every layer).
+        self_condition: takes the previous x0 estimate as a second input.
+        clean_prompt: takes a clean prefix flagged by a mask (the prompt).
+        time_grid: the measured step allocation (CDCD time warping), ``[G]`` ascending
+            times from 0 to 1 whose quantiles place sampling steps; empty for uniform
+            steps. :func:`fastdia.train.denoiser.measure_time_warp` fills it in.
     """
 
     dim: int
@@ -56,6 +81,10 @@ class DenoiserConfig:
     schedule: str = "sqrt"
     dropout: float = 0.0
     vocab_size: int = 0
+    arch: str = "encoder"
+    self_condition: bool = False
+    clean_prompt: bool = False
+    time_grid: list[float] = field(default_factory=list)
 
     @property
     def predicts_x0(self) -> bool:
@@ -64,6 +93,18 @@ class DenoiserConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.prediction, PREDICTIONS, "prediction")
+        check_choice(self.arch, ARCHS, "arch")
+        grid = self.time_grid
+        if grid and (
+            len(grid) < 2
+            or grid[0] != 0.0
+            or grid[-1] != 1.0
+            or any(b <= a for a, b in itertools.pairwise(grid))
+        ):
+            raise ConfigError(
+                "time_grid must rise strictly from 0 to 1 (a measured step allocation); "
+                f"got {len(grid)} values"
+            )
         check_choice(self.schedule, SCHEDULES, "schedule")
         if min(self.dim, self.max_length, self.hidden, self.layers, self.heads) < 1:
             raise ConfigError(f"denoiser sizes must be positive: {self}")
@@ -102,17 +143,31 @@ class Denoiser(nn.Module):
         self.pos = nn.Parameter(torch.zeros(config.max_length, h))
         nn.init.normal_(self.pos, std=0.02)
         self.time = TimeMLP(h, h)
-        layer = nn.TransformerEncoderLayer(
-            h,
-            config.heads,
-            4 * h,
-            config.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(h)
+        if config.self_condition:
+            self.sc_proj = nn.Linear(config.dim, h, bias=False)
+        if config.clean_prompt:
+            self.clean_flag = nn.Parameter(torch.zeros(h))
+            nn.init.normal_(self.clean_flag, std=0.02)
+        if config.arch == "adaln":
+            self.blocks = nn.ModuleList(
+                AdaLNBlock(h, config.heads, config.dropout) for _ in range(config.layers)
+            )
+            self.final_mod = nn.Linear(h, 2 * h)
+            nn.init.zeros_(self.final_mod.weight)
+            nn.init.zeros_(self.final_mod.bias)
+            self.norm = nn.LayerNorm(h, elementwise_affine=False)
+        else:
+            layer = nn.TransformerEncoderLayer(
+                h,
+                config.heads,
+                4 * h,
+                config.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(h)
         tokens = config.prediction == "tokens"
         self.out_proj = nn.Linear(h, config.vocab_size if tokens else config.dim)
         if tokens:
@@ -134,29 +189,121 @@ class Denoiser(nn.Module):
         pos = torch.searchsorted(self.vocab_ids, ids).clamp_max(self.config.vocab_size - 1)
         return torch.where(self.vocab_ids[pos] == ids, pos, torch.full_like(pos, -100))
 
-    def features(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """The network's output head: ``[B, L, d]``, or ``[B, L, K]`` logits for tokens."""
+    def time_embedding(
+        self, t: torch.Tensor | float, batch: int, device: torch.device
+    ) -> torch.Tensor:
+        """The time features ``[B, hidden]`` every layer reads (precomputable per step)."""
+        return self.time(batch_times(t, batch, device))
+
+    def features(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor | float,
+        *,
+        x0_prev: torch.Tensor | None = None,
+        clean_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The network's output head: ``[B, L, d]``, or ``[B, L, K]`` logits for tokens.
+
+        Args:
+            z: ``[B, L, d]`` float32 noisy embeddings (clean at prompt positions).
+            t: scalar or ``[B]`` times in ``[0, 1]``.
+            x0_prev: ``[B, L, d]`` previous x0 estimate (self-conditioning), or None
+                (zeros); ignored unless ``config.self_condition``.
+            clean_mask: ``[B, L]`` bool/float, 1 at clean (prompt) positions, or None;
+                ignored unless ``config.clean_prompt``.
+            temb: ``[B, hidden]`` precomputed :meth:`time_embedding` (overrides ``t``).
+        """
         batch, length, dim = z.shape
         if length > self.config.max_length or dim != self.config.dim:
             raise ConfigError(
                 f"denoiser takes at most {self.config.max_length} tokens of width "
                 f"{self.config.dim}, got [{batch}, {length}, {dim}]"
             )
-        tt = batch_times(t, batch, z.device)
-        x = self.in_proj(z) + self.pos[:length] + self.time(tt)[:, None, :]
+        if temb is None:
+            temb = self.time_embedding(t, batch, z.device)
+        x = self.in_proj(z) + self.pos[:length]
+        if self.config.self_condition and x0_prev is not None:
+            x = x + self.sc_proj(x0_prev.to(x.dtype))
+        if self.config.clean_prompt and clean_mask is not None:
+            x = x + clean_mask.to(x.dtype)[..., None] * self.clean_flag
+        if self.config.arch == "adaln":
+            cond = F.silu(temb)[:, None, :]
+            for block in self.blocks:
+                x = block(x, cond)
+            shift, scale = self.final_mod(cond).chunk(2, dim=-1)
+            return self.out_proj(self.norm(x) * (1 + scale) + shift)
+        x = x + temb[:, None, :]
         return self.out_proj(self.norm(self.encoder(x)))
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        out = self.features(z, t)
-        if self.config.prediction != "tokens":
-            return out
+    def x0_from_logits(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Expected embedding ``softmax(logits / temperature) @ c E[subset]`` ``[B, L, d]``."""
         if self.token_embeddings.shape[0] != self.config.vocab_size:
             raise ConfigError(
                 "a 'tokens' denoiser needs its embeddings: call bind_embeddings(space) "
                 "(load_model does) before sampling"
             )
-        probs = torch.softmax(out.float(), dim=-1)
+        if temperature != 1.0:
+            logits = logits / temperature
+        probs = torch.softmax(logits.float(), dim=-1)
         return probs @ self.token_embeddings
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor | float,
+        *,
+        x0_prev: torch.Tensor | None = None,
+        clean_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """``[B, L, d]`` float32: the noise estimate, or the x0 estimate (see the class).
+
+        ``temperature`` sharpens (< 1) the token distribution of a ``"tokens"`` head
+        (score temperature); other heads ignore it.
+        """
+        out = self.features(z, t, x0_prev=x0_prev, clean_mask=clean_mask, temb=temb)
+        if self.config.prediction != "tokens":
+            return out
+        return self.x0_from_logits(out, temperature)
+
+
+class AdaLNBlock(nn.Module):
+    """A pre-norm transformer block whose norms are modulated by the time embedding.
+
+    ``x [B, L, h]``, ``cond [B, 1, h]`` (SiLU of the time embedding) -> ``[B, L, h]``.
+    The modulation (shift, scale, gate for attention and MLP) starts at zero, so every
+    block starts as the identity (adaLN-zero).
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * hidden, hidden),
+        )
+        self.mod = nn.Linear(hidden, 6 * hidden)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.mod(cond).chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = self.qkv(h).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        drop = self.dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        x = x + g1 * self.proj(att.transpose(1, 2).reshape(batch, length, hidden))
+        h = self.norm2(x) * (1 + sc2) + sh2
+        return x + g2 * F.dropout(self.mlp(h), drop, self.training)
 
 
 def _sorted_ids(vocab_ids: torch.Tensor, size: int) -> torch.Tensor:

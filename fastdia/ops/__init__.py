@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
-from fastdia.ops import registry
-from fastdia.ops.step import TokenLocalStack
+from fastdia.device import triton_interpreting
+from fastdia.ops import cuda_build, registry
+
+# The reference modules share their op's name; import them before the public functions of
+# the same name are defined below, so that a later first import of the submodule (which
+# binds ``fastdia.ops.<name>``) cannot replace the function.
+from fastdia.ops.guided_step import TokenLocalStack
+from fastdia.ops.round_to_vocab import round_to_vocab_reference  # noqa: F401
 
 GUIDED_STEP, ROUND_TO_VOCAB = "guided_step", "round_to_vocab"
+SAMPLE_VOCAB = "sample_vocab"
 SAMPLER_OPS = (GUIDED_STEP, ROUND_TO_VOCAB)
 
-registry.register(GUIDED_STEP, "reference", "fastdia.ops.step:guided_step_reference")
-registry.register(ROUND_TO_VOCAB, "reference", "fastdia.ops.rounding:round_to_vocab_reference")
+registry.register(GUIDED_STEP, "reference", "fastdia.ops.guided_step:guided_step_reference")
+registry.register(
+    ROUND_TO_VOCAB, "reference", "fastdia.ops.round_to_vocab:round_to_vocab_reference"
+)
+registry.register(SAMPLE_VOCAB, "reference", "fastdia.ops.gumbel:sample_vocab_reference")
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,20 +37,16 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _triton_available(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1``."""
     if not _triton_installed():
         return False
-    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
 
 
 def _triton_auto(device: torch.device) -> bool:
     """``auto`` picks Triton on CUDA only: the interpreter is far slower than the reference."""
-    return device.type == "cuda" and not _interpreting() and _triton_installed()
+    return device.type == "cuda" and not triton_interpreting() and _triton_installed()
 
 
 _TRITON_HINT = (
@@ -51,6 +56,7 @@ _TRITON_HINT = (
 for _op, _target in (
     (GUIDED_STEP, "fastdia.kernels.guided_step:guided_step"),
     (ROUND_TO_VOCAB, "fastdia.kernels.round_to_vocab:round_to_vocab"),
+    (SAMPLE_VOCAB, "fastdia.kernels.sample_vocab:sample_vocab"),
 ):
     registry.register(
         _op,
@@ -60,6 +66,23 @@ for _op, _target in (
         priority=10,
         auto=_triton_auto,
         hint=_TRITON_HINT,
+    )
+
+# CUDA C++ kernels (csrc/), built lazily: ``auto`` takes them only where a stored
+# measurement (fastdia.ops.measured) shows them fastest on the device; a request where they
+# cannot build or run fails with the reason and what to install (cuda_build.hint).
+for _op, _target in (
+    (GUIDED_STEP, "fastdia.ops.cuda_ops:guided_step"),
+    (ROUND_TO_VOCAB, "fastdia.ops.cuda_ops:round_to_vocab"),
+):
+    registry.register(
+        _op,
+        "cuda",
+        _target,
+        available=cuda_build.available,
+        priority=5,
+        auto=lambda device: False,
+        hint=cuda_build.hint,
     )
 
 
@@ -88,13 +111,44 @@ def round_to_vocab(
     return fn(z, weight, bias, return_embeddings=return_embeddings)
 
 
+def sample_vocab(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    seed: int,
+    step: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One token per row of ``z [N, d]`` drawn from ``softmax(z weight^T + bias)``.
+
+    Gumbel-max with fastdia's Philox numbering (element ``n V + v`` at ``step``), without
+    writing the scores in fused variants; see :mod:`fastdia.ops.gumbel`. A backend
+    without a ``sample_vocab`` variant falls back to the reference. Returns ``[N]`` int64.
+    """
+    if backend not in (None, registry.AUTO, *registry.backends(SAMPLE_VOCAB)):
+        backend = "reference"
+    name = registry.resolve_backend(backend, SAMPLE_VOCAB, z.device)
+    return registry.get(SAMPLE_VOCAB, name)(z, weight, bias, seed=seed, step=step)
+
+
+from fastdia.ops.gumbel import gumbel_argmax  # noqa: E402  (re-exported)
+
+
 def guided_step(
     z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, *, backend: str | None = None, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One guided reverse step; see :func:`fastdia.ops.step.guided_step_reference`
+    """One guided reverse step; see :func:`fastdia.ops.guided_step.guided_step_reference`
     for the arguments, shapes and dtypes, which every variant shares."""
     name = registry.resolve_backend(backend, GUIDED_STEP, z.device)
     return registry.get(GUIDED_STEP, name)(z, eps, coef, **kwargs)
 
 
-__all__ = ["TokenLocalStack", "guided_step", "registry", "round_to_vocab"]
+__all__ = [
+    "TokenLocalStack",
+    "guided_step",
+    "gumbel_argmax",
+    "registry",
+    "round_to_vocab",
+    "sample_vocab",
+]

@@ -6,8 +6,11 @@ when the variant is first used. The backend is chosen when a sampler is built, f
 argument, else ``$FASTDIA_BACKEND``, else ``"auto"``; ``"auto"`` takes the available
 variant with the highest priority on the device among those *eligible for auto* there
 (a variant may run on a device without being a sensible default on it: Triton kernels run
-on the CPU under ``TRITON_INTERPRET=1``, far slower than the reference). Unknown names
-fail with the list of known ones; symbols are never swapped at import.
+on the CPU under ``TRITON_INTERPRET=1``, far slower than the reference). On a CUDA device
+a stored measurement comes first: ``"auto"`` takes the variant that
+:mod:`fastdia.ops.measured` records as fastest for the op on a device of that name, when it
+runs there; without one it keeps the priorities (triton on CUDA). Unknown names fail with
+the list of known ones; symbols are never swapped at import.
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ class Variant:
         priority: ``auto`` prefers higher values among eligible variants.
         auto: ``auto(device) -> bool``, whether ``auto`` may pick it on that device (only
             ever asked when ``available(device)`` holds); None means "whenever available".
-        hint: appended to the error raised when it is requested where it cannot run.
+        hint: appended to the error raised when it is requested where it cannot run; a
+            string, or ``hint(device) -> str`` for a reason that depends on the machine.
     """
 
     target: str
     available: Callable[[torch.device], bool]
     priority: int
     auto: Callable[[torch.device], bool] | None = None
-    hint: str = ""
+    hint: str | Callable[[torch.device], str] = ""
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
 
     def load(self) -> Callable[..., Any]:
@@ -64,7 +68,7 @@ def register(
     available: Callable[[torch.device], bool] = lambda device: True,
     priority: int = 0,
     auto: Callable[[torch.device], bool] | None = None,
-    hint: str = "",
+    hint: str | Callable[[torch.device], str] = "",
 ) -> None:
     """Register ``target`` as the ``backend`` variant of ``op``.
 
@@ -98,6 +102,9 @@ def resolve_backend(name: str | None, op: str, device: torch.device | str) -> st
     requested = name or os.environ.get(ENV_VAR) or AUTO
     variants = _REGISTRY.get(op, {})
     if requested == AUTO:
+        measured = _measured_fastest(op, device, variants)
+        if measured is not None:
+            return measured
         usable = [
             (v.priority, b)
             for b, v in variants.items()
@@ -110,12 +117,27 @@ def resolve_backend(name: str | None, op: str, device: torch.device | str) -> st
         raise ConfigError(
             f"unknown backend {requested!r} for {op}; known: {', '.join([AUTO, *variants])}"
         )
-    if not variants[requested].available(device):
+    variant = variants[requested]
+    if not variant.available(device):
+        hint = variant.hint(device) if callable(variant.hint) else variant.hint
         raise ConfigError(
             f"backend {requested!r} of {op} cannot run on {device}; use 'reference' or 'auto'"
-            + (f" ({variants[requested].hint})" if variants[requested].hint else "")
+            + (f" ({hint})" if hint else "")
         )
     return requested
+
+
+def _measured_fastest(op: str, device: torch.device, variants: dict[str, Variant]) -> str | None:
+    """The variant a stored profile measured fastest for ``op`` on ``device``, if it runs
+    there (CUDA devices only; None without a measurement)."""
+    if device.type != "cuda":
+        return None
+    from fastdia.ops import measured
+
+    name = measured.fastest(op, device)
+    if name in variants and variants[name].available(device):
+        return name
+    return None
 
 
 def get(op: str, backend: str) -> Callable[..., Any]:

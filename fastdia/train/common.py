@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastdia.errors import CheckpointError, ConfigError
-from fastdia.models.checkpoint import write_atomic
+from fastdia.models.checkpoint import remove_stale_temporaries, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,9 @@ class Optimisation:
     def resume(self) -> int:
         """Load the saved state; returns the step to continue from."""
         state = load_state(self.state_file, self.identity)
+        for folder in (self.state_file.parent, self.state_file.parent.parent):
+            for path in remove_stale_temporaries(folder):
+                log.info("removed %s, left by an interrupted save", path)
         device = next(self.module.parameters()).device
         self.module.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])

@@ -8,6 +8,16 @@ token subset is every token of the training data).
 Validation reports, on held-out windows, the loss and the rounding accuracy of the x0
 estimate (the fraction of tokens whose nearest embedding is the right one) at several
 noise levels, with the EMA weights that are saved for sampling.
+
+A ``clean_prompt`` denoiser is trained with a clean prefix of random length per window
+(none on a quarter of the windows, else 1 to ``L / 2`` tokens): those positions hold
+``z_0`` itself, are flagged by the mask and are left out of the loss. A
+``self_condition`` denoiser gets, on half of the batches, its own stop-gradient x0
+estimate of the same ``z_t`` as a second input (zeros otherwise). Both draws, like
+everything else in a step, are pure functions of ``(seed, step)``.
+
+After training, :func:`measure_time_warp` measures the held-out cross-entropy over
+noise levels and stores the step allocation (CDCD time warping) in the config.
 """
 
 from __future__ import annotations
@@ -60,20 +70,85 @@ def noised(z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: str) 
     return abar.sqrt() * z0 + (1 - abar).sqrt() * eps
 
 
+PROMPT_FREE_FRAC = 0.25  # windows trained without a clean prefix (clean_prompt models)
+SELF_COND_FRAC = 0.5  # batches trained with the model's own x0 estimate as input
+
+
+@dataclass
+class Conditioning:
+    """The conditioning inputs of one batch.
+
+    Attributes:
+        clean_mask: ``[B, L]`` bool, True at clean (prompt) positions, or None.
+        self_cond: whether to feed the model's own x0 estimate this batch.
+    """
+
+    clean_mask: torch.Tensor | None = None
+    self_cond: bool = False
+
+
+def draw_conditioning(
+    gen: torch.Generator, config: DenoiserConfig, batch: int, length: int
+) -> Conditioning:
+    """This step's clean prefixes and self-conditioning coin (from the step generator)."""
+    mask = None
+    if config.clean_prompt:
+        plen = torch.randint(1, max(2, length // 2 + 1), (batch,), generator=gen)
+        plen[torch.rand(batch, generator=gen) < PROMPT_FREE_FRAC] = 0
+        mask = torch.arange(length)[None, :] < plen[:, None]
+    sc = bool(config.self_condition and torch.rand((), generator=gen) < SELF_COND_FRAC)
+    return Conditioning(mask, sc)
+
+
+def model_input(
+    den: Denoiser,
+    z0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    cond: Conditioning,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``z_t`` with clean prompt positions, and the self-conditioning input (or None)."""
+    z_t = noised(z0, t, eps, den.config.schedule)
+    mask = cond.clean_mask
+    if mask is not None:
+        mask = mask.to(z0.device)
+        z_t = torch.where(mask[..., None], z0, z_t)
+    x0_prev = None
+    if cond.self_cond:
+        with torch.no_grad():
+            x0_prev = x0_estimate(den, z_t, t, clean_mask=mask).detach()
+    return z_t, x0_prev
+
+
 def denoiser_loss(
-    den: Denoiser, ids: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+    den: Denoiser,
+    ids: torch.Tensor,
+    z0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    cond: Conditioning | None = None,
 ) -> torch.Tensor:
     """The loss of one batch: ``ids [B, L]``, ``z0 = c E[ids]``, ``t [B]``, ``eps`` like z0.
 
     Mean squared error per element for ``"eps"``/``"x0"``; mean cross-entropy per token
-    (tokens outside the head's subset ignored) for ``"tokens"``.
+    (tokens outside the head's subset ignored) for ``"tokens"``. Clean (prompt)
+    positions of ``cond`` are left out.
     """
-    out = den.features(noised(z0, t, eps, den.config.schedule), t).float()
+    cond = cond or Conditioning()
+    z_t, x0_prev = model_input(den, z0, t, eps, cond)
+    mask = None if cond.clean_mask is None else cond.clean_mask.to(z0.device)
+    out = den.features(z_t, t, x0_prev=x0_prev, clean_mask=mask).float()
     if den.config.prediction == "tokens":
         target = den.token_index(ids.to(out.device))
+        if mask is not None:
+            target = target.masked_fill(mask, -100)
         return torch.nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
     target = eps if den.config.prediction == "eps" else z0
-    return (out - target).pow(2).mean()
+    err = (out - target).pow(2).mean(dim=-1)
+    if mask is None:
+        return err.mean()
+    keep = (~mask).to(err.dtype)
+    return (err * keep).sum() / keep.sum().clamp_min(1)
 
 
 def token_vocabulary(data: TokenDataset) -> torch.Tensor:
@@ -81,13 +156,28 @@ def token_vocabulary(data: TokenDataset) -> torch.Tensor:
     return torch.unique(data.ids)
 
 
-def x0_estimate(den: Denoiser, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The denoiser's estimate of ``z_0`` (converting an epsilon prediction)."""
-    out = den(z_t, t).float()
+def x0_estimate(
+    den: Denoiser,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    x0_prev: torch.Tensor | None = None,
+    clean_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The denoiser's estimate of ``z_0`` ``[B, L, d]`` (converting an epsilon prediction)."""
+    out = den(z_t, t, x0_prev=x0_prev, clean_mask=clean_mask).float()
     if den.config.predicts_x0:
         return out
     abar = alpha_bar(den.config.schedule, t).to(z_t.dtype)[:, None, None]
     return (z_t - (1 - abar).sqrt() * out) / abar.sqrt()
+
+
+def refined_x0(den: Denoiser, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The x0 estimate as the sampler sees it: a self-conditioning model's second pass."""
+    x0 = x0_estimate(den, z_t, t)
+    if den.config.self_condition:
+        x0 = x0_estimate(den, z_t, t, x0_prev=x0)
+    return x0
 
 
 @torch.no_grad()
@@ -107,12 +197,74 @@ def validate(
         t = torch.full((ids.shape[0],), level, device=device)
         eps = torch.randn(z0.shape, generator=gen).to(device)
         z_t = noised(z0, t, eps, den.config.schedule)
-        x0 = x0_estimate(den, z_t, t)
+        x0 = refined_x0(den, z_t, t)
         acc = (round_to_vocab(x0, space.weight, bias) == ids).float().mean().item()
         out[f"acc@{level}"] = acc
         losses.append(denoiser_loss(den, ids, z0, t, eps).item())
     out["val_loss"] = sum(losses) / len(losses)
     return out
+
+
+WARP_LEVELS = 41  # noise levels at which the time warp measures the loss
+WARP_WINDOWS = 64  # held-out windows per level
+WARP_UNIFORM_MIX = 0.1  # share of uniform time mixed into the warp (no empty stretches)
+
+
+@torch.no_grad()
+def loss_curve(
+    den: Denoiser, base: BaseModel, ids: torch.Tensor, *, levels: int = WARP_LEVELS, seed: int = 0
+) -> tuple[list[float], list[float]]:
+    """The held-out loss ``L(t)`` at ``levels`` evenly spaced times in ``[0, 1]``.
+
+    Returns ``(times, losses)``; no clean prefix, the self-conditioned second pass when
+    the model has one (as the sampler runs it).
+    """
+    device = base.space.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    ids = ids.to(device)
+    z0 = base.space.embed(ids)
+    times = torch.linspace(0, 1, levels).clamp_min(1e-3).tolist()
+    losses = []
+    for level in times:
+        t = torch.full((ids.shape[0],), level, device=device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        cond = Conditioning(None, den.config.self_condition)
+        losses.append(denoiser_loss(den, ids, z0, t, eps, cond).item())
+    times[0] = 0.0
+    return times, losses
+
+
+def time_warp(times: list[float], losses: list[float], *, points: int = 65) -> list[float]:
+    """The step allocation of CDCD's time warping from a measured loss curve.
+
+    ``F(t)`` is the loss rescaled to ``[0, 1]`` (made non-decreasing with a running
+    maximum), mixed with ``WARP_UNIFORM_MIX`` of uniform time so it rises strictly. The
+    result is ``F^{-1}`` at ``points`` evenly spaced values: ``[points]`` ascending times
+    from 0 to 1; sampling steps placed uniformly in ``F`` fall where the loss changes
+    fastest, i.e. where tokens are decided.
+    """
+    t = torch.tensor(times, dtype=torch.float64)
+    loss = torch.cummax(torch.tensor(losses, dtype=torch.float64), dim=0).values
+    span = float(loss[-1] - loss[0])
+    f = (loss - loss[0]) / span if span > 0 else t.clone()
+    f = (1 - WARP_UNIFORM_MIX) * f + WARP_UNIFORM_MIX * t
+    targets = torch.linspace(0, 1, points, dtype=torch.float64)
+    idx = torch.searchsorted(f, targets).clamp(1, len(t) - 1)
+    f0, f1, t0, t1 = f[idx - 1], f[idx], t[idx - 1], t[idx]
+    grid = t0 + (targets - f0) / (f1 - f0).clamp_min(1e-12) * (t1 - t0)
+    grid[0], grid[-1] = 0.0, 1.0
+    return [round(v, 6) for v in grid.tolist()]
+
+
+def measure_time_warp(
+    den: Denoiser, base: BaseModel, ids: torch.Tensor, *, seed: int = 0
+) -> dict[str, list[float]]:
+    """Measure ``L(t)`` on held-out ``ids`` and return ``{"times", "losses", "grid"}``."""
+    was_training = den.training
+    den.eval()
+    times, losses = loss_curve(den, base, ids[:WARP_WINDOWS], seed=seed)
+    den.train(was_training)
+    return {"times": times, "losses": losses, "grid": time_warp(times, losses)}
 
 
 def train_denoiser(
@@ -126,6 +278,7 @@ def train_denoiser(
     resume: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    warp: bool = False,
 ) -> DenoiserRun:
     """Train a denoiser on ``data``; checkpoints and resume state go to ``out_dir``.
 
@@ -133,6 +286,9 @@ def train_denoiser(
     ``optim.save_every`` steps and at the end, and ``training/denoiser_state.pt`` (resume
     state) and ``training/denoiser_history.json`` (loss and validation metrics).
     A ``"tokens"`` config with ``vocab_size == 0`` gets the size of the data's token set.
+    With ``warp`` (and a ``holdout``) the final model's step allocation is measured
+    (:func:`measure_time_warp`), stored as ``config.time_grid`` and saved, and the curve
+    goes into the history as ``{"time_warp": ...}``.
     """
     from tqdm import tqdm
 
@@ -170,8 +326,9 @@ def train_denoiser(
         z0 = space.embed(ids_all[idx].to(device))
         eps = torch.randn(z0.shape, generator=gen).to(device)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
+        cond = draw_conditioning(gen, config, optim.batch_size, data.length)
         with autocast(device):
-            loss = denoiser_loss(den, ids_all[idx], z0, t.to(device), eps)
+            loss = denoiser_loss(den, ids_all[idx], z0, t.to(device), eps, cond)
         lr = run.update(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -192,6 +349,13 @@ def train_denoiser(
     final = Denoiser(config)
     final.load_state_dict(run.final_state_dict())
     final.bind_embeddings(base.space).to(device)
+    if warp and holdout is not None:
+        curve = measure_time_warp(final, base, holdout.ids, seed=optim.seed)
+        final.config = replace(final.config, time_grid=curve["grid"])
+        save_model(final, out_dir, DENOISER_STEM, space=space, base_model=base.name)
+        history.append({"step": run.step, "time_warp": curve})
+        write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
+        log.info("time warp: %s", curve["grid"])
     return DenoiserRun(final.eval(), history, time.perf_counter() - started)
 
 

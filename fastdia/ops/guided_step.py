@@ -82,20 +82,29 @@ def guided_step_reference(
     grad: torch.Tensor | None = None,
     noise_kappa: float = 0.0,
     return_h: bool = False,
+    out: torch.Tensor | None = None,
+    h_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One guided reverse step in plain PyTorch (the reference every variant matches).
+
+    Graph-safe when ``seed``, ``step`` and ``guidance`` are device tensors: it creates no
+    tensor from host values and reads nothing back (DESIGN §2; the sampler's strict tests
+    check this).
 
     Args:
         z: ``[N, d]`` current state, ``N = B * seq_len``, float32.
         eps: ``[N, d]`` the denoiser's noise estimate, float32.
         coef: ``[4]`` or ``[B, 4]`` float32, ``(a, b, c, s)``.
         seq_len: tokens per sequence ``L``.
-        seed, step: the noise counter (``int`` or 0-d int64 tensor).
-        guidance: ``lambda``.
+        seed, step: the noise counter (``int``, or a 1-element integer tensor on ``z``'s
+            device, read there).
+        guidance: ``lambda`` (a number or a 1-element tensor).
         critic: token-local stack at this row (``b1 [H]``), or None.
         grad: ``[N, d]`` extra guidance gradient (context critics), or None.
         noise_kappa: adaptive noise strength; needs ``critic``.
         return_h: also return the stack's value per sequence.
+        out: optional float32 ``[N, d]`` buffer for ``z'`` (must not overlap ``z``).
+        h_out: optional float32 ``[B]`` buffer for ``h`` (with ``return_h`` and a critic).
 
     Returns:
         ``(z' [N, d] float32, h [B] float32 or None)``.
@@ -111,10 +120,19 @@ def guided_step_reference(
     coef = coef.float().to(z.device)
     if coef.dim() == 1:
         coef = coef.expand(batch, 4)
-    a, b, c, s = (coef[:, i].repeat_interleave(seq_len)[:, None] for i in range(4))
+    # per-sequence coefficients [B, 1, 1] against the state viewed as [B, L, d]
+    a, b, c, s = (coef[:, i].view(batch, 1, 1) for i in range(4))
     if noise_kappa and h is not None:
-        s = s * torch.exp(-noise_kappa * h).repeat_interleave(seq_len)[:, None]
-    zeta = noise.randn(int(seed), int(step), n * d, device=z.device).view(n, d)
-    lam = torch.as_tensor(guidance, dtype=torch.float32, device=z.device)
-    out = a * z32 + b * eps32 + (c * lam) * g + s * zeta
-    return out, (h if return_h else None)
+        s = s * torch.exp(-noise_kappa * h).view(batch, 1, 1)
+    shape = (batch, seq_len, d)
+    zeta = noise.randn_like(seed, step, z32.view(shape))
+    lam = guidance.float().reshape(()) if isinstance(guidance, torch.Tensor) else guidance
+    result = a * z32.view(shape) + b * eps32.view(shape) + (c * lam) * g.view(shape) + s * zeta
+    result = result.view(n, d)
+    if out is not None:
+        result = out.copy_(result)
+    if not return_h:
+        return result, None
+    if h is not None and h_out is not None:
+        h = h_out.copy_(h)
+    return result, h

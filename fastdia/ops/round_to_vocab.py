@@ -30,11 +30,12 @@ def round_to_vocab_reference(
     flat = z.reshape(-1, z.shape[-1]).float()
     w = weight.float()
     b = None if bias is None else bias.float()
-    ids = torch.empty(flat.shape[0], dtype=torch.int64, device=z.device)
-    for start in range(0, flat.shape[0], _ROWS_PER_CHUNK):
+    chunks = []
+    for start in range(0, max(1, flat.shape[0]), _ROWS_PER_CHUNK):
         scores = flat[start : start + _ROWS_PER_CHUNK] @ w.T
         if b is not None:
             scores += b
-        ids[start : start + _ROWS_PER_CHUNK] = scores.argmax(dim=-1)
-    ids = ids.view(lead)
+        chunks.append(scores.argmax(dim=-1))
+    # no buffer allocated from a host shape: graph-safe (DESIGN §2)
+    ids = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(lead)
     return (ids, weight[ids]) if return_embeddings else ids

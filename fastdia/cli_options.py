@@ -1,0 +1,102 @@
+"""Command-line options shared by ``fastdia sample`` and ``fastdia eval``: argument types and
+the sampling options whose defaults a checkpoint's ``sampling.json`` may set."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def guidance_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0, got {text}; to steer away from a reward, give it a "
+            "negative weight in --reward (e.g. sentiment:-1)"
+        )
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The options whose defaults a checkpoint's ``sampling.json`` may set."""
+    from fastdia.decode import DECODES
+    from fastdia.schedules import SAMPLERS
+
+    ckpt = "default: the checkpoint's sampling.json, else"
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help=f"reverse diffusion steps ({ckpt} 50)"
+    )
+    p.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} ({ckpt} dia)")
+    p.add_argument(
+        "--decode",
+        default=None,
+        help=f"one of: {', '.join(DECODES)}: nearest embedding, or the base model as "
+        f"prior ({ckpt} nearest)",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=_number,
+        default=None,
+        help=f"noise level t* in [0, 1) where the diffusion stops and decoding starts ({ckpt} 0)",
+    )
+    p.add_argument(
+        "--score-temperature",
+        type=_number,
+        default=None,
+        help=f"temperature of the denoiser's token distribution ({ckpt} 1)",
+    )
+    p.add_argument(
+        "--lm-temperature",
+        type=_number,
+        default=None,
+        help=f"--decode lm: the base model's temperature ({ckpt} 1)",
+    )
+    p.add_argument(
+        "--latent-weight",
+        type=_number,
+        default=None,
+        help=f"--decode lm: weight of the latent's likelihood ({ckpt} 1)",
+    )
+    p.add_argument(
+        "--tilt",
+        type=_number,
+        default=None,
+        help="--decode lm: the critics' per-token values weigh tilt x guidance / length "
+        f"(1: the exact tilt of p(x) exp(lambda h(x))) ({ckpt} 0)",
+    )
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`add_sampling_options` values given on the command line (None: not given)."""
+    keys = (
+        "steps",
+        "sampler",
+        "decode",
+        "stop_at",
+        "score_temperature",
+        "lm_temperature",
+        "latent_weight",
+        "tilt",
+    )
+    return {k: getattr(args, k) for k in keys}

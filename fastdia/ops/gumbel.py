@@ -1,0 +1,81 @@
+"""``sample_vocab``: a Gumbel-max draw over the vocabulary, and its PyTorch reference.
+
+For each row ``n`` of ``z [N, d]``::
+
+    id[n] = argmax_v  <E_v, z[n]> + bias_v + g(seed, step, n V + v)
+
+with ``g`` fastdia's Philox Gumbel noise (:func:`fastdia.noise.gumbel`), i.e. a sample
+from ``softmax(z E^T + bias)`` per row. It is :func:`round_to_vocab` with noise added to
+every score, so a fused variant keeps the running (max, argmax) over vocabulary tiles
+and never writes the ``[N, V]`` scores. The LM decode (:mod:`fastdia.decode`) draws
+every token with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdia import noise
+from fastdia.errors import ConfigError
+
+_ROWS_PER_CHUNK = 64  # bounds the reference's [rows, V] score and noise buffers
+
+
+def _check_counter(rows: int, vocab: int) -> None:
+    if rows * vocab > noise.MAX_INDEX:
+        raise ConfigError(
+            f"sample_vocab numbers its noise by n * V + v < 2**31: {rows} rows x {vocab} "
+            "tokens is too many for one call; split the rows"
+        )
+
+
+def gumbel_argmax(
+    logits: torch.Tensor, *, seed: int, step: int, row_offset: int = 0
+) -> torch.Tensor:
+    """``argmax_v logits[n, v] + g(seed, step, (row_offset + n) V + v)``: ``[N]`` int64.
+
+    The same draw as :func:`sample_vocab_reference` from precomputed ``[N, V]`` scores
+    (the LM decode's path for models whose output layer is not the embedding matrix).
+    """
+    rows, vocab = logits.shape
+    _check_counter(row_offset + rows, vocab)
+    g = noise.gumbel(seed, step, rows * vocab, offset=row_offset * vocab, device=logits.device)
+    return (logits.float() + g.view(rows, vocab)).argmax(dim=-1)
+
+
+def sample_vocab_reference(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    seed: int,
+    step: int,
+) -> torch.Tensor:
+    """Gumbel-max sampling of one token per row in plain PyTorch (scores in float32).
+
+    Args:
+        z: ``[N, d]`` float32/float16/bfloat16 queries.
+        weight: ``[V, d]`` the embedding matrix ``E``.
+        bias: ``[V]`` or None.
+        seed, step: the noise counter (ints in ``[0, 2**31)``).
+
+    Returns:
+        ``ids [N]`` int64, drawn from ``softmax(z E^T + bias)`` row by row.
+    """
+    if z.dim() != 2 or weight.dim() != 2 or z.shape[1] != weight.shape[1]:
+        raise ConfigError(
+            f"sample_vocab takes z [N, d] and weight [V, d], got {tuple(z.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    rows, vocab = z.shape[0], weight.shape[0]
+    _check_counter(rows, vocab)
+    w = weight.float()
+    ids = torch.empty(rows, dtype=torch.int64, device=z.device)
+    for start in range(0, rows, _ROWS_PER_CHUNK):
+        scores = z[start : start + _ROWS_PER_CHUNK].float() @ w.T
+        if bias is not None:
+            scores += bias.float()
+        ids[start : start + _ROWS_PER_CHUNK] = gumbel_argmax(
+            scores, seed=seed, step=step, row_offset=start
+        )
+    return ids

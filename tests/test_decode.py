@@ -1,0 +1,195 @@
+"""The LM decode (base model as prior) and the Gumbel-max sampling op."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastdia import noise, ops
+from fastdia.decode import DECODE_STEP, DecodeConfig, LMDecoder, ties_embeddings, token_values
+from fastdia.errors import ConfigError
+from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.ops.gumbel import gumbel_argmax, sample_vocab_reference
+from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
+
+# chi-square critical value for 4 degrees of freedom at p = 0.001
+CHI2_DF4_P001 = 18.47
+
+
+def test_gumbel_noise_is_philox_uniform_mapped():
+    """Element k is -log(-log(u)) of the first Philox word of (seed, step, k)."""
+    k0, k1 = 7, 3  # step, seed
+    words = noise.philox_randint4x(k0, k1, torch.arange(50))[0]
+    u = torch.where(words >= 2**31, 0xFFFFFFFF - words, words).float() * 4.6566127342e-10
+    u = u.clamp(noise.GUMBEL_U_MIN, noise.GUMBEL_U_MAX)
+    expected = -torch.log(-torch.log(u))
+    torch.testing.assert_close(noise.gumbel(3, 7, 50), expected)
+    torch.testing.assert_close(noise.gumbel(3, 7, 20, offset=30), expected[30:])
+
+
+def test_sample_vocab_matches_softmax_distribution():
+    """Gumbel-max over 5 tokens: counts over 20,000 rows fit softmax(scores) (chi-square)."""
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3)
+    query = torch.tensor([0.8, -0.3, 0.5])
+    bias = torch.tensor([0.1, 0.0, -0.4, 0.3, 0.2])
+    probs = torch.softmax(weight @ query + bias, dim=0)
+    rows = 20_000
+    ids = sample_vocab_reference(query.expand(rows, -1), weight, bias, seed=11, step=4)
+    counts = torch.bincount(ids, minlength=5).double()
+    expected = probs.double() * rows
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < CHI2_DF4_P001, (counts, expected)
+    # reproducible by seed, different for another seed or step
+    again = sample_vocab_reference(query.expand(rows, -1), weight, bias, seed=11, step=4)
+    assert torch.equal(ids, again)
+    assert not torch.equal(
+        ids, sample_vocab_reference(query.expand(rows, -1), weight, bias, seed=12, step=4)
+    )
+    assert not torch.equal(
+        ids, sample_vocab_reference(query.expand(rows, -1), weight, bias, seed=11, step=5)
+    )
+
+
+def test_sample_vocab_equals_argmax_of_scores_plus_numbered_noise():
+    torch.manual_seed(1)
+    z, weight, bias = torch.randn(70, 6), torch.randn(33, 6), torch.randn(33)
+    ids = ops.sample_vocab(z, weight, bias, seed=2, step=9)
+    g = noise.gumbel(2, 9, 70 * 33).view(70, 33)
+    assert torch.equal(ids, (z @ weight.T + bias + g).argmax(dim=1))
+    assert torch.equal(gumbel_argmax(z @ weight.T + bias, seed=2, step=9), ids)
+    # row n is numbered n V + v across the reference's chunks of 64 rows
+    tail = gumbel_argmax((z @ weight.T + bias)[64:], seed=2, step=9, row_offset=64)
+    assert torch.equal(ids[64:], tail)
+
+
+def test_sample_vocab_bad_input():
+    with pytest.raises(ConfigError, match="z \\[N, d\\]"):
+        ops.sample_vocab(torch.zeros(3), torch.zeros(4, 3), seed=0, step=0)
+    with pytest.raises(ConfigError, match="2\\*\\*31"):
+        sample_vocab_reference(torch.zeros(2**16, 1), torch.zeros(2**16, 1), seed=0, step=0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 0},
+        {"temperature": float("nan")},
+        {"latent_weight": -1},
+        {"tilt": float("inf")},
+    ],
+)
+def test_decode_config_rejects_bad_weights(kw):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        DecodeConfig(**kw)
+
+
+def _direct_decode(base, z, prompt, seed, abar, cfg, tilt_values):
+    """The decode written out: LM log-probs / T + w log N(z; sqrt(abar) c E_v, 1 - abar)
+    + tilt u(v), Gumbel-max with the same noise numbering, full forward per position."""
+    model, space = base.model, base.space
+    batch, length, _ = z.shape
+    c, E = space.scale, space.weight.float()
+    ids = torch.tensor(prompt).expand(batch, -1).clone()
+    for i in range(len(prompt), length):
+        logits = model(ids).logits[:, -1].float()
+        logp = torch.log_softmax(logits, dim=-1) / cfg.temperature
+        diff = z[:, i, None, :] - math.sqrt(abar) * c * E[None]
+        log_gauss = -diff.pow(2).sum(-1) / (2 * (1 - abar))
+        scores = logp + cfg.latent_weight * log_gauss + cfg.tilt * tilt_values
+        tok = gumbel_argmax(scores, seed=seed, step=DECODE_STEP + i)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize(
+    "cfg", [DecodeConfig(), DecodeConfig(0.7, 0.5, 2.0), DecodeConfig(1.0, 0.0, 1.0)]
+)
+def test_fused_tied_decode_equals_direct_lm_plus_gaussian(tiny_base, cfg):
+    """The one-query score <h/T + alpha z, E> + bias is the LM + Gaussian posterior."""
+    assert ties_embeddings(tiny_base.model)
+    torch.manual_seed(3)
+    critic = build_critic(CriticConfig(dim=tiny_base.space.dim, hidden=8, reward="sentiment"))
+    critics = [(critic, 0.7)]
+    abar, batch, length = 0.02, 3, 9
+    prompt = tiny_base.space.encode("The movie")
+    ids_true = torch.randint(tiny_base.space.vocab_size, (batch, length))
+    z = math.sqrt(abar) * tiny_base.space.embed(ids_true) + math.sqrt(1 - abar) * torch.randn(
+        batch, length, tiny_base.space.dim
+    )
+    plan = LMDecoder(tiny_base, cfg, {}).plan(batch, length, abar, critics, cfg.tilt)
+    got = plan.run(z, torch.tensor(prompt), seed=5)
+    tilt = token_values(critics, tiny_base.space.weight, tiny_base.space.scale)
+    with torch.no_grad():
+        want = _direct_decode(tiny_base, z, prompt, 5, abar, cfg, tilt)
+    assert torch.equal(got, want)
+
+
+def test_token_values_are_the_critic_on_single_tokens(tiny_base):
+    torch.manual_seed(4)
+    critic = build_critic(CriticConfig(dim=tiny_base.space.dim, hidden=8, reward="sentiment"))
+    u = token_values([(critic, 2.0)], tiny_base.space.weight, tiny_base.space.scale)
+    ids = torch.tensor([[5], [17]])
+    with torch.no_grad():  # a one-token sequence's critic value is u(v) + b2
+        h = critic(tiny_base.space.embed(ids), 0.0)
+    torch.testing.assert_close(2.0 * (h - critic.b2), u[ids[:, 0]], rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_lm_decode_end_to_end(tiny_base, tiny_models):
+    denoiser, critic = tiny_models
+    cfg = SamplerConfig(steps=4, guidance=1.0, decode="lm", stop_at=0.9, lm=DecodeConfig(tilt=0.5))
+    with pytest.raises(ConfigError, match="base_model="):
+        Sampler(denoiser, tiny_base.space, [], cfg)
+    s = Sampler(
+        denoiser, tiny_base.space, [WeightedCritic("sentiment", critic)], cfg, base_model=tiny_base
+    )
+    plan = s.plan(2, 10)
+    a = plan.run("The movie", seed=1)
+    b = plan.run("The movie", seed=1)
+    c = plan.run("The movie", seed=2)
+    p = len(tiny_base.space.encode("The movie"))
+    assert torch.equal(a.token_ids, b.token_ids) and not torch.equal(a.token_ids, c.token_ids)
+    assert a.token_ids[:, :p].tolist() == [tiny_base.space.encode("The movie")] * 2
+    assert a.steps == 4
+
+
+def test_lm_decode_needs_a_noisy_latent():
+    with pytest.raises(ConfigError, match="stop level t\\* in"):
+        SamplerConfig(steps=2, decode="lm", stop_at=0.0)
+    SamplerConfig(steps=2, decode="lm", stop_at=0.0, lm=DecodeConfig(latent_weight=0.0))
+
+
+@pytest.mark.parametrize("stop", [-0.1, 1.0, 1.5, float("nan")])
+def test_stop_level_outside_range_is_refused(stop):
+    with pytest.raises(ConfigError, match="stop level"):
+        SamplerConfig(stop_at=stop)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "vocab", "dim"), [(1, 17, 3), (5, 300, 7), (19, 257, 64)])
+def test_triton_sample_vocab_matches_reference(dtype, n, vocab, dim):
+    kernel = pytest.importorskip("fastdia.kernels.sample_vocab")
+    gen = torch.Generator().manual_seed(n * vocab + dim)
+    z = torch.randn(n, dim, generator=gen).to(dtype)
+    weight = torch.randn(vocab, dim, generator=gen).to(dtype)
+    bias = torch.randn(vocab, generator=gen)
+    want = sample_vocab_reference(z, weight, bias, seed=3, step=DECODE_STEP + 2)
+    got = kernel.sample_vocab(z, weight, bias, seed=3, step=DECODE_STEP + 2, precision="ieee")
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    with_tensors = kernel.sample_vocab(
+        z,
+        weight,
+        bias,
+        seed=torch.tensor(3),
+        step=torch.tensor(DECODE_STEP + 2),
+        precision="ieee",
+    )
+    assert torch.equal(with_tensors, want)
+    no_bias = kernel.sample_vocab(z, weight, None, seed=3, step=4, precision="ieee")
+    assert torch.equal(no_bias, sample_vocab_reference(z, weight, None, seed=3, step=4))
+    # the registry routes backend="triton" to the kernel
+    assert torch.equal(
+        ops.sample_vocab(z, weight, bias, seed=3, step=DECODE_STEP + 2, backend="triton"), want
+    )

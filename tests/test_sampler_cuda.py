@@ -1,0 +1,157 @@
+"""The whole sampler on a CUDA GPU, every backend, eager and as a replayed CUDA graph.
+
+Skipped without a GPU (``cuda`` marker). Triton kernels must run natively: run with
+``TRITON_INTERPRET=0`` (``tests/conftest.py`` turns the interpreter on unless the variable
+is set)::
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_sampler_cuda.py tests/test_gpu_kernels.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastdia.device import triton_interpreting
+from fastdia.errors import ConfigError
+from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.ops import SAMPLER_OPS, registry
+from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
+from fastdia.strict import GraphSafeMode
+
+pytestmark = pytest.mark.cuda
+
+DEV = "cuda"
+PROMPT = "The movie was"
+BACKENDS = ("reference", "triton", "cuda")
+
+
+def _models(space, *, context: bool = False, **den_kw):
+    """A fresh denoiser and critics on the CPU (the same weights on every call)."""
+    torch.manual_seed(0)
+    cfg = DenoiserConfig(dim=space.dim, max_length=32, hidden=32, layers=2, heads=2, **den_kw)
+    den = Denoiser(cfg).eval()
+    critic = build_critic(CriticConfig(dim=space.dim, hidden=16, reward="sentiment")).eval()
+    critics = [WeightedCritic("sentiment", critic, 1.0)]
+    if context:
+        ctx = CriticConfig(
+            dim=space.dim, kind="context", hidden=16, heads=2, layers=1, reward="nontoxic"
+        )
+        critics.append(WeightedCritic("nontoxic", build_critic(ctx).eval(), 0.5))
+    return den, critics
+
+
+def _space_on(space, device: str):
+    """A copy of ``space`` on ``device`` (Sampler moves its space in place)."""
+    return dataclasses.replace(space, weight=space.weight.to(device))
+
+
+def _backend_or_skip(backend: str) -> None:
+    if backend == "triton" and triton_interpreting():
+        pytest.skip("TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 for native Triton kernels")
+    try:
+        for op in SAMPLER_OPS:
+            registry.resolve_backend(backend, op, torch.device(DEV))
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+def _sampler(space, backend: str, device: str, *, graph: bool, context=False, **kw) -> Sampler:
+    den_kw = kw.pop("den_kw", {})
+    den, critics = _models(space, context=context, **den_kw)
+    config = SamplerConfig(steps=6, backend=backend, cuda_graph=graph, **kw)
+    return Sampler(den, _space_on(space, device), critics, config, device=device)
+
+
+SETTINGS = {
+    "dia-eps-noised-prompt": ({}, {"sampler": "dia", "guidance": 2.0}),
+    "ddpm-clean-selfcond-clamp": (
+        {"clean_prompt": True, "self_condition": True},
+        {"sampler": "ddpm", "guidance": 1.0, "clamp_from": 5},
+    ),
+    "ddim-x0-stop": ({"prediction": "x0"}, {"sampler": "ddim", "stop_at": 0.1}),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_graph_replay_equals_eager_and_follows_its_inputs(tiny_base, backend, setting):
+    _backend_or_skip(backend)
+    den_kw, kw = SETTINGS[setting]
+    space = tiny_base.space
+    graphed = _sampler(space, backend, DEV, graph=True, den_kw=den_kw, **kw).plan(3, 12)
+    eager = _sampler(space, backend, DEV, graph=False, den_kw=den_kw, **kw).plan(3, 12)
+    assert graphed.graphed and not eager.graphed
+    eager.fixed_length = True  # the captured loop's code path, run eagerly
+    a, b = graphed.run(PROMPT, seed=5), eager.run(PROMPT, seed=5)
+    assert torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.z, b.z, rtol=1e-5, atol=1e-5)
+    p = len(space.encode(PROMPT))
+    assert a.token_ids[:, :p].tolist() == [space.encode(PROMPT)] * 3
+    # a new seed, then a new prompt, reach the replay through the static buffers
+    c = graphed.run(PROMPT, seed=6)
+    assert not torch.equal(a.z, c.z)
+    d = graphed.run("I love it", seed=5)
+    assert not torch.equal(a.z, d.z)
+    torch.testing.assert_close(d.z, eager.run("I love it", seed=5).z, rtol=1e-5, atol=1e-5)
+    again = graphed.run(PROMPT, seed=5)
+    assert torch.equal(again.token_ids, a.token_ids) and torch.equal(again.z, a.z)
+
+
+def test_graph_with_a_context_critic(tiny_base):
+    """An autograd context critic inside the loop: the replay equals the eager loop."""
+    space = tiny_base.space
+    kw = {"guidance": 1.0, "context": True}
+    graphed = _sampler(space, "reference", DEV, graph=True, **kw).plan(2, 10)
+    eager = _sampler(space, "reference", DEV, graph=False, **kw).plan(2, 10)
+    eager.fixed_length = True
+    a, b = graphed.run(PROMPT, seed=2), eager.run(PROMPT, seed=2)
+    assert torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.z, b.z, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_gives_the_cpu_tokens(tiny_base, backend):
+    """Same seed, same prompt: the GPU's token ids are the CPU reference's, except where
+    the two best tokens are a near tie of float rounding."""
+    rounding = pytest.importorskip("fastdia.kernels.round_to_vocab")
+    _backend_or_skip(backend)
+    space = tiny_base.space
+    kw = {"guidance": 1.0, "sampler": "ddpm"}
+    cpu = _sampler(space, "reference", "cpu", graph=False, **kw).sample(4, 16, prompt=PROMPT)
+    gpu = _sampler(space, backend, DEV, graph=True, **kw).sample(4, 16, prompt=PROMPT)
+    torch.testing.assert_close(gpu.z.cpu(), cpu.z, rtol=1e-3, atol=1e-3)
+    bias = space.rounding_bias("l2")
+    differing, beyond = rounding.rounding_mismatches(
+        cpu.z, space.weight, bias, gpu.token_ids, cpu.token_ids, rel_tol=1e-3
+    )
+    assert beyond == 0, f"{differing} tokens differ, {beyond} beyond a near tie"
+
+
+@pytest.mark.parametrize("fixed_length", [False, True])
+def test_planned_loop_on_the_gpu_is_graph_safe(tiny_base, fixed_length):
+    """The reference loop on CUDA under the strict mode: no host read, no factory op,
+    nothing off the device."""
+    plan = _sampler(tiny_base.space, "reference", DEV, graph=False, guidance=1.0).plan(2, 8)
+    plan.fixed_length = fixed_length
+    plan.set_inputs(PROMPT, 3)
+    with GraphSafeMode(DEV):
+        plan.denoise()
+    torch.cuda.synchronize()
+    assert plan.z.is_cuda and torch.isfinite(plan.z).all()
+
+
+def test_graph_replay_is_faster_than_the_eager_loop_at_batch_one(tiny_base):
+    """DESIGN §5: at B = 1 launch overhead dominates; the replay must at least win."""
+    _backend_or_skip("triton")
+    space = tiny_base.space
+    graphed = _sampler(space, "triton", DEV, graph=True, guidance=1.0).plan(1, 16)
+    eager = _sampler(space, "triton", DEV, graph=False, guidance=1.0).plan(1, 16)
+    times = {}
+    for name, plan in (("graph", graphed), ("eager", eager)):
+        plan.run(PROMPT, seed=0)
+        times[name] = min(plan.run(PROMPT, seed=s).seconds for s in range(1, 6))
+    assert times["graph"] < times["eager"], times

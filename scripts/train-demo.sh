@@ -35,7 +35,10 @@ $fastdia -v train-denoiser --data "$data" --out "$ckpt" --length 32 --steps "$st
     --lr 1e-3 --warmup 300 --ema 0.998 --save-every 250 --val-every 500 --no-progress \
     $device $(resume denoiser)
 
-# 3. the critics (sentiment regresses VADER compound; nontoxic the logit of 1 - p(profane))
+# 3. the critics (sentiment regresses VADER compound; nontoxic the logit of 1 - p(profane)).
+#    NOTE: the shipped critics are the previous demo's, trained with these settings on its
+#    data (4,096 windows after 30 neutral prompts: `git show dd99d04:scripts/train-demo.sh`);
+#    these commands train them on the new data, so they differ from the shipped ones.
 $fastdia -v train-critic --data "$data" --out "$ckpt" --length 32 --reward sentiment \
     --steps 3000 --batch-size 128 --lr 1e-3 --warmup 100 --ema 0.995 --hidden 128 \
     --no-progress $device $(resume critic-sentiment)

@@ -41,6 +41,7 @@ import torch
 
 from fastdia.base_model import BaseModel
 from fastdia.data import sample_continuations
+from fastdia.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ DEGENERATE_TOP_TOKEN = 0.25  # ... or one whose most frequent token fills more t
 
 def prompt_set(name: str) -> list[str]:
     """The prompts of a shipped set (``neutral``, ``negative``) or of a file, one per line."""
-    from fastdia.errors import ConfigError
-
     path = PROMPT_DIR / f"eval-{name}.txt" if name in PROMPT_SETS else Path(name)
     if not path.is_file():
         raise ConfigError(

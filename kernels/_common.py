@@ -21,3 +21,26 @@ def check_precision(precision: str, allowed: tuple[str, ...] = DOT_PRECISIONS) -
     if precision not in allowed:
         raise ConfigError(f"precision must be one of {', '.join(allowed)}, got {precision!r}")
     return precision
+
+
+def device_scalar(
+    value: int | float | torch.Tensor, dtype: torch.dtype, device: torch.device, name: str
+) -> torch.Tensor:
+    """A 0-d ``dtype`` tensor on ``device`` holding ``value`` (a kernel's seed, step or
+    guidance read from device memory); never reads a device tensor back to the host.
+
+    Raises:
+        ConfigError: a tensor of more than one element, a floating tensor or a Python int
+            outside ``[0, 2**31)`` for an integer ``dtype``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ConfigError(f"{name} must be a scalar or a 1-element tensor, got {value.shape}")
+        if not dtype.is_floating_point and (value.is_floating_point() or value.is_complex()):
+            raise ConfigError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+        return value.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
+    if not dtype.is_floating_point and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31
+    ):
+        raise ConfigError(f"{name} must be an int in [0, 2**31) or a tensor, got {value!r}")
+    return torch.full((), value, dtype=dtype, device=device)

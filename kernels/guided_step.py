@@ -82,7 +82,7 @@ from fastdia.errors import ConfigError
 from fastdia.noise import MAX_INDEX, MAX_SEED
 from fastdia.ops.guided_step import TokenLocalStack
 
-from ._common import FLOAT_DTYPES, check_precision
+from ._common import FLOAT_DTYPES, check_precision, device_scalar
 
 __all__ = ["guided_step"]
 
@@ -423,19 +423,6 @@ def _interpreter_meta(rows: int, d: int) -> dict[str, int]:
     }
 
 
-def _scalar_tensor(
-    value: int | float | torch.Tensor, dtype: torch.dtype, device: torch.device, name: str
-) -> torch.Tensor:
-    """A 0-d ``dtype`` tensor on ``device``; never reads a device tensor back to the host."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ConfigError(f"{name} must be a scalar or a 1-element tensor, got {value.shape}")
-        if dtype == torch.int64 and (value.is_floating_point() or value.is_complex()):
-            raise ConfigError(f"{name} must be an integer tensor, got dtype {value.dtype}")
-        return value.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
-    return torch.full((), value, dtype=dtype, device=device)
-
-
 def _float_input(x: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     if tuple(x.shape) != shape:
         raise ConfigError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
@@ -533,9 +520,9 @@ def guided_step(
             isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED
         ):
             raise ConfigError(f"{name} must be an int in [0, 2**31) or a tensor, got {value!r}")
-    seed_t = _scalar_tensor(seed, torch.int64, device, "seed")
-    step_t = _scalar_tensor(step, torch.int64, device, "step")
-    lam_t = _scalar_tensor(guidance, torch.float32, device, "guidance")
+    seed_t = device_scalar(seed, torch.int64, device, "seed")
+    step_t = device_scalar(step, torch.int64, device, "step")
+    lam_t = device_scalar(guidance, torch.float32, device, "guidance")
     kappa = float(noise_kappa)
     if not kappa >= 0.0:
         raise ConfigError(f"noise_kappa must be >= 0, got {noise_kappa!r}")

@@ -24,7 +24,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdia.kernels._common import DOT_PRECISIONS, FLOAT_DTYPES, check_precision
+from fastdia.kernels._common import (
+    DOT_PRECISIONS,
+    FLOAT_DTYPES,
+    check_precision,
+    device_scalar,
+)
 
 from fastdia import noise
 from fastdia.device import sm_count, triton_interpreting
@@ -103,12 +108,6 @@ def _sample_kernel(
     tl.store(idx_ptr + pid_s * n + rows, best_id, mask=row_ok)
 
 
-def _scalar(value: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=torch.int64).reshape(())
-    return torch.full((), int(value), dtype=torch.int64, device=device)
-
-
 def sample_vocab(
     z: torch.Tensor,
     weight: torch.Tensor,
@@ -157,8 +156,8 @@ def sample_vocab(
         z,
         weight,
         bias if bias is not None else z,
-        _scalar(seed, device),
-        _scalar(step, device),
+        device_scalar(seed, torch.int64, device, "seed"),
+        device_scalar(step, torch.int64, device, "step"),
         vals,
         idx,
         n,

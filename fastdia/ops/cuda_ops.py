@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from fastdia.errors import ConfigError
-from fastdia.kernels._common import FLOAT_DTYPES
-from fastdia.noise import MAX_INDEX, MAX_SEED
+from fastdia.kernels._common import FLOAT_DTYPES, device_scalar
+from fastdia.noise import MAX_INDEX
 from fastdia.ops import cuda_build
 from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
 
@@ -109,23 +109,6 @@ def _register_fakes() -> None:
 
 
 # ---- guided_step ----------------------------------------------------------------------------
-
-
-def _device_scalar(
-    value: int | float | torch.Tensor, dtype: torch.dtype, device: torch.device, name: str
-) -> torch.Tensor:
-    """A one-element ``dtype`` tensor on ``device``; never reads a device tensor to the host."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ConfigError(f"{name} must be a scalar or a 1-element tensor, got {value.shape}")
-        if not dtype.is_floating_point and (value.is_floating_point() or value.is_complex()):
-            raise ConfigError(f"{name} must be an integer tensor, got dtype {value.dtype}")
-        return value.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
-    if not dtype.is_floating_point and (
-        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED
-    ):
-        raise ConfigError(f"{name} must be an int in [0, 2**31) or a tensor, got {value!r}")
-    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -231,9 +214,9 @@ def guided_step(
     coef = coef.to(device=device, dtype=torch.float32).contiguous()
     if tuple(coef.shape) not in ((4,), (batch, 4)):
         raise ConfigError(f"coef must be [4] or [B={batch}, 4], got {list(coef.shape)}")
-    seed_t = _device_scalar(seed, torch.int64, device, "seed")
-    step_t = _device_scalar(step, torch.int64, device, "step")
-    lam_t = _device_scalar(guidance, torch.float32, device, "guidance")
+    seed_t = device_scalar(seed, torch.int64, device, "seed")
+    step_t = device_scalar(step, torch.int64, device, "step")
+    lam_t = device_scalar(guidance, torch.float32, device, "guidance")
 
     w1 = b1 = w2 = b2 = None
     if critic is not None:

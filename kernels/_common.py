@@ -44,3 +44,21 @@ def device_scalar(
     ):
         raise ConfigError(f"{name} must be an int in [0, 2**31) or a tensor, got {value!r}")
     return torch.full((), value, dtype=dtype, device=device)
+
+
+def check_out_buffer(
+    buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str
+) -> torch.Tensor:
+    """``buf`` if it is a contiguous ``dtype`` tensor of ``shape`` on ``device`` (a caller's
+    output buffer that a kernel writes in place); else a ConfigError naming ``name``."""
+    if (
+        tuple(buf.shape) != tuple(shape)
+        or buf.dtype != dtype
+        or not buf.is_contiguous()
+        or buf.device != device
+    ):
+        raise ConfigError(
+            f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, "
+            f"got {buf.dtype} {list(buf.shape)} on {buf.device}"
+        )
+    return buf

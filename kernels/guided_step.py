@@ -82,7 +82,7 @@ from fastdia.errors import ConfigError
 from fastdia.noise import MAX_INDEX, MAX_SEED
 from fastdia.ops.guided_step import TokenLocalStack
 
-from ._common import FLOAT_DTYPES, check_precision, device_scalar
+from ._common import FLOAT_DTYPES, check_out_buffer, check_precision, device_scalar
 
 __all__ = ["guided_step"]
 
@@ -552,23 +552,14 @@ def guided_step(
 
     if out is None:
         out = torch.empty((n, d), dtype=torch.float32, device=device)
-    elif (
-        out.shape != (n, d)
-        or out.dtype != torch.float32
-        or not out.is_contiguous()
-        or out.device != device
-    ):
-        raise ConfigError(f"out must be a contiguous float32 [{n}, {d}] tensor on {device}")
+    else:
+        check_out_buffer(out, (n, d), torch.float32, device, "out")
     h = None
     if want_h:
-        h = torch.empty(batch, dtype=torch.float32, device=device) if h_out is None else h_out
-        if (
-            h.shape != (batch,)
-            or h.dtype != torch.float32
-            or not h.is_contiguous()
-            or h.device != device
-        ):
-            raise ConfigError(f"h_out must be a contiguous float32 [{batch}] tensor on {device}")
+        if h_out is None:
+            h = torch.empty(batch, dtype=torch.float32, device=device)
+        else:
+            h = check_out_buffer(h_out, (batch,), torch.float32, device, "h_out")
     if n == 0 or d == 0:
         return out, h
 

@@ -80,7 +80,7 @@ import triton.language as tl
 from fastdia.device import sm_count, triton_interpreting
 from fastdia.errors import ConfigError
 
-from ._common import DOT_PRECISIONS, FLOAT_DTYPES, check_precision
+from ._common import DOT_PRECISIONS, FLOAT_DTYPES, check_out_buffer, check_precision
 
 __all__ = ["clear_weight_cache", "round_to_vocab", "rounding_mismatches"]
 
@@ -538,32 +538,14 @@ def _check_buffers(
     if out is None:
         ids = torch.empty(n, dtype=torch.int64, device=device)
     else:
-        if (
-            out.shape != lead
-            or out.dtype != torch.int64
-            or not out.is_contiguous()
-            or out.device != device
-        ):
-            raise ConfigError(
-                f"out must be a contiguous int64 tensor of shape {list(lead)} on {device}"
-            )
-        ids = out.view(-1)
+        ids = check_out_buffer(out, tuple(lead), torch.int64, device, "out").view(-1)
     emb = None
     if return_embeddings:
         shape = (*lead, d)
         if out_embeddings is None:
             emb = torch.empty(shape, dtype=weight.dtype, device=device)
-        elif (
-            out_embeddings.shape != shape
-            or out_embeddings.dtype != weight.dtype
-            or not out_embeddings.is_contiguous()
-            or out_embeddings.device != device
-        ):
-            raise ConfigError(
-                f"out_embeddings must be a contiguous {weight.dtype} tensor of shape {list(shape)}"
-            )
         else:
-            emb = out_embeddings
+            emb = check_out_buffer(out_embeddings, shape, weight.dtype, device, "out_embeddings")
     return ids, emb
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from fastdia.errors import ConfigError
-from fastdia.kernels._common import FLOAT_DTYPES, device_scalar
+from fastdia.kernels._common import FLOAT_DTYPES, check_out_buffer, device_scalar
 from fastdia.noise import MAX_INDEX
 from fastdia.ops import cuda_build
 from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
@@ -377,27 +377,13 @@ def round_to_vocab(
         if tuple(bias.shape) != (v,):
             raise ConfigError(f"bias must be [V={v}], got {list(bias.shape)}")
         bias = bias.to(device=device, dtype=torch.float32).contiguous()
-    if out is not None and (
-        out.shape != lead
-        or out.dtype != torch.int64
-        or not out.is_contiguous()
-        or out.device != device
-    ):
-        raise ConfigError(
-            f"out must be a contiguous int64 tensor of shape {list(lead)} on {device}"
-        )
+    if out is not None:
+        check_out_buffer(out, tuple(lead), torch.int64, device, "out")
     emb_shape = (*lead, d)
-    if out_embeddings is not None and (
-        not return_embeddings
-        or out_embeddings.shape != emb_shape
-        or out_embeddings.dtype != weight.dtype
-        or not out_embeddings.is_contiguous()
-        or out_embeddings.device != device
-    ):
-        raise ConfigError(
-            f"out_embeddings must be a contiguous {weight.dtype} tensor of shape "
-            f"{list(emb_shape)} on {device}, with return_embeddings=True"
-        )
+    if out_embeddings is not None:
+        if not return_embeddings:
+            raise ConfigError("out_embeddings needs return_embeddings=True")
+        check_out_buffer(out_embeddings, emb_shape, weight.dtype, device, "out_embeddings")
     if n == 0:
         ids = out if out is not None else torch.empty(lead, dtype=torch.int64, device=device)
         if not return_embeddings:

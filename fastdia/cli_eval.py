@@ -157,11 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = load_base_model(args.base_model, device=device)
     weights = list(zip(guide.names, guide.weights, strict=True))
     n, length = args.num_samples, args.length
-    true_guide = guide  # best-of-N picks by the true guiding reward
-
     def score(texts: list[str]) -> Any:
-        values = true_guide(texts)
-        return sum(w * values[k] for k, w in zip(guide.names, guide.weights, strict=True))
+        """The true guiding reward (weighted), by which best-of-N picks."""
+        values = guide(texts)
+        return sum(w * values[k] for k, w in weights)
 
     methods: list[tuple[str, str, dict[str, Any], Any]] = []
     for b in baselines:

@@ -184,9 +184,9 @@ def evaluate_method(
         batches.append(Batch(ids, base.space.encode(prompt)))
         seconds += sec
     start = time.perf_counter()
-    reward([t for b in batches for t in base.space.decode_batch(b.ids)])
+    values = reward([t for b in batches for t in base.space.decode_batch(b.ids)])
     seconds += time.perf_counter() - start  # what a user pays to score the samples
-    return summarise(base, reward, batches, seconds)
+    return summarise(base, lambda texts: values, batches, seconds)
 
 
 def base_model_method(base: BaseModel, num_samples: int, length: int) -> Method:

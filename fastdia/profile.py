@@ -77,38 +77,29 @@ def _version(package: str) -> str | None:
         return None
 
 
-def git_sha(folder: Path | None = None) -> str:
-    """The short git sha of the checkout holding ``folder`` (default: fastdia's), or
-    ``"unknown"`` outside a git checkout."""
+def _git(args: list[str], folder: Path | None) -> str | None:
+    """``git ARGS``'s output in the checkout holding ``folder`` (default: fastdia's), or
+    None outside a git checkout or when git fails."""
     folder = folder or Path(__file__).resolve().parents[1]
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=folder,
-            timeout=10,
-        ).stdout.strip()
+            ["git", *args], capture_output=True, text=True, check=True, cwd=folder, timeout=30
+        ).stdout
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return "unknown"
+        return None
+
+
+def git_sha(folder: Path | None = None) -> str:
+    """The short git sha of the checkout holding ``folder`` (default: fastdia's), or
+    ``"unknown"`` outside a git checkout."""
+    out = _git(["rev-parse", "--short", "HEAD"], folder)
+    return "unknown" if out is None else out.strip()
 
 
 def git_dirty(folder: Path | None = None) -> bool | None:
     """Whether the checkout holding ``folder`` has uncommitted changes (None: unknown)."""
-    folder = folder or Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=folder,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return None
-    return bool(out.strip())
+    out = _git(["status", "--porcelain", "--untracked-files=no"], folder)
+    return None if out is None else bool(out.strip())
 
 
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@
 //
 // Design
 // * Without a critic the step is elementwise: a grid-stride loop over 16-byte groups
-//   (4 fp32 or 8 fp16/bf16 elements), one Philox4x32-10 per element (fastdia.noise).
+//   (4 fp32 or 8 fp16/bf16 elements), one Philox4x32-10 draw per four elements (fastdia.noise).
 // * With a critic a block owns kRows = 64 tokens. Phase A computes pre = z W1^T on the
 //   tensor cores (3xTF32: fp32-level accuracy) over d in chunks of 32 and W1 in blocks of
 //   128 hidden units (padded with zero units, which contribute nothing), into shared memory;
@@ -118,22 +118,23 @@ __global__ void __launch_bounds__(kThreads)
       load_n(z + k0, zv, true, kVec);
       load_n(eps + k0, ev, true, kVec);
       if (grad != nullptr) load_n(grad + k0, gv, true, kVec);
-      float o[kVec];
+      float o[kVec], zeta[kVec] = {};
+      philox::randn_span(key, k0, zeta, kVec);  // k0 % 4 == 0: one draw per four elements
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const float gi = grad != nullptr ? to_float(gv[i]) : 0.0f;
-        const float zeta = philox::randn(key, static_cast<uint32_t>(k0 + i));
-        o[i] = c.a * to_float(zv[i]) + c.b * to_float(ev[i]) + c.cl * gi + c.s * zeta;
+        o[i] = c.a * to_float(zv[i]) + c.b * to_float(ev[i]) + c.cl * gi + c.s * zeta[i];
       }
       store_f32(p.out + k0, o, true, kVec);
     } else {
+      float zeta[kVec] = {};
+      philox::randn_span(key, k0, zeta, static_cast<int>(total - k0 < kVec ? total - k0 : kVec));
       for (int i = 0; i < kVec; ++i) {
         const int64_t k = k0 + i;
         if (k >= total) break;
         const Coef c = row_coef(p, k / p.d, lam, 1.0f);
         const float gi = grad != nullptr ? to_float(grad[k]) : 0.0f;
-        const float zeta = philox::randn(key, static_cast<uint32_t>(k));
-        p.out[k] = c.a * to_float(z[k]) + c.b * to_float(eps[k]) + c.cl * gi + c.s * zeta;
+        p.out[k] = c.a * to_float(z[k]) + c.b * to_float(eps[k]) + c.cl * gi + c.s * zeta[i];
       }
     }
   }
@@ -299,14 +300,14 @@ __device__ void critic_step(const Params& p, const Smem& s, int64_t row0, int ro
       load_n(z + off, zv, vec.z, valid);
       load_n(eps + off, ev, vec.z, valid);
       if (grad != nullptr) load_n(grad + off, gv, vec.z, valid);
-      float o[8];
+      float o[8], zeta[8] = {};
+      philox::randn_span(key, off, zeta, valid);  // d % 4 == 0: two draws for eight elements
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         // the reference's order: g = grad + (gp W1) / L
         const float critic_g = s.sg[r * kLd + c0 + i] / len;
         const float g = grad != nullptr ? to_float(gv[i]) + critic_g : critic_g;
-        const float zeta = philox::randn(key, static_cast<uint32_t>(off + i));
-        o[i] = c.a * to_float(zv[i]) + c.b * to_float(ev[i]) + c.cl * g + c.s * zeta;
+        o[i] = c.a * to_float(zv[i]) + c.b * to_float(ev[i]) + c.cl * g + c.s * zeta[i];
       }
       store_f32(p.out + off, o, vec.out, valid);
     }

@@ -1,12 +1,14 @@
-// Counter-based Gaussian noise numbered exactly as fastdia.noise and Triton's tl.randn.
+// Counter-based Gaussian noise numbered exactly as fastdia.noise and Triton's tl.randn4x.
 //
 // The Gaussian for element k (the row-major flat index, 0 <= k < 2**31) of step `step`
-// under user seed `seed` is tl.randn(key, k) with the 64-bit key (seed << 32) | step:
-// Philox4x32-10 on the counter (k, 0, 0, 0) with key words (k0, k1) = (step, seed); words
-// 0 and 1 map to uniforms in [0, 1) (bitcast to int32, negatives to -x - 1, times
-// 4.6566127342e-10f), u1 is clamped to >= 1e-7 and the result is the Box-Muller cosine
-// sqrt(-2 log u1) * cos(2 pi u2), all in fp32. The Philox integers are bit-identical to
-// Triton's and to the PyTorch reference; the floats agree to the rounding of log/sqrt/cos.
+// under user seed `seed` is lane k % 4 of tl.randn4x(key, k / 4) with the 64-bit key
+// (seed << 32) | step: Philox4x32-10 on the counter (k / 4, 0, 0, 0) with key words
+// (k0, k1) = (step, seed), so one draw serves four consecutive elements (a group). The four
+// words map to uniforms u1..u4 in [0, 1) (bitcast to int32, negatives to -x - 1, times
+// 4.6566127342e-10f); u1 and u3 are clamped to >= 1e-7; lanes 0 and 1 are r cos(2 pi u2) and
+// r sin(2 pi u2) with r = sqrt(-2 log u1), lanes 2 and 3 the same of (u3, u4), all in fp32.
+// The Philox integers are bit-identical to Triton's and to the PyTorch reference; the floats
+// agree to the rounding of log/sqrt/cos/sin.
 //
 // Everything here is __host__ __device__ so a host program can pin the integers to the
 // reference without a GPU (tests/csrc/philox_host.cu).
@@ -88,13 +90,41 @@ FASTDIA_HD float uniform(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>(folded)) * kUniformScale;
 }
 
-// tl.randn(key, counter) in fp32.
-FASTDIA_HD float randn(uint64_t key, uint32_t counter) {
-  const Words w = randint4x(key, counter);
-  const float u1 = fmaxf(kU1Min, uniform(w.w0));
-  const float u2 = uniform(w.w1);
-  const float r = sqrtf(-2.0f * logf(u1));
-  return r * cosf(kTwoPi * u2);
+// The four Gaussians of group `group` (tl.randn4x(key, group)), lanes 0..3.
+struct Normals {
+  float n0, n1, n2, n3;
+
+  // Lane `lane` (0..3), without indexing a local array (no local memory on the device).
+  FASTDIA_HD float lane(uint32_t l) const {
+    return l < 2u ? (l == 0u ? n0 : n1) : (l == 2u ? n2 : n3);
+  }
+};
+
+FASTDIA_HD Normals randn4(uint64_t key, uint32_t group) {
+  const Words w = randint4x(key, group);
+  const float r01 = sqrtf(-2.0f * logf(fmaxf(kU1Min, uniform(w.w0))));
+  const float r23 = sqrtf(-2.0f * logf(fmaxf(kU1Min, uniform(w.w2))));
+  const float t01 = kTwoPi * uniform(w.w1);
+  const float t23 = kTwoPi * uniform(w.w3);
+  return {r01 * cosf(t01), r01 * sinf(t01), r23 * cosf(t23), r23 * sinf(t23)};
+}
+
+// The Gaussian of element k alone (one draw for one element: prefer randn_span).
+FASTDIA_HD float randn(uint64_t key, uint32_t k) { return randn4(key, k >> 2).lane(k & 3u); }
+
+// The Gaussians of elements k0 .. k0 + count - 1 into out[0 .. count) (count <= N), one
+// draw per group the span touches: a span of N = 4 m elements starting at a multiple of 4
+// costs m draws. Lanes past `count` are left as they are.
+template <int N>
+FASTDIA_HD void randn_span(uint64_t key, int64_t k0, float (&out)[N], int count) {
+  Normals group = randn4(key, static_cast<uint32_t>(k0 >> 2));
+FASTDIA_UNROLL
+  for (int i = 0; i < N; ++i) {
+    if (i >= count) break;
+    const auto k = static_cast<uint32_t>(k0 + i);
+    if (i > 0 && (k & 3u) == 0u) group = randn4(key, k >> 2);
+    out[i] = group.lane(k & 3u);
+  }
 }
 
 }  // namespace philox

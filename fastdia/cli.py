@@ -7,6 +7,7 @@ is loaded; errors print one line naming the problem and the fix, and exit with s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -182,6 +183,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "sampler": config.sampler,
         "decode": config.decode,
         "stop_at": config.stop_at,
+        "lm": dataclasses.asdict(config.lm),
         "guidance": guidance,
         "reward": rewards.spec,
         "base_model": args.base_model,

@@ -50,7 +50,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--baselines",
         default="base,best-of-4,best-of-16,critic",
-        help="comma-separated baseline rows: base, best-of-N, critic (or 'none')",
+        help="comma-separated baseline rows: base (T = 1), base-TX (the base model at "
+        "temperature X, e.g. base-T0.8), best-of-N, critic (or 'none')",
     )
     p.add_argument(
         "--baseline-tilt",
@@ -81,6 +82,17 @@ _BOOL = {"true": True, "false": False, "1": True, "0": False}
 _VARIANT_KEYS = {"guidance", "self_condition", "clean_prompt", "time_warp"}
 
 
+def base_temperature(spec: str) -> float | None:
+    """The temperature of a ``base-TX`` baseline spec (``base-T0.8`` -> 0.8), else None."""
+    if not spec.startswith("base-T"):
+        return None
+    try:
+        value = float(spec[6:])
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:KEY=VALUE,...`` -> ``(NAME, {key: value})`` with numbers and booleans parsed.
 
@@ -100,7 +112,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             known = ", ".join(sorted(set(BUILTIN_SAMPLING) | _VARIANT_KEYS))
             raise ConfigError(f"--variant {text!r}: unknown setting {key!r}; known: {known}")
         value = value.strip()
-        if value.lower() in _BOOL and key in _VARIANT_KEYS - {"guidance"}:
+        if value.lower() in _BOOL and key in (_VARIANT_KEYS - {"guidance"}) | {"tilt_once"}:
             changes[key] = _BOOL[value.lower()]
         elif key in ("decode", "sampler"):
             changes[key] = value
@@ -148,8 +160,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         built.append((name, settings, sampler_config(settings, **extra)))
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     for b in baselines:
-        if b not in ("base", "critic") and not (b.startswith("best-of-") and b[8:].isdigit()):
-            raise ConfigError(f"unknown baseline {b!r}; known: base, best-of-N, critic, none")
+        if b not in ("base", "critic") and not (
+            (b.startswith("best-of-") and b[8:].isdigit()) or base_temperature(b) is not None
+        ):
+            raise ConfigError(
+                f"unknown baseline {b!r}; known: base, base-TX (X > 0), best-of-N, critic, none"
+            )
     sets = {
         Path(s).stem if Path(s).suffix else s: ev.prompt_set(s) for s in args.prompt_sets.split(",")
     }
@@ -157,6 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = load_base_model(args.base_model, device=device)
     weights = list(zip(guide.names, guide.weights, strict=True))
     n, length = args.num_samples, args.length
+
     def score(texts: list[str]) -> Any:
         """The true guiding reward (weighted), by which best-of-N picks."""
         values = guide(texts)
@@ -166,6 +183,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for b in baselines:
         if b == "base":
             methods.append(("base model", "baseline", {}, ev.base_model_method(base, n, length)))
+        elif (temp := base_temperature(b)) is not None:
+            methods.append(
+                (
+                    f"base model T={temp:g}",
+                    "baseline",
+                    {"temperature": temp},
+                    ev.base_model_method(base, n, length, temperature=temp),
+                )
+            )
         elif b.startswith("best-of-"):
             k = int(b[8:])
             methods.append(

@@ -85,6 +85,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         help="--decode lm: the critics' per-token values weigh tilt x guidance / length "
         f"(1: the exact tilt of p(x) exp(lambda h(x))) ({ckpt} 0)",
     )
+    p.add_argument(
+        "--tilt-once",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--decode lm: a token earns the tilt at its first use in a continuation only, "
+        f"so repeating a well-scored word gains nothing ({ckpt} off)",
+    )
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,5 +105,6 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "lm_temperature",
         "latent_weight",
         "tilt",
+        "tilt_once",
     )
     return {k: getattr(args, k) for k in keys}

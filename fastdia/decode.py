@@ -26,6 +26,12 @@ the bias above: a Gumbel-max draw over the vocabulary that never writes the ``[B
 scores. Untied models take the general path (LM logits plus the latent term, then
 Gumbel-max), which writes them.
 
+With ``tilt_once`` (:class:`DecodeConfig`) the sum runs over the *distinct* tokens of the
+continuation: a token's ``beta u(v)`` is added until the row draws it, then dropped (a
+per-row bias ``[B, V]``, updated in place after every draw). A strong tilt then cannot
+buy reward by repeating its best words, which is what makes plain critic-weighted
+decoding degenerate.
+
 Noise: the Gumbel variable of token ``v`` for sequence ``b`` at position ``i`` is drawn
 with fastdia's Philox numbering (:mod:`fastdia.noise`) at step ``DECODE_STEP + i``,
 element ``b V + v``, so a seed gives the same text on every backend.
@@ -33,15 +39,22 @@ element ``b V + v``, so a seed gives the same text on every backend.
 ``beta`` alone with ``w = 0`` is critic-weighted decoding of the base model (the
 baseline in ``fastdia eval``).
 
-Not captured in a CUDA graph (a known gap): the decode runs eagerly after the sampler's
-replayed diffusion loop, one base-model forward per position with the model's own dynamic
-KV cache. Its loop reads nothing back to the host in fastdia's code (the noise counters
-are host constants per position); a static KV cache with a captured per-token step, as in
-gpt-fast, would need a cache class per model family and is not done.
+The loop (DESIGN §2): where transformers' ``StaticCache`` serves the model, the KV cache
+is static (``[B, heads, L, head_dim]`` per layer, allocated once per plan) and each
+position is one call of :meth:`DecodePlan.step`, which reads everything it needs from the
+plan's device buffers (the last token, its cache position, the output position, the seed
+and the noise step) and advances them in place: it creates nothing from host values that
+change between calls and reads nothing back to the host (``tests/test_decode.py`` checks
+this on CPU under :class:`fastdia.strict.GraphSafeMode`). The prompt is written to the
+cache by one eager forward (its length varies); on a CUDA device with ``graph=True`` the
+step is captured once per plan as a CUDA graph and replayed once per position, as
+gpt-fast does. Models that ``StaticCache`` cannot serve decode eagerly with their own
+dynamic cache, the same step otherwise.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +67,8 @@ from fastdia.errors import ConfigError
 if TYPE_CHECKING:
     from fastdia.base_model import BaseModel
     from fastdia.models.critic import TokenLocalCritic
+
+log = logging.getLogger(__name__)
 
 DECODES = ("nearest", "lm")
 DECODE_STEP = 2**30  # noise step of decode position 0 (far above any diffusion row)
@@ -78,16 +93,23 @@ class DecodeConfig:
             latent is ignored).
         tilt: >= 0, the critics' per-token values weigh ``tilt * lambda / L`` (1: the
             exact tilt of ``p(x) exp(lambda h(x))``).
+        tilt_once: a token earns its tilt at its first use in the continuation only (the
+            prompt does not count): repeating a well-scored word gains nothing, which
+            keeps a strong tilt from writing "great great love love". The target is then
+            no longer exactly ``p(x) exp(lambda h(x))`` but ``h`` over distinct tokens.
     """
 
     temperature: float = 1.0
     latent_weight: float = 1.0
     tilt: float = 0.0
+    tilt_once: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self.temperature, "the LM decode's temperature")
         check_positive(self.latent_weight, "the LM decode's latent weight", allow_zero=True)
         check_positive(self.tilt, "the LM decode's tilt", allow_zero=True)
+        if not isinstance(self.tilt_once, bool):
+            raise ConfigError(f"tilt_once must be true or false, got {self.tilt_once!r}")
 
 
 def token_values(
@@ -129,6 +151,35 @@ def _cache_argument(module: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def static_cache(model: Any, batch_size: int, length: int) -> Any | None:
+    """A transformers ``StaticCache`` for ``batch_size`` sequences of ``length`` tokens on
+    the model's device and dtype, or None where this transformers or model has none.
+
+    The constructor's arguments changed across transformers versions (``batch_size``,
+    ``max_batch_size``, ``device``, ``dtype`` come and go): the ones it takes are passed.
+    """
+    import inspect
+
+    try:
+        from transformers import StaticCache
+    except ImportError:
+        return None
+    params = inspect.signature(StaticCache.__init__).parameters
+    given = {
+        "config": model.config,
+        "max_cache_len": length,
+        "batch_size": batch_size,
+        "max_batch_size": batch_size,
+        "device": model.device,
+        "dtype": model.dtype,
+    }
+    try:
+        return StaticCache(**{k: v for k, v in given.items() if k in params})
+    except (TypeError, ValueError, AttributeError, NotImplementedError) as err:
+        log.info("no static KV cache for %s (%s): the LM decode uses a dynamic one", model, err)
+        return None
+
+
 class LMDecoder:
     """The base model as the decode's prior; :meth:`plan` binds a shape and level."""
 
@@ -142,14 +193,25 @@ class LMDecoder:
         abar: float,
         critics: Sequence[tuple[TokenLocalCritic, float]],
         beta: float,
+        *,
+        graph: bool = False,
     ) -> DecodePlan:
         """A decode of ``batch_size`` sequences of ``length`` tokens from level ``abar``,
-        the critics' per-token values weighted by ``beta``."""
-        return DecodePlan(self, batch_size, length, abar, critics, beta)
+        the critics' per-token values weighted by ``beta``; ``graph``: capture the
+        per-token step as a CUDA graph (on a CUDA device with a static cache)."""
+        return DecodePlan(self, batch_size, length, abar, critics, beta, graph=graph)
 
 
 class DecodePlan:
-    """The static part of an LM decode: the query shift ``alpha`` and the score bias."""
+    """The static part of an LM decode: the query shift ``alpha``, the score bias, the KV
+    cache and the buffers of the per-token step (see the module docstring).
+
+    Buffers (on the space's device unless said): ``ids [B, L]`` int64 (the output),
+    ``z [B, L, d]`` float32 (the latent, copied in by :meth:`run`), ``seed []`` and
+    ``noise_step []`` int64, ``out_pos [1]`` int64 (the position being sampled); on the
+    model's device ``tok [B, 1]`` int64 (the last token) and ``cache_pos [1]`` int64 (its
+    position in the KV cache).
+    """
 
     def __init__(
         self,
@@ -159,12 +221,17 @@ class DecodePlan:
         abar: float,
         critics: Sequence[tuple[TokenLocalCritic, float]],
         beta: float,
+        *,
+        graph: bool = False,
     ) -> None:
+        from fastdia import ops
+
         cfg = decoder.config
-        space = decoder.base.space
+        base = decoder.base
+        space = base.space
         self.decoder, self.batch_size, self.length = decoder, batch_size, length
-        self.model = decoder.base.model
-        self.tied = ties_embeddings(self.model)
+        self.model = model = base.model
+        self.tied = ties_embeddings(model)
         c = space.scale
         w = cfg.latent_weight
         if w and abar >= 1.0:
@@ -174,61 +241,175 @@ class DecodePlan:
             )
         self.alpha = w * math.sqrt(abar) * c / (1.0 - abar) if w else 0.0
         weight = space.weight
-        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        device = weight.device
+        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device)
         if w:
             bias -= w * abar * c * c / (2.0 * (1.0 - abar)) * weight.float().pow(2).sum(dim=1)
-        if beta and critics:
-            bias += beta * token_values(critics, weight, c)
+        tilt = beta * token_values(critics, weight, c) if beta and critics else None
+        if tilt is not None:
+            bias += tilt
         self.bias = bias
+        # tilt_once: a per-row bias [B, V] that loses a token's tilt once it is drawn
+        once = cfg.tilt_once and tilt is not None
+        self.row_bias = bias.repeat(batch_size, 1) if once else None
+        self._spent = bias - tilt if once else None
+        self._inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self._cache_arg = _cache_argument(self._inner)
+        self._backend = decoder.backends.get(ops.ROUND_TO_VOCAB)
+        start = base.tokenizer.bos_token_id
+        self._start = int(start if start is not None else base.tokenizer.eos_token_id)
+        # the step's buffers
+        self.ids = torch.zeros(batch_size, length, dtype=torch.int64, device=device)
+        self.z = torch.zeros(batch_size, length, space.dim, device=device)
+        self.seed = torch.zeros((), dtype=torch.int64, device=device)
+        self.noise_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.out_pos = torch.zeros(1, dtype=torch.int64, device=device)
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.int64, device=model.device)
+        self.cache_pos = torch.zeros(1, dtype=torch.int64, device=model.device)
+        self.cache = static_cache(model, batch_size, length)
+        self._dynamic: Any = None  # the model's own cache when there is no static one
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._want_graph = graph and device.type == "cuda" and self.cache is not None
+
+    @property
+    def static(self) -> bool:
+        """Whether the KV cache is static (the step is graph-safe)."""
+        return self.cache is not None
+
+    @property
+    def graphed(self) -> bool:
+        """Whether :meth:`run` replays the step as a captured CUDA graph."""
+        return self._graph is not None
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The LM on ``tokens [B, n]`` at cache positions ``positions [n]``: the final
+        hidden state of the last one, ``[B, hidden]`` float32 on the space's device."""
+        if self.cache is not None:
+            out = self._inner(
+                input_ids=tokens,
+                use_cache=True,
+                cache_position=positions,
+                position_ids=positions[None, :].expand(tokens.shape[0], -1),
+                **{self._cache_arg: self.cache},
+            )
+        else:
+            out = self._inner(input_ids=tokens, use_cache=True, **{self._cache_arg: self._dynamic})
+            self._dynamic = getattr(out, self._cache_arg)
+        return out.last_hidden_state[:, -1].to(device=self.ids.device, dtype=torch.float32)
+
+    def _draw(self, h: torch.Tensor) -> torch.Tensor:
+        """One token per row from the decode score of the final hidden state ``h``, at the
+        position ``out_pos``: ``[B]`` int64."""
+        from fastdia import ops
+
+        cfg = self.decoder.config
+        space = self.decoder.base.space
+        query = h / cfg.temperature
+        if self.alpha:
+            latent = self.z.index_select(1, self.out_pos)[:, 0]
+            query = query + self.alpha * latent
+        bias = self.bias if self.row_bias is None else self.row_bias
+        if self.tied:
+            return ops.sample_vocab(
+                query,
+                space.weight,
+                bias,
+                seed=self.seed,
+                step=self.noise_step,
+                backend=self._backend,
+            )
+        head = self.model.get_output_embeddings()
+        logits = head(h.to(device=self.model.device, dtype=self.model.dtype)).float()
+        logits = logits.to(self.ids.device) / cfg.temperature + bias
+        if self.alpha:
+            latent = self.z.index_select(1, self.out_pos)[:, 0]
+            logits = logits + self.alpha * (latent @ space.weight.float().T)
+        return ops.gumbel_argmax(logits, seed=self.seed, step=self.noise_step)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One position: the LM reads ``tok`` at ``cache_pos``, a token is drawn for
+        ``out_pos`` and written to ``ids`` and ``tok``; the three counters and the noise
+        step advance by one. Graph-safe with a static cache (the module docstring)."""
+        h = self._forward(self.tok, self.cache_pos)
+        tok = self._draw(h)
+        self.ids.index_copy_(1, self.out_pos, tok[:, None])
+        if self.row_bias is not None:  # the drawn token's tilt is spent in its row
+            self.row_bias.scatter_(1, tok[:, None], self._spent.index_select(0, tok)[:, None])
+        self.tok.copy_(tok[:, None])
+        self.cache_pos.add_(1)
+        self.out_pos.add_(1)
+        self.noise_step.add_(1)
+
+    def _start_run(self, z: torch.Tensor | None, prompt: torch.Tensor, seed: int) -> int:
+        """Fill the buffers for a run and write all but the prompt's last token to the
+        KV cache; returns the prompt length ``p``."""
+        p = int(prompt.shape[0])
+        if p >= self.length:
+            raise ConfigError(f"a prompt of {p} tokens leaves nothing to decode in {self.length}")
+        if z is not None:
+            self.z.copy_(z)
+        elif self.alpha:
+            raise ConfigError("this decode weighs the latent (latent_weight > 0): pass z")
+        self.ids[:, :p] = prompt.to(self.ids.device)
+        if self.row_bias is not None:
+            self.row_bias.copy_(self.bias.expand_as(self.row_bias))
+        self.seed.fill_(seed)
+        self.noise_step.fill_(DECODE_STEP + p)
+        self.out_pos.fill_(p)
+        self._dynamic = None
+        if self.cache is not None:
+            self.cache.reset()  # in place: the captured step keeps its addresses
+        if p == 0:  # the model reads a start token that is not part of the output
+            self.tok.fill_(self._start)
+            self.cache_pos.fill_(0)
+            return p
+        context = prompt.to(self.tok.device)[None, :].expand(self.batch_size, -1)
+        if p > 1:
+            positions = torch.arange(p - 1, device=self.tok.device)
+            self._forward(context[:, : p - 1], positions)
+        self.tok.copy_(context[:, p - 1 :])
+        self.cache_pos.fill_(p - 1)
+        return p
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """Warm the step up on a side stream (a whole decode), then capture it as one CUDA
+        graph; a capture that fails leaves the decode eager, with a warning."""
+        device = self.ids.device
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                prompt = torch.full((1,), self._start, dtype=torch.int64, device=device)
+                self._start_run(None if not self.alpha else self.z, prompt, 0)
+                for _ in range(1, self.length):
+                    self.step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.step()
+            except RuntimeError as err:
+                log.warning("CUDA graph capture of the LM decode step failed (eager): %s", err)
+                self._want_graph = False
+                return
+        self._graph = graph
+        log.info("captured the LM decode step for B=%d, L=%d", self.batch_size, self.length)
 
     @torch.no_grad()
     def run(self, z: torch.Tensor | None, prompt: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Decode ``z [B, L, d]`` (or None: the prior and tilt alone) after ``prompt [p]``.
 
-        Returns ``[B, L]`` int64 token ids on ``z``'s device, the prompt included.
+        Returns the plan's ``[B, L]`` int64 buffer of token ids (the prompt included) on
+        the space's device; the next run overwrites it.
         """
-        from fastdia import ops
-
-        base, cfg = self.decoder.base, self.decoder.config
-        space, model = base.space, self.model
-        batch, length = self.batch_size, self.length
-        device = space.weight.device
-        p = int(prompt.shape[0])
-        ids = torch.empty(batch, length, dtype=torch.int64, device=device)
-        ids[:, :p] = prompt
-        if p:
-            context = prompt.to(model.device)[None, :].expand(batch, -1)
-        else:
-            start = base.tokenizer.bos_token_id
-            if start is None:
-                start = base.tokenizer.eos_token_id
-            context = torch.full((batch, 1), int(start), dtype=torch.int64, device=model.device)
-        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        cache_arg = _cache_argument(inner)
-        cache = None
-        backend = self.decoder.backends.get(ops.ROUND_TO_VOCAB)
-        for i in range(p, length):
-            out = inner(input_ids=context, use_cache=True, **{cache_arg: cache})
-            cache = getattr(out, cache_arg)
-            h = out.last_hidden_state[:, -1].to(device=device, dtype=torch.float32)
-            query = h / cfg.temperature
-            if self.alpha:
-                query = query + self.alpha * z[:, i].float()
-            if self.tied:
-                tok = ops.sample_vocab(
-                    query,
-                    space.weight,
-                    self.bias,
-                    seed=seed,
-                    step=DECODE_STEP + i,
-                    backend=backend,
-                )
+        if self._want_graph and self._graph is None:
+            self._capture()
+        p = self._start_run(z, prompt, seed)
+        for _ in range(p, self.length):
+            if self._graph is not None:
+                self._graph.replay()
             else:
-                logits = model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
-                logits = logits.to(device) / cfg.temperature + self.bias
-                if self.alpha:
-                    logits = logits + self.alpha * (z[:, i].float() @ space.weight.float().T)
-                tok = ops.gumbel_argmax(logits, seed=seed, step=DECODE_STEP + i)
-            ids[:, i] = tok
-            context = tok.to(model.device)[:, None]
-        return ids
+                self.step()
+        return self.ids

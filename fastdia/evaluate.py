@@ -189,13 +189,17 @@ def evaluate_method(
     return summarise(base, lambda texts: values, batches, seconds)
 
 
-def base_model_method(base: BaseModel, num_samples: int, length: int) -> Method:
-    """The base model's own samples: temperature 1, top-p 0.95."""
+def base_model_method(
+    base: BaseModel, num_samples: int, length: int, *, temperature: float = 1.0
+) -> Method:
+    """The base model's own samples: ``temperature`` (1 by default), top-p 0.95."""
 
     def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
         torch.manual_seed(seed)
         start = time.perf_counter()
-        ids = sample_continuations(base, base.space.encode(prompt), num_samples, length)
+        ids = sample_continuations(
+            base, base.space.encode(prompt), num_samples, length, temperature=temperature
+        )
         return ids, time.perf_counter() - start
 
     return run
@@ -256,7 +260,7 @@ def critic_decoding_method(
     def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
         ids = plan.run(None, torch.tensor(base.space.encode(prompt)), seed=seed)
-        return ids.cpu(), time.perf_counter() - start
+        return ids.to("cpu", copy=True), time.perf_counter() - start  # the plan reuses ids
 
     return run
 

@@ -1,29 +1,32 @@
-"""Counter-based Gaussian noise that matches Triton's ``tl.randn`` on any device.
+"""Counter-based Gaussian noise that matches Triton's ``tl.randn4x`` on any device.
 
 The fastdia noise convention
 ----------------------------
 The Gaussian for element ``k`` (the row-major flat index into a contiguous tensor,
-``0 <= k < 2**31``) of step ``step`` under user seed ``seed`` is::
+``0 <= k < 2**31``) of step ``step`` under user seed ``seed`` is lane ``k % 4`` of::
 
-    tl.randn(key, k)    with the 64-bit Triton seed  key = (seed << 32) | step
+    tl.randn4x(key, k // 4)    with the 64-bit Triton seed  key = (seed << 32) | step
 
-so the Philox key words are ``k0 = step`` (low 32 bits) and ``k1 = seed`` (high 32 bits),
-and the Philox counter is ``(c0, c1, c2, c3) = (k, 0, 0, 0)`` (Triton's int32-offset path).
-Both ``seed`` and ``step`` must lie in ``[0, 2**31)``. Step 0 draws the initial noise
-``z_T``; sampler row ``r`` draws with step ``r + 1`` (the sampler applies that shift).
+so one Philox draw serves four consecutive elements (a *group*): the Philox key words are
+``k0 = step`` (low 32 bits) and ``k1 = seed`` (high 32 bits), and the counter is
+``(c0, c1, c2, c3) = (k // 4, 0, 0, 0)`` (Triton's int32-offset path). Both ``seed`` and
+``step`` must lie in ``[0, 2**31)``. Step 0 draws the initial noise ``z_T``; sampler row
+``r`` draws with step ``r + 1`` (the sampler applies that shift).
 
 Because the stream is a pure function of ``(seed, step, k)``, a fused Triton kernel that calls
-``tl.randn(key, k)`` and this PyTorch reference produce the same noise: the Philox4x32-10
+``tl.randn4x(key, k // 4)`` (``kernels/randn.py`` has the tile helpers), the CUDA header
+``csrc/philox.cuh`` and this PyTorch reference produce the same noise: the Philox4x32-10
 integers are bit-identical, and the floats (uniform map plus Box-Muller in fp32) agree to
-float rounding of ``log``/``sqrt``/``cos`` (about 1e-6).
+float rounding of ``log``/``sqrt``/``cos``/``sin`` (about 1e-6).
 
 Algorithm (a transcription of ``triton/language/random.py``):
 
 * Philox4x32 with 10 rounds, multipliers ``0xD2511F53``/``0xCD9E8D57`` and key increments
   ``0x9E3779B9``/``0xBB67AE85``;
-* the first two output words ``i1, i2`` are bitcast to int32, negatives map to ``-x - 1``
-  and the result is scaled by ``4.6566127342e-10`` (fp32) to give ``u1, u2`` in ``[0, 1)``;
-* ``u1`` is clamped to ``>= 1e-7`` and the output is ``sqrt(-2 log u1) * cos(2 pi u2)``.
+* each of the four output words ``i1..i4`` is bitcast to int32, negatives map to ``-x - 1``
+  and the result is scaled by ``4.6566127342e-10`` (fp32) to give ``u1..u4`` in ``[0, 1)``;
+* ``u1`` and ``u3`` are clamped to ``>= 1e-7``; lanes 0 and 1 are ``r cos(2 pi u2)`` and
+  ``r sin(2 pi u2)`` with ``r = sqrt(-2 log u1)``, lanes 2 and 3 the same of ``(u3, u4)``.
 
 The integer arithmetic runs on int64 tensors that hold uint32 values; 32x32-bit products
 are split into 16-bit halves so nothing overflows int64.
@@ -42,10 +45,12 @@ import torch
 from fastdia.errors import ConfigError
 
 __all__ = [
+    "GROUP",
     "MAX_INDEX",
     "MAX_SEED",
     "MAX_STEP",
     "gumbel",
+    "gumbel_at",
     "philox_randint4x",
     "randn",
     "randn_at",
@@ -71,6 +76,7 @@ _N_ROUNDS = 10
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's int32 -> [0, 1) scale
 _TWO_PI = 6.283185307179586
 _U1_MIN = 1.0e-7
+GROUP = 4  # consecutive elements served by one Philox draw (tl.randn4x)
 
 
 def _check_int(name: str, value: int, upper: int) -> None:
@@ -185,8 +191,8 @@ def randn(
 ) -> torch.Tensor:
     """Standard normals for element indices ``offset .. offset + numel - 1``.
 
-    Element ``i`` of the result equals ``tl.randn((seed << 32) | step, offset + i)`` (see the
-    module docstring for the convention).
+    Element ``i`` of the result is lane ``(offset + i) % 4`` of
+    ``tl.randn4x((seed << 32) | step, (offset + i) // 4)`` (see the module docstring).
 
     Args:
         seed: user seed, ``0 <= seed < 2**31``.
@@ -205,8 +211,14 @@ def randn(
     if not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
     logger.debug("randn seed=%d step=%d numel=%d offset=%d", seed, step, numel, offset)
-    key, counters = _key_and_counters(seed, step, numel, offset, device)
-    return _randn_counters(key & _MASK32, key >> 32, counters).to(dtype)
+    key = _checked_key(seed, step, numel, offset)
+    if numel == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    first, last = offset // GROUP, (offset + numel - 1) // GROUP
+    groups = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    lane = offset % GROUP
+    normals = _group_normals(key & _MASK32, key >> 32, groups).view(-1)
+    return normals[lane : lane + numel].to(dtype)
 
 
 def _key_word(name: str, value: int | torch.Tensor, device: torch.device) -> int | torch.Tensor:
@@ -244,7 +256,7 @@ def randn_at(
         raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
     k1 = _key_word("seed", seed, index.device)
     k0 = _key_word("step", step, index.device)
-    return _randn_counters(k0, k1, index.to(torch.int64))
+    return _element_normals(k0, k1, index.to(torch.int64))
 
 
 def randn_like(
@@ -255,31 +267,64 @@ def randn_like(
 
     Graph-safe (DESIGN §2): with ``seed`` and ``step`` as device tensors (as in
     :func:`randn_at`) nothing is created from host values and nothing is read back; the
-    indices come from a cumulative sum over ``like``'s shape, not from ``arange``.
+    group counters come from a cumulative sum over ``like``'s shape, not from ``arange``.
     ``like.numel()`` must be ``<= 2**31``.
     """
     if like.numel() > MAX_INDEX:
         raise ConfigError(f"{like.numel()} elements: element indices must be < 2**31")
-    index = torch.ones_like(like, dtype=torch.int64).view(-1).cumsum_(0).sub_(1)
-    return randn_at(seed, step, index.view(like.shape))
+    device = like.device
+    k1 = _key_word("seed", seed, device)
+    k0 = _key_word("step", step, device)
+    # one counter per group of four: ceil(numel / 4) of them
+    groups = torch.ones_like(like.reshape(-1)[::GROUP], dtype=torch.int64).cumsum_(0).sub_(1)
+    normals = _group_normals(k0, k1, groups).view(-1)
+    return normals[: like.numel()].view(like.shape)
 
 
-def _randn_counters(
-    k0: int | torch.Tensor, k1: int | torch.Tensor, counters: torch.Tensor
+def _box_muller(u1: torch.Tensor, u2: torch.Tensor, *, sine: torch.Tensor | bool) -> torch.Tensor:
+    """Triton's ``pair_uniform_to_normal`` (fp32): ``r cos(th)``, or ``r sin(th)`` where
+    ``sine`` holds, with ``r = sqrt(-2 log max(u1, 1e-7))`` and ``th = 2 pi u2``.
+    Modifies ``u1`` and ``u2``."""
+    r = torch.sqrt(torch.log(u1.clamp_(min=_U1_MIN)).mul_(-2.0))
+    theta = u2.mul_(_TWO_PI)
+    if isinstance(sine, bool):
+        return r.mul_(torch.sin(theta) if sine else torch.cos(theta))
+    return r.mul_(torch.where(sine, torch.sin(theta), torch.cos(theta)))
+
+
+def _group_normals(
+    k0: int | torch.Tensor, k1: int | torch.Tensor, groups: torch.Tensor
 ) -> torch.Tensor:
-    """fp32 ``tl.randn(key, counters)`` with ``key = (k1 << 32) | k0``."""
-    zero = torch.zeros_like(counters)
-    i1, i2, _, _ = _philox4x32(counters, zero, zero, zero, k0, k1)
-    u1 = _uint32_to_uniform(i1).clamp_(min=_U1_MIN)
-    u2 = _uint32_to_uniform(i2)
-    r = torch.sqrt(torch.log(u1).mul_(-2.0))
-    return r.mul_(torch.cos(u2.mul_(_TWO_PI)))
+    """fp32 ``tl.randn4x(key, groups)`` stacked on a new last dim of size 4 (the lanes),
+    with ``key = (k1 << 32) | k0``: ``[*groups.shape, 4]``."""
+    zero = torch.zeros_like(groups)
+    i1, i2, i3, i4 = (_uint32_to_uniform(w) for w in _philox4x32(groups, zero, zero, zero, k0, k1))
+    lanes = (
+        _box_muller(i1.clone(), i2.clone(), sine=False),
+        _box_muller(i1, i2, sine=True),
+        _box_muller(i3.clone(), i4.clone(), sine=False),
+        _box_muller(i3, i4, sine=True),
+    )
+    return torch.stack(lanes, dim=-1)
 
 
-def _key_and_counters(
-    seed: int, step: int, numel: int, offset: int, device: torch.device | str | None
-) -> tuple[int, torch.Tensor]:
-    """The checked Triton key and the int64 counters ``offset .. offset + numel - 1``."""
+def _element_normals(
+    k0: int | torch.Tensor, k1: int | torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """fp32 Gaussians of arbitrary element indices (``index``'s shape): lane ``index % 4``
+    of ``tl.randn4x(key, index // 4)``, one Box-Muller per element."""
+    zero = torch.zeros_like(index)
+    i1, i2, i3, i4 = _philox4x32(index >> 2, zero, zero, zero, k0, k1)
+    lane = index & 3
+    upper = lane >= 2
+    u1 = _uint32_to_uniform(torch.where(upper, i3, i1))
+    u2 = _uint32_to_uniform(torch.where(upper, i4, i2))
+    return _box_muller(u1, u2, sine=(lane & 1).bool())
+
+
+def _checked_key(seed: int, step: int, numel: int, offset: int) -> int:
+    """The Triton key of ``(seed, step)`` after checking that elements ``offset ..
+    offset + numel - 1`` are valid indices."""
     key = triton_key(seed, step)
     _check_int("numel", numel, MAX_INDEX + 1)
     _check_int("offset", offset, MAX_INDEX)
@@ -287,6 +332,14 @@ def _key_and_counters(
         raise ConfigError(
             f"offset + numel = {offset + numel} exceeds 2**31: element indices must be < 2**31"
         )
+    return key
+
+
+def _key_and_counters(
+    seed: int, step: int, numel: int, offset: int, device: torch.device | str | None
+) -> tuple[int, torch.Tensor]:
+    """The checked Triton key and the int64 counters ``offset .. offset + numel - 1``."""
+    key = _checked_key(seed, step, numel, offset)
     return key, torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
 
 
@@ -305,8 +358,30 @@ def gumbel(
     the same numbers with ``tl.rand`` and the same clamp.
     """
     key, counters = _key_and_counters(seed, step, numel, offset, device)
+    return _gumbel_counters(key & _MASK32, key >> 32, counters)
+
+
+def gumbel_at(
+    seed: int | torch.Tensor, step: int | torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Standard Gumbel variables at element indices ``index`` (any shape, float32 on its
+    device): ``gumbel_at(seed, step, index)[i] == gumbel(seed, step, n)[index[i]]``.
+
+    ``seed`` and ``step`` as in :func:`randn_at`: ints, or 1-element integer tensors on
+    ``index``'s device read there (no host sync).
+    """
+    if index.is_floating_point() or index.is_complex():
+        raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
+    k1 = _key_word("seed", seed, index.device)
+    k0 = _key_word("step", step, index.device)
+    return _gumbel_counters(k0, k1, index.to(torch.int64))
+
+
+def _gumbel_counters(
+    k0: int | torch.Tensor, k1: int | torch.Tensor, counters: torch.Tensor
+) -> torch.Tensor:
     zero = torch.zeros_like(counters)
-    i1, _, _, _ = _philox4x32(counters, zero, zero, zero, key & _MASK32, key >> 32)
+    i1, _, _, _ = _philox4x32(counters, zero, zero, zero, k0, k1)
     u = _uint32_to_uniform(i1).clamp_(GUMBEL_U_MIN, GUMBEL_U_MAX)
     return torch.log(u).neg_().log_().neg_()
 

@@ -143,6 +143,7 @@ BUILTIN_SAMPLING: dict[str, Any] = {
     "lm_temperature": 1.0,
     "latent_weight": 1.0,
     "tilt": 0.0,
+    "tilt_once": False,
 }
 
 
@@ -170,6 +171,7 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         temperature=settings["lm_temperature"],
         latent_weight=settings["latent_weight"],
         tilt=settings["tilt"],
+        tilt_once=settings["tilt_once"],
     )
     return SamplerConfig(
         sampler=settings["sampler"],

@@ -16,7 +16,7 @@ CUDA graph: ``SamplerConfig.cuda_graph``). The loop is::
                              or <- sqrt(abar') c E[prompt] + sqrt(1 - abar') zeta
     ids = round_to_vocab(z, E, bias)               (decode "nearest", t* = 0)
         | round_to_vocab(x0, E, bias)              (decode "nearest", t* > 0)
-        | LM decode of z at level t*               (decode "lm": fastdia.decode, eager)
+        | LM decode of z at level t*               (decode "lm": fastdia.decode)
 
 An eps-denoiser's row reads its output ``eps``; a row that has an x0 estimate instead
 (x0 or tokens denoisers, clamped rows) feeds it to the step with the conversion
@@ -294,7 +294,9 @@ class SamplerPlan:
     CPU). On a CUDA device with ``SamplerConfig.cuda_graph`` the plan warms the loop up on
     a side stream (Triton autotuning, extension builds, library handles) and captures it,
     denoiser included, as one CUDA graph; :meth:`run` then copies its inputs into the
-    buffers and replays it. The LM decode (``decode="lm"``) runs eagerly after the loop.
+    buffers and replays it. The LM decode (``decode="lm"``) follows with its own plan
+    (:class:`fastdia.decode.DecodePlan`): a static KV cache and a per-token step, captured
+    as a second graph and replayed once per position.
     """
 
     def __init__(self, sampler: Sampler, batch_size: int, length: int) -> None:
@@ -371,15 +373,20 @@ class SamplerPlan:
         self.ids = torch.zeros(batch_size, length, dtype=torch.int64, device=device)
         self._guided_step = registry.get(ops.GUIDED_STEP, sampler.backends[ops.GUIDED_STEP])
         self._round = registry.get(ops.ROUND_TO_VOCAB, sampler.backends[ops.ROUND_TO_VOCAB])
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.fixed_length = cfg.cuda_graph and device.type == "cuda"
         self.decode_plan = (
             sampler.decoder.plan(
-                batch_size, length, self._abar_stop(), local, cfg.lm.tilt * cfg.guidance / length
+                batch_size,
+                length,
+                self._abar_stop(),
+                local,
+                cfg.lm.tilt * cfg.guidance / length,
+                graph=self.fixed_length,
             )
             if sampler.decoder is not None
             else None
         )
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self.fixed_length = cfg.cuda_graph and device.type == "cuda"
         if self.fixed_length:
             self._capture()
 

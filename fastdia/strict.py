@@ -114,6 +114,9 @@ class GraphSafeMode(TorchDispatchMode):
             for constants that are the same on every replay (e.g. the frequency table of
             :func:`fastdia.models.common.timestep_embedding`, which a context critic
             computes in the loop). Host reads and foreign devices still fail there.
+        allow_factories_from: module name prefixes (e.g. ``"transformers"``) whose code
+            may run factory ops, on the same terms: for a library forward that builds its
+            constants (position ranges, mask fill values) on every call.
 
     Attributes:
         ops: the name of every op seen, in order.
@@ -126,11 +129,13 @@ class GraphSafeMode(TorchDispatchMode):
         *,
         raise_errors: bool = True,
         allow_factories_in: Collection[str] = (),
+        allow_factories_from: Collection[str] = (),
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
         self.raise_errors = raise_errors
         self.allow_factories_in = frozenset(allow_factories_in)
+        self.allow_factories_from = tuple(allow_factories_from)
         self.ops: list[str] = []
         self.violations: list[str] = []
 
@@ -163,11 +168,14 @@ class GraphSafeMode(TorchDispatchMode):
         return out
 
     def _called_from_allowed(self) -> bool:
-        if not self.allow_factories_in:
+        if not self.allow_factories_in and not self.allow_factories_from:
             return False
         frame = sys._getframe(1)
         while frame is not None:
             if frame.f_code.co_name in self.allow_factories_in:
+                return True
+            module = frame.f_globals.get("__name__", "")
+            if self.allow_factories_from and module.startswith(self.allow_factories_from):
                 return True
             frame = frame.f_back
         return False

@@ -15,11 +15,14 @@ Design
   Pass A over the ``d`` chunks accumulates ``pre = z W1^T`` with ``tl.dot``; the
   elementwise middle gives ``silu``, the token values ``w2 . silu(pre)`` and
   ``gp = silu'(pre) * w2``; pass B over the ``d`` chunks computes ``gp W1_chunk`` with
-  ``tl.dot``, adds the optional precomputed ``grad``, draws ``tl.randn(key, n d + j)`` in
-  registers and writes ``z'`` once. ``z`` and ``eps`` are read from HBM once (pass B
-  re-reads the program's own ``z`` tile, an L1/L2 hit). Chunking ``d`` rather than padding
-  it to ``next_pow2(d)`` keeps the Philox work (one Philox4x32-10 per element, the
-  convention of :mod:`fastdia.noise`) and the registers on real columns only:
+  ``tl.dot``, adds the optional precomputed ``grad``, draws the noise of elements
+  ``n d + j`` in registers and writes ``z'`` once. ``z`` and ``eps`` are read from HBM once
+  (pass B re-reads the program's own ``z`` tile, an L1/L2 hit). The noise follows
+  :mod:`fastdia.noise`: one Philox4x32-10 draw (``tl.randn4x``) serves four consecutive
+  elements, so when ``d % 4 == 0`` a chunk holds whole groups and draws once per four
+  elements (``randn_groups``); other ``d`` draw once per element and keep the element's
+  lane (``randn_lanes``). Chunking ``d`` rather than padding it to ``next_pow2(d)`` keeps
+  the Philox work and the registers on real columns only:
   ``d = 576`` padded to 1024 would waste 44% of the noise generation, which on a GPU
   costs about as much as the memory traffic.
 * **Grid: row tiles x d groups.** ``(cdiv(N, BLOCK_N), G)``: program ``(m, g)`` owns the
@@ -83,6 +86,7 @@ from fastdia.noise import MAX_INDEX, MAX_SEED
 from fastdia.ops.guided_step import TokenLocalStack
 
 from ._common import FLOAT_DTYPES, check_out_buffer, check_precision, device_scalar
+from .randn import randn_groups, randn_lanes
 
 __all__ = ["guided_step"]
 
@@ -155,6 +159,7 @@ def _step_rows(
     HAS_CRITIC: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     PER_SAMPLE: tl.constexpr,
+    NOISE_GROUPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -212,7 +217,11 @@ def _step_rows(
                 )
                 g += tl.dot(gp, wc, input_precision=PRECISION) / L
             acc += cl * g
-        acc += s * tl.randn(key, offs)
+        if NOISE_GROUPS:  # d % 4 == 0: the chunk holds whole groups, one draw per four
+            groups = rows[:, None] * (D // 4) + (d0 // 4 + tl.arange(0, BLOCK_D // 4))[None, :]
+            acc += s * randn_groups(key, groups)
+        else:
+            acc += s * randn_lanes(key, offs)
         tl.store(out_ptr + offs, acc, mask=mask)
     return hv
 
@@ -243,6 +252,7 @@ def _guided_step_kernel(
     SEQ_MODE: tl.constexpr,
     USE_KAPPA: tl.constexpr,
     RETURN_H: tl.constexpr,
+    NOISE_GROUPS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -314,6 +324,7 @@ def _guided_step_kernel(
                 HAS_CRITIC,
                 HAS_GRAD,
                 PER_SAMPLE,
+                NOISE_GROUPS,
                 BLOCK_N,
                 BLOCK_D,
                 BLOCK_H,
@@ -351,6 +362,7 @@ def _guided_step_kernel(
             HAS_CRITIC,
             HAS_GRAD,
             PER_SAMPLE,
+            NOISE_GROUPS,
             BLOCK_N,
             BLOCK_D,
             BLOCK_H,
@@ -359,7 +371,8 @@ def _guided_step_kernel(
 
 
 # H100/H200 configs. The kernel is bound by HBM traffic and by the Philox integer work (one
-# Philox4x32-10 per element), plus, with a critic, two [BLOCK_N, d] x [d, H] tf32 matmuls
+# Philox4x32-10 per four elements when d % 4 == 0: the register checks below predate that
+# and drew one per element), plus, with a critic, two [BLOCK_N, d] x [d, H] tf32 matmuls
 # against an L2-resident W1. Small d chunks keep the Philox temporaries (and, in tf32x3 mode,
 # the operand splits) in registers; the grid's d groups are cut from these chunks, and the
 # small-BLOCK_N configs give the sampler's few hundred tokens more row tiles. Checked offline
@@ -391,6 +404,7 @@ _TUNE_KEY = [
     "SEQ_MODE",
     "USE_KAPPA",
     "RETURN_H",
+    "NOISE_GROUPS",
     "BLOCK_H",
     "PRECISION",
 ]
@@ -572,6 +586,7 @@ def guided_step(
         "SEQ_MODE": seq_mode,
         "USE_KAPPA": use_kappa,
         "RETURN_H": want_h,
+        "NOISE_GROUPS": d % 4 == 0,  # every BLOCK_D is a multiple of 4
         "BLOCK_H": max(16, triton.next_power_of_2(hidden)),
         "PRECISION": precision,
     }

@@ -721,9 +721,7 @@ class _Launch:
     def direct(self, precision: str, emb: torch.Tensor | None) -> None:
         """Plain products in the operands' dtype(s) with ``precision`` for float32 ones."""
         flat, weight = self.flat, self.weight
-        upcast = flat.dtype != weight.dtype or (
-            self.interpreting and flat.dtype == torch.bfloat16
-        )
+        upcast = flat.dtype != weight.dtype or (self.interpreting and flat.dtype == torch.bfloat16)
         wide = upcast or weight.dtype == torch.float32
         direct = emb is None and self._max_splits(wide, False) == 1
         if direct:

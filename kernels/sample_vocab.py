@@ -2,7 +2,8 @@
 
 Same call signature and semantics as :func:`fastdia.ops.gumbel.sample_vocab_reference`::
 
-    id[n] = argmax_v <E_v, z[n]> + bias_v + g(seed, step, n V + v)
+    id[n] = argmax_v <E_v, z[n]> + bias_v + g(seed, step, n V + v)   (bias [V])
+                         ... + bias_{n,v} ...                        (bias [N, V])
 
 with ``g = -log(-log(clamp(tl.rand(key, n V + v), GUMBEL_U_MIN, GUMBEL_U_MAX)))`` and
 ``key = (seed << 32) | step`` (fastdia's Philox numbering, :func:`fastdia.noise.gumbel`).
@@ -34,6 +35,7 @@ from fastdia.kernels._common import (
 from fastdia import noise
 from fastdia.device import sm_count, triton_interpreting
 from fastdia.errors import ConfigError
+from fastdia.ops.gumbel import check_bias
 
 __all__ = ["sample_vocab"]
 
@@ -54,6 +56,7 @@ def _sample_kernel(
     v,
     d,
     HAS_BIAS: tl.constexpr,
+    ROW_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -92,7 +95,14 @@ def _sample_kernel(
                 wt = wt.to(tl.float32)
             acc = tl.dot(zt, wt, acc, input_precision=PRECISION)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if ROW_BIAS:
+                acc += tl.load(
+                    b_ptr + rows[:, None] * v + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+            else:
+                acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         offs = rows[:, None] * v + cols[None, :]
         u = tl.rand(key, offs.to(tl.int32))
         u = tl.minimum(tl.maximum(u, U_MIN), U_MAX)
@@ -119,8 +129,9 @@ def sample_vocab(
 ) -> torch.Tensor:
     """One token per row of ``z [N, d]`` from ``softmax(z weight^T + bias)``: ``[N]`` int64.
 
-    ``weight [V, d]``; ``z``/``weight`` float32, float16 or bfloat16; ``bias [V]`` or
-    None; ``seed``/``step`` ints or 0-d integer tensors (read on the device).
+    ``weight [V, d]``; ``z``/``weight`` float32, float16 or bfloat16; ``bias [V]``,
+    ``[N, V]`` (one row per query) or None; ``seed``/``step`` ints or 0-d integer tensors
+    (read on the device).
     """
     check_precision(precision, DOT_PRECISIONS)
     if z.dim() != 2 or weight.dim() != 2 or z.shape[1] != weight.shape[1]:
@@ -137,8 +148,11 @@ def sample_vocab(
             f"sample_vocab numbers its noise by n * V + v < 2**31: {n} rows x {vocab} "
             "tokens is too many for one call; split the rows"
         )
+    check_bias(bias, n, vocab)
     device = z.device
     z, weight = z.contiguous(), weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     interp = triton_interpreting()
     upcast = interp or z.dtype != weight.dtype
     if interp:
@@ -164,6 +178,7 @@ def sample_vocab(
         vocab,
         d,
         HAS_BIAS=bias is not None,
+        ROW_BIAS=bias is not None and bias.dim() == 2,
         UPCAST=upcast,
         PRECISION=precision,
         **meta,

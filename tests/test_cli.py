@@ -105,6 +105,14 @@ def test_checkpoint_sampling_defaults(capsys, tiny_args, tiny_checkpoint):
     (tiny_checkpoint / "sampling.json").write_text('{"guidance": 1, "stop_at": 0.5, "decode": "x"}')
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "unknown decode 'x'" in err
+    (tiny_checkpoint / "sampling.json").write_text('{"tilt_once": 1}')
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and 'sampling.json: "tilt_once" must be true or false, got 1' in err
+    (tiny_checkpoint / "sampling.json").write_text('{"tilt_once": true}')
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0 and _records(out)[1]["lm"]["tilt_once"] is True
+    code, out, _ = _run(capsys, *argv, "--no-tilt-once")
+    assert code == 0 and _records(out)[1]["lm"]["tilt_once"] is False
     (tiny_checkpoint / "sampling.json").write_text('{"speed": 3}')
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "unknown keys speed" in err

@@ -68,6 +68,8 @@ def test_sample_vocab_equals_argmax_of_scores_plus_numbered_noise():
 def test_sample_vocab_bad_input():
     with pytest.raises(ConfigError, match="z \\[N, d\\]"):
         ops.sample_vocab(torch.zeros(3), torch.zeros(4, 3), seed=0, step=0)
+    with pytest.raises(ConfigError, match="bias must be \\[V=4\\] or \\[N=2, V=4\\]"):
+        ops.sample_vocab(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(3, 4), seed=0, step=0)
     with pytest.raises(ConfigError, match="2\\*\\*31"):
         sample_vocab_reference(torch.zeros(2**16, 1), torch.zeros(2**16, 1), seed=0, step=0)
 
@@ -86,6 +88,25 @@ def test_decode_config_rejects_bad_weights(kw):
         DecodeConfig(**kw)
 
 
+def test_decode_config_rejects_a_non_boolean_tilt_once():
+    with pytest.raises(ConfigError, match="tilt_once must be true or false"):
+        DecodeConfig(tilt_once=1)
+
+
+def test_tilt_once_stops_a_strong_tilt_from_repeating(tiny_base, tiny_models):
+    """With a tilt that dominates the LM, plain tilting repeats the best tokens; with
+    tilt_once every continuation token is distinct until the well-scored ones run out."""
+    _, critic = tiny_models
+    prompt = torch.tensor(tiny_base.space.encode("The movie"))
+    distinct = {}
+    for once in (False, True):
+        cfg = DecodeConfig(latent_weight=0.0, tilt=1.0, tilt_once=once)
+        plan = LMDecoder(tiny_base, cfg, {}).plan(4, 12, 0.0, [(critic, 1.0)], 500.0)
+        ids = plan.run(None, prompt, seed=0)[:, len(prompt) :]
+        distinct[once] = min(len(set(row.tolist())) for row in ids)
+    assert distinct[True] == 12 - len(prompt) and distinct[False] < distinct[True], distinct
+
+
 def _direct_decode(base, z, prompt, seed, abar, cfg, tilt_values):
     """The decode written out: LM log-probs / T + w log N(z; sqrt(abar) c E_v, 1 - abar)
     + tilt u(v), Gumbel-max with the same noise numbering, full forward per position."""
@@ -98,14 +119,24 @@ def _direct_decode(base, z, prompt, seed, abar, cfg, tilt_values):
         logp = torch.log_softmax(logits, dim=-1) / cfg.temperature
         diff = z[:, i, None, :] - math.sqrt(abar) * c * E[None]
         log_gauss = -diff.pow(2).sum(-1) / (2 * (1 - abar))
-        scores = logp + cfg.latent_weight * log_gauss + cfg.tilt * tilt_values
+        tilt = cfg.tilt * tilt_values.expand(batch, -1).clone()
+        if cfg.tilt_once:  # tokens already drawn in the continuation earn nothing
+            for b in range(batch):
+                tilt[b, ids[b, len(prompt) :]] = 0.0
+        scores = logp + cfg.latent_weight * log_gauss + tilt
         tok = gumbel_argmax(scores, seed=seed, step=DECODE_STEP + i)
         ids = torch.cat([ids, tok[:, None]], dim=1)
     return ids
 
 
 @pytest.mark.parametrize(
-    "cfg", [DecodeConfig(), DecodeConfig(0.7, 0.5, 2.0), DecodeConfig(1.0, 0.0, 1.0)]
+    "cfg",
+    [
+        DecodeConfig(),
+        DecodeConfig(0.7, 0.5, 2.0),
+        DecodeConfig(1.0, 0.0, 1.0),
+        DecodeConfig(1.0, 0.2, 40.0, tilt_once=True),  # a tilt strong enough to repeat
+    ],
 )
 def test_fused_tied_decode_equals_direct_lm_plus_gaussian(tiny_base, cfg):
     """The one-query score <h/T + alpha z, E> + bias is the LM + Gaussian posterior."""
@@ -125,6 +156,28 @@ def test_fused_tied_decode_equals_direct_lm_plus_gaussian(tiny_base, cfg):
     with torch.no_grad():
         want = _direct_decode(tiny_base, z, prompt, 5, abar, cfg, tilt)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("p", [0, 1, 3])
+def test_static_cache_decode_equals_the_dynamic_one(tiny_base, tiny_models, p):
+    """The static-KV-cache step (prompt minus its last token prefilled, then one step per
+    position) gives the tokens of the model's own dynamic cache, run after run."""
+    _, critic = tiny_models
+    cfg = DecodeConfig(temperature=0.9, latent_weight=0.5, tilt=1.0)
+    decoder = LMDecoder(tiny_base, cfg, {})
+    static = decoder.plan(3, 9, 0.2, [(critic, 1.0)], 0.4)
+    dynamic = decoder.plan(3, 9, 0.2, [(critic, 1.0)], 0.4)
+    dynamic.cache = None
+    assert static.static and not dynamic.static
+    torch.manual_seed(p)
+    prompt = torch.tensor(tiny_base.space.encode("The movie was great"))[:p]
+    assert len(prompt) == p
+    for seed in (1, 2, 1):
+        z = torch.randn(3, 9, tiny_base.space.dim)
+        a = static.run(z, prompt, seed=seed).clone()
+        b = dynamic.run(z, prompt, seed=seed).clone()
+        assert torch.equal(a, b), seed
+        assert a[:, :p].tolist() == [prompt.tolist()] * 3
 
 
 def test_token_values_are_the_critic_on_single_tokens(tiny_base):
@@ -187,6 +240,9 @@ def test_triton_sample_vocab_matches_reference(dtype, n, vocab, dim):
         precision="ieee",
     )
     assert torch.equal(with_tensors, want)
+    rows_bias = torch.randn(n, vocab, generator=gen)  # one bias row per query
+    got_rows = kernel.sample_vocab(z, weight, rows_bias, seed=3, step=9, precision="ieee")
+    assert torch.equal(got_rows, sample_vocab_reference(z, weight, rows_bias, seed=3, step=9))
     no_bias = kernel.sample_vocab(z, weight, None, seed=3, step=4, precision="ieee")
     assert torch.equal(no_bias, sample_vocab_reference(z, weight, None, seed=3, step=4))
     # the registry routes backend="triton" to the kernel

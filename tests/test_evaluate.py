@@ -111,9 +111,9 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
             "--steps",
             "3",
             "--baselines",
-            "base,best-of-2,critic",
+            "base,base-T0.8,best-of-2,critic",
             "--variant",
-            "lm:decode=lm,stop_at=0.9,tilt=0.5",
+            "lm:decode=lm,stop_at=0.9,tilt=0.5,tilt_once=true",
             "--out",
             str(out),
         ]
@@ -124,6 +124,7 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
     names = [r["name"] for r in rows]
     assert names == [
         "base model",
+        "base model T=0.8",
         "best-of-2",
         "critic-weighted decoding (tilt 0.5)",
         "fastdia lambda=0",
@@ -137,6 +138,8 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
         assert 0 <= row["rewards"]["sentiment"]["positive_frac"] <= 1
         assert 0 <= row["degenerate_frac"] <= 1 and row["prompt_gap"] is not None
     assert rows[-1]["settings"]["decode"] == "lm" and rows[-1]["settings"]["stop_at"] == 0.9
+    assert rows[-1]["settings"]["tilt_once"] is True
+    assert rows[1]["settings"] == {"temperature": 0.8}
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fastdia lambda=2" in capsys.readouterr().out
@@ -264,3 +267,11 @@ def test_best_of_n_keeps_the_best_by_the_score(tiny_base):
     values = seen[0].view(3, 4)  # 3 outputs, each the best of its own 4 draws
     got = torch.tensor([float(len(t)) for t in tiny_base.space.decode_batch(ids)])
     assert torch.equal(got, values.max(dim=1).values)
+
+
+def test_baseline_specs():
+    from fastdia.cli_eval import base_temperature
+
+    assert base_temperature("base-T0.8") == 0.8 and base_temperature("base-T1") == 1.0
+    for bad in ("base", "base-T", "base-Tx", "base-T0", "base-T-1", "base-Tnan", "best-of-4"):
+        assert base_temperature(bad) is None, bad

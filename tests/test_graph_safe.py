@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastdia import noise
-from fastdia.decode import DecodeConfig
+from fastdia.decode import DECODE_STEP, DecodeConfig, LMDecoder
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
@@ -209,6 +209,37 @@ def test_lm_decode_plan_loop_is_graph_safe(tiny_base, tiny_models):
     plan.set_inputs(PROMPT, 1)
     with GraphSafeMode("cpu"):
         plan.denoise()
+
+
+# factory ops the LM decode step may run: transformers' constants (position ranges, mask
+# fill values) and the reference Gumbel draw's fixed counters and output
+DECODE_CONSTANTS = {
+    "allow_factories_from": ("transformers",),
+    "allow_factories_in": ("gumbel_argmax", "sample_vocab_reference"),
+}
+
+
+@pytest.mark.parametrize(("latent_weight", "once"), [(0.0, False), (0.5, True)])
+def test_lm_decode_step_is_graph_safe(tiny_base, tiny_models, latent_weight, once):
+    """The LM decode's per-token step with a static KV cache: no host read, nothing off
+    the device, no factory op outside the constants above; the counters advance on the
+    device."""
+    _, critic = tiny_models
+    cfg = DecodeConfig(latent_weight=latent_weight, tilt=1.0, tilt_once=once)
+    plan = LMDecoder(tiny_base, cfg, {}).plan(2, 8, 0.3, [(critic, 1.0)], 0.5)
+    assert plan.static
+    z = torch.randn(2, 8, tiny_base.space.dim)
+    prompt = torch.tensor(tiny_base.space.encode(PROMPT))
+    p = len(prompt)
+    plan._start_run(z, prompt, 3)
+    with GraphSafeMode("cpu", **DECODE_CONSTANTS):
+        for _ in range(p, 8):
+            plan.step()
+    assert plan.out_pos.tolist() == [8] and plan.cache_pos.tolist() == [7]
+    assert int(plan.noise_step) == DECODE_STEP + 8
+    # the strict mode does see a step that reads a counter back to the host
+    with pytest.raises(GraphSafetyError, match="host"), GraphSafeMode("cpu", **DECODE_CONSTANTS):
+        int(plan.out_pos)
 
 
 def test_cuda_graph_option_is_inert_off_cuda(tiny_base, tiny_models):

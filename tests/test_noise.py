@@ -1,4 +1,4 @@
-"""fastdia.noise: Philox4x32-10 known answers, agreement with Triton's tl.randn, statistics."""
+"""fastdia.noise: Philox4x32-10 known answers, agreement with Triton's tl.randn4x, statistics."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fastdia.noise import (
     philox_randint4x,
     randn,
     randn_at,
+    randn_like,
     randn_like_shape,
     triton_key,
 )
@@ -109,25 +110,64 @@ def test_randn_offset_matches_triton_slice(offset):
     torch.testing.assert_close(ours, full[offset:], rtol=1e-5, atol=1e-5)
 
 
-def _box_muller_f64(i1: torch.Tensor, i2: torch.Tensor) -> torch.Tensor:
-    """Triton's uniform map and Box-Muller from the Philox words, in float64."""
+def _normals_f64(words: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Triton's uniform map and ``randn4x`` Box-Muller from the four Philox words of each
+    group, in float64: ``[groups, 4]`` (the lanes)."""
 
     def uniform(w: torch.Tensor) -> torch.Tensor:
         s = torch.where(w >= 2**31, w - 2**32, w)  # bitcast to int32
         s = torch.where(s < 0, -s - 1, s)
         return s.double() * 4.6566127342e-10
 
-    u1 = uniform(i1).clamp(min=1e-7)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * uniform(i2))
+    u1, u2, u3, u4 = (uniform(w) for w in words)
+    r12 = torch.sqrt(-2.0 * torch.log(u1.clamp(min=1e-7)))
+    r34 = torch.sqrt(-2.0 * torch.log(u3.clamp(min=1e-7)))
+    th2, th4 = 6.283185307179586 * u2, 6.283185307179586 * u4
+    return torch.stack(
+        (r12 * torch.cos(th2), r12 * torch.sin(th2), r34 * torch.cos(th4), r34 * torch.sin(th4)),
+        dim=-1,
+    )
 
 
-@pytest.mark.parametrize("offset", [0, 2**20, 2**31 - 4096])
+@pytest.mark.parametrize("offset", [0, 1, 2**20 + 3, 2**31 - 4096, 2**31 - 4097])
 def test_randn_float_map_matches_float64_reference(offset):
-    # Element indices up to 2**31 - 1 (beyond what the interpreter can afford to run).
+    # Element k is lane k % 4 of the draw at counter k // 4; indices up to 2**31 - 1
+    # (beyond what the interpreter can afford to run).
     n = 4096
     got = randn(3, 4, n, offset=offset)
-    i1, i2, _, _ = philox_randint4x(4, 3, torch.arange(offset, offset + n))
-    torch.testing.assert_close(got.double(), _box_muller_f64(i1, i2), rtol=1e-5, atol=1e-5)
+    index = torch.arange(offset, offset + n)
+    lanes = _normals_f64(philox_randint4x(4, 3, index // 4))
+    expected = lanes.gather(1, (index % 4)[:, None])[:, 0]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_draw_serves_four_elements():
+    # the four lanes of a group come from one Philox draw: the cos/sin pairs share a radius
+    x = randn(11, 3, 4000).view(-1, 4).double()
+    assert torch.allclose(
+        x[:, 0] ** 2 + x[:, 1] ** 2,
+        _normals_f64(philox_randint4x(3, 11, torch.arange(1000)))[:, :2].pow(2).sum(1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # and the lanes are uncorrelated standard normals
+    big = randn(2025, 7, 400_000).view(-1, 4).double()
+    corr = torch.corrcoef(big.T)
+    assert (corr - torch.eye(4, dtype=torch.float64)).abs().max() < 0.01  # se ~ 0.003
+    assert (big.std(0) - 1).abs().max() < 0.01
+
+
+def test_randn_at_and_randn_like_match_randn():
+    gen = torch.Generator().manual_seed(3)
+    full = randn(17, 9, 5003)
+    index = torch.randint(0, 5003, (7, 11), generator=gen)
+    torch.testing.assert_close(randn_at(17, 9, index), full[index], rtol=1e-6, atol=1e-6)
+    like = torch.empty(3, 1667)  # 5001 elements: a last group of one
+    got = randn_like(17, 9, like)
+    torch.testing.assert_close(got, full[:5001].view(3, 1667), rtol=0, atol=0)
+    seed, step = torch.tensor(17), torch.tensor([9])
+    torch.testing.assert_close(randn_like(seed, step, like), got, rtol=0, atol=0)
+    torch.testing.assert_close(randn_at(seed, step, index), full[index], rtol=1e-6, atol=1e-6)
 
 
 def test_statistics():

@@ -166,6 +166,7 @@ SAMPLING_KEYS = {
     "lm_temperature": "a finite number > 0",
     "latent_weight": "a finite number >= 0",
     "tilt": "a finite number >= 0",
+    "tilt_once": "true or false",
 }
 
 
@@ -200,7 +201,9 @@ def sampling_defaults(folder: str | Path) -> dict[str, Any]:
     for key, value in values.items():
         text = key in ("sampler", "decode")
         ok = isinstance(value, str) if text else _finite_number(value)
-        if key == "steps":
+        if SAMPLING_KEYS[key] == "true or false":
+            ok = isinstance(value, bool)
+        elif key == "steps":
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         elif not text and ok and (value < 0 or (value == 0 and "> 0" in SAMPLING_KEYS[key])):
             ok = False

@@ -116,15 +116,16 @@ def sample_vocab(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    seed: int,
-    step: int,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor,
     backend: str | None = None,
 ) -> torch.Tensor:
     """One token per row of ``z [N, d]`` drawn from ``softmax(z weight^T + bias)``.
 
     Gumbel-max with fastdia's Philox numbering (element ``n V + v`` at ``step``), without
     writing the scores in fused variants; see :mod:`fastdia.ops.gumbel`. A backend
-    without a ``sample_vocab`` variant falls back to the reference. Returns ``[N]`` int64.
+    without a ``sample_vocab`` variant falls back to the reference. ``seed``/``step``: ints
+    or 1-element integer tensors on ``z``'s device. Returns ``[N]`` int64.
     """
     if backend not in (None, registry.AUTO, *registry.backends(SAMPLE_VOCAB)):
         backend = "reference"

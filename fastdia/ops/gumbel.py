@@ -29,17 +29,34 @@ def _check_counter(rows: int, vocab: int) -> None:
         )
 
 
+def check_bias(bias: torch.Tensor | None, rows: int, vocab: int) -> None:
+    """A score bias is None, ``[V]`` or ``[N, V]`` (one row per query)."""
+    if bias is not None and tuple(bias.shape) not in ((vocab,), (rows, vocab)):
+        raise ConfigError(
+            f"sample_vocab's bias must be [V={vocab}] or [N={rows}, V={vocab}], got "
+            f"{list(bias.shape)}"
+        )
+
+
 def gumbel_argmax(
-    logits: torch.Tensor, *, seed: int, step: int, row_offset: int = 0
+    logits: torch.Tensor,
+    *,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """``argmax_v logits[n, v] + g(seed, step, (row_offset + n) V + v)``: ``[N]`` int64.
 
     The same draw as :func:`sample_vocab_reference` from precomputed ``[N, V]`` scores
     (the LM decode's path for models whose output layer is not the embedding matrix).
+    ``seed``/``step``: ints, or 1-element integer tensors on ``logits``' device (read
+    there: nothing comes back to the host, so a captured decode step can advance them).
     """
     rows, vocab = logits.shape
     _check_counter(row_offset + rows, vocab)
-    g = noise.gumbel(seed, step, rows * vocab, offset=row_offset * vocab, device=logits.device)
+    start = row_offset * vocab
+    index = torch.arange(start, start + rows * vocab, device=logits.device)  # constant
+    g = noise.gumbel_at(seed, step, index)
     return (logits.float() + g.view(rows, vocab)).argmax(dim=-1)
 
 
@@ -48,16 +65,17 @@ def sample_vocab_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    seed: int,
-    step: int,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor,
 ) -> torch.Tensor:
     """Gumbel-max sampling of one token per row in plain PyTorch (scores in float32).
 
     Args:
         z: ``[N, d]`` float32/float16/bfloat16 queries.
         weight: ``[V, d]`` the embedding matrix ``E``.
-        bias: ``[V]`` or None.
-        seed, step: the noise counter (ints in ``[0, 2**31)``).
+        bias: ``[V]``, ``[N, V]`` (one row per query) or None.
+        seed, step: the noise counter: ints in ``[0, 2**31)``, or 1-element integer
+            tensors on ``z``'s device (as in :func:`gumbel_argmax`).
 
     Returns:
         ``ids [N]`` int64, drawn from ``softmax(z E^T + bias)`` row by row.
@@ -69,12 +87,14 @@ def sample_vocab_reference(
         )
     rows, vocab = z.shape[0], weight.shape[0]
     _check_counter(rows, vocab)
+    check_bias(bias, rows, vocab)
     w = weight.float()
     ids = torch.empty(rows, dtype=torch.int64, device=z.device)
     for start in range(0, rows, _ROWS_PER_CHUNK):
         scores = z[start : start + _ROWS_PER_CHUNK].float() @ w.T
         if bias is not None:
-            scores += bias.float()
+            rows_bias = bias if bias.dim() == 1 else bias[start : start + _ROWS_PER_CHUNK]
+            scores += rows_bias.float()
         ids[start : start + _ROWS_PER_CHUNK] = gumbel_argmax(
             scores, seed=seed, step=step, row_offset=start
         )

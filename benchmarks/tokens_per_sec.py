@@ -14,6 +14,11 @@ Rows, on the same base model, prompt and lengths:
   ``triton+graph`` and ``cuda+graph`` (the plan replayed as one CUDA graph, when
   ``SamplerConfig`` has a ``cuda_graph`` option and the variants are registered); a backend
   that cannot run here is recorded with the reason (``"skipped"``);
+  each with the decode of ``--decode``: ``nearest`` (round to the nearest embedding, the
+  diffusion loop alone) and ``lm`` (the base model as prior after the loop: the default
+  sampling path, with the LM-decode settings of the checkpoint's ``sampling.json``, or the
+  demo's under ``--random-init``; its per-token step replays as a second CUDA graph in the
+  ``+graph`` rows);
 * ``hf_generate``: the base model's own samples with Hugging Face ``generate`` (temperature
   1, top-p 0.95, KV cache);
 * ``best_of_n``: best of ``n`` such samples per output by the true reward
@@ -63,6 +68,7 @@ PROMPT = "The movie was"
 REWARD = "sentiment"
 GUIDANCE = 1.0
 BATCHES, LENGTHS, STEPS, BEST_OF = (1, 8, 64), (32, 128), (50, 200), (4, 16)
+DECODES = ("nearest", "lm")
 QUICK = {"batch": (1, 8), "length": (32,), "steps": (50,), "best_of": (4,)}
 
 
@@ -164,7 +170,7 @@ def time_runs(
 
 def _make_plan(
     denoiser: Any,
-    space: Any,
+    base: Any,
     critics: list[Any],
     config: Any,
     device: torch.device,
@@ -173,7 +179,8 @@ def _make_plan(
 ) -> Any:
     from fastdia.sampler import Sampler
 
-    return Sampler(denoiser, space, critics, config, device=device).plan(batch, length)
+    sampler = Sampler(denoiser, base.space, critics, config, device=device, base_model=base)
+    return sampler.plan(batch, length)
 
 
 class _PlanRunner:
@@ -192,21 +199,32 @@ def _fastdia_rows(
     args: argparse.Namespace, base: Any, device: torch.device, env: dict[str, Any]
 ) -> list[dict[str, Any]]:
     from fastdia.models.checkpoint import load_checkpoint
-    from fastdia.pipeline import random_models
-    from fastdia.sampler import SamplerConfig, WeightedCritic
+    from fastdia.pipeline import (
+        DEMO_CHECKPOINT,
+        random_models,
+        sampler_config,
+        sampling_settings,
+    )
+    from fastdia.sampler import WeightedCritic
 
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint, base.space, device=device)
         denoiser, critics = ckpt.denoiser, ckpt.critics
     else:
         denoiser, critics = random_models(base, [REWARD], length=max(args.length), device=device)
+    # the LM decode's weights (stop level, latent weight, tilt, LM temperature)
+    lm_settings = sampling_settings(Path(args.checkpoint) if args.checkpoint else DEMO_CHECKPOINT)
     rows = []
-    for backend in (b for b in BACKENDS if b.name in args.backends):
+    for backend, decode in (
+        (b, d) for b in BACKENDS if b.name in args.backends for d in args.decode
+    ):
         reason = skip_reason(backend, device)
         for steps in args.steps:
             for length in args.length:
                 for batch in args.batch:
-                    config = _row_config(args, "fastdia", backend.name, batch, length, steps)
+                    config = _row_config(
+                        args, "fastdia", backend.name, batch, length, steps, decode=decode
+                    )
                     if reason:
                         rows.append(_skipped(env, config, reason))
                         continue
@@ -214,14 +232,14 @@ def _fastdia_rows(
                     options: dict[str, Any] = (
                         {"cuda_graph": backend.graph} if _graph_option() else {}
                     )
+                    settings = lm_settings | {"steps": steps, "guidance": GUIDANCE}
+                    settings |= {"decode": "nearest", "stop_at": 0.0} if decode == "nearest" else {}
                     make_plan = functools.partial(
                         _make_plan,
                         torch.compile(denoiser) if backend.compile else denoiser,
-                        base.space,
+                        base,
                         [WeightedCritic(REWARD, critics[REWARD], 1.0)],
-                        SamplerConfig(
-                            steps=steps, guidance=GUIDANCE, backend=backend.variant, **options
-                        ),
+                        sampler_config(settings, backend=backend.variant, **options),
                         device,
                         batch,
                         length,
@@ -287,10 +305,12 @@ def _row_config(
     steps: int | None,
     *,
     n: int | None = None,
+    decode: str | None = None,
 ) -> dict[str, Any]:
     config = {
         "method": method,
         "backend": backend,
+        "decode": decode,
         "batch": batch,
         "length": length,
         "steps": steps,
@@ -311,6 +331,8 @@ def _command(config: dict[str, Any]) -> str:
     parts = ["python", "-m", "benchmarks.tokens_per_sec", "--methods", config["method"]]
     if config["backend"]:
         parts += ["--backends", config["backend"]]
+    if config.get("decode"):
+        parts += ["--decode", config["decode"]]
     if config["steps"]:
         parts += ["--steps", str(config["steps"])]
     if config["best_of"]:
@@ -403,7 +425,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
             c = r["config"]
             if c["length"] != length:
                 continue
-            label = c["method"] if c["backend"] is None else f"fastdia {c['backend']}"
+            label = c["method"]
+            if c["backend"] is not None:
+                label = f"fastdia {c['backend']}, {c.get('decode') or 'nearest'}"
             if c["steps"]:
                 label += f", {c['steps']} steps"
             if c["best_of"]:
@@ -468,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"fastdia backends: {', '.join(b.name for b in BACKENDS)} (--quick: reference)",
     )
+    p.add_argument(
+        "--decode",
+        type=_names,
+        default=list(DECODES),
+        help="fastdia decodes: nearest (the diffusion loop alone), lm (the default sampling "
+        "path: the base model as prior after the loop)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (after warm-up)")
     p.add_argument("--base-model", default="smollm2-135m", help="as for fastdia sample")
     p.add_argument("--checkpoint", default=None, help="trained models (default: random init)")
@@ -502,6 +533,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in args.backends:
         if name not in known:
             raise ConfigError(f"unknown backend {name!r}; known: {', '.join(sorted(known))}")
+    for name in args.decode:
+        if name not in DECODES:
+            raise ConfigError(f"unknown decode {name!r}; known: {', '.join(DECODES)}")
     for name in args.methods:
         if name not in ("fastdia", "hf_generate", "best_of_n"):
             raise ConfigError(f"unknown method {name!r}; known: fastdia, hf_generate, best_of_n")
@@ -539,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(rows, png)
     for r in rows:
         c = r["config"]
-        what = f"{c['method']:<12}{c['backend'] or '':<19}B={c['batch']:<4}L={c['length']:<5}"
+        what = f"{c['method']:<12}{c['backend'] or '':<19}{c.get('decode') or '':<8}"
+        what += f"B={c['batch']:<4}L={c['length']:<5}"
         what += f"steps={c['steps'] or '-':<5}N={c['best_of'] or '-':<4}"
         if "tokens_per_s" in r:
             step = f"{r['ms_per_step']:.2f} ms/step" if r["ms_per_step"] else ""

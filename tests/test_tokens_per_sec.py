@@ -29,6 +29,7 @@ def _run(tiny_model_dir, out, *extra):
         "cpu",
         "--out",
         str(out),
+        *(() if "--decode" in extra else ("--decode", "nearest")),
         *extra,
     ]
     assert tps.main(args) == 0
@@ -99,8 +100,32 @@ def test_each_row_names_the_command_that_reproduces_it(tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--backends", "onnx"], "unknown backend 'onnx'"), (["--methods", "beam"], "unknown method")],
+    [
+        (["--backends", "onnx"], "unknown backend 'onnx'"),
+        (["--methods", "beam"], "unknown method"),
+        (["--decode", "beam"], "unknown decode 'beam'"),
+    ],
 )
 def test_bad_options_fail_with_status_2(tmp_path, capsys, extra, message):
     assert tps.main([*extra, "--out", str(tmp_path / "x.jsonl")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_lm_decode_rows_time_the_default_sampling_path(tiny_model_dir, tmp_path):
+    """--decode lm: the sampler with the base model as prior (the demo's LM-decode weights),
+    next to the diffusion loop alone; the command reproduces the decode."""
+    rows = _run(
+        tiny_model_dir,
+        tmp_path / "tps.jsonl",
+        *("--methods", "fastdia", "--backends", "reference", "--decode", "lm,nearest"),
+    )
+    assert [(r["config"]["decode"], r["config"]["batch"]) for r in rows] == [
+        ("lm", 1),
+        ("lm", 2),
+        ("nearest", 1),
+        ("nearest", 2),
+    ]
+    for r in rows:
+        assert "error" not in r and r["token_ids_shape"] == [r["config"]["batch"], 8]
+        argv = shlex.split(r["command"])
+        assert argv[argv.index("--decode") + 1] == r["config"]["decode"]

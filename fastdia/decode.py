@@ -176,7 +176,8 @@ def static_cache(model: Any, batch_size: int, length: int) -> Any | None:
     try:
         return StaticCache(**{k: v for k, v in given.items() if k in params})
     except (TypeError, ValueError, AttributeError, NotImplementedError) as err:
-        log.info("no static KV cache for %s (%s): the LM decode uses a dynamic one", model, err)
+        name = type(model).__name__
+        log.info("no static KV cache for %s (%s): the LM decode uses a dynamic one", name, err)
         return None
 
 

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fastdia.device import capture_graph
 from fastdia.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -378,23 +379,17 @@ class DecodePlan:
         """Warm the step up on a side stream (a whole decode), then capture it as one CUDA
         graph; a capture that fails leaves the decode eager, with a warning."""
         device = self.ids.device
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                prompt = torch.full((1,), self._start, dtype=torch.int64, device=device)
-                self._start_run(None if not self.alpha else self.z, prompt, 0)
-                for _ in range(1, self.length):
-                    self.step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self.step()
-            except RuntimeError as err:
-                log.warning("CUDA graph capture of the LM decode step failed (eager): %s", err)
-                self._want_graph = False
-                return
+
+        def warmup() -> None:  # a whole decode after a one-token prompt
+            prompt = torch.full((1,), self._start, dtype=torch.int64, device=device)
+            self._start_run(None if not self.alpha else self.z, prompt, 0)
+            for _ in range(1, self.length):
+                self.step()
+
+        graph = capture_graph(device, warmup, self.step, "the LM decode step")
+        if graph is None:
+            self._want_graph = False
+            return
         self._graph = graph
         log.info("captured the LM decode step for B=%d, L=%d", self.batch_size, self.length)
 

@@ -8,7 +8,9 @@ inside the functions that need it), so ``import fastdia`` stays lean.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastdia.errors import FastdiaError
@@ -16,7 +18,9 @@ from fastdia.errors import FastdiaError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["default_device", "sm_count", "triton_interpreting"]
+__all__ = ["capture_graph", "default_device", "sm_count", "triton_interpreting"]
+
+log = logging.getLogger(__name__)
 
 
 def triton_interpreting() -> bool:
@@ -63,3 +67,27 @@ def _cuda_sm_count(index: int) -> int:
     import torch
 
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def capture_graph(
+    device: torch.device, warmup: Callable[[], None], body: Callable[[], None], what: str
+) -> torch.cuda.CUDAGraph | None:
+    """Run ``warmup`` on a side stream (autotuning, lazy allocations, library handles), then
+    capture ``body`` as one CUDA graph on ``device``; None (with a warning naming ``what``)
+    where the capture fails, so that the caller runs ``body`` eagerly instead."""
+    import torch
+
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            warmup()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                body()
+        except RuntimeError as err:
+            log.warning("CUDA graph capture of %s failed, it runs eagerly: %s", what, err)
+            return None
+    return graph

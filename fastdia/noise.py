@@ -238,6 +238,18 @@ def _key_word(name: str, value: int | torch.Tensor, device: torch.device) -> int
     return value.reshape(()).to(torch.int64)
 
 
+def _indexed_key(
+    seed: int | torch.Tensor, step: int | torch.Tensor, index: torch.Tensor
+) -> tuple[int | torch.Tensor, int | torch.Tensor, torch.Tensor]:
+    """The key words ``(k0, k1)`` of ``(seed, step)`` on ``index``'s device, and ``index``
+    as int64 (it must be an integer tensor)."""
+    if index.is_floating_point() or index.is_complex():
+        raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
+    k1 = _key_word("seed", seed, index.device)
+    k0 = _key_word("step", step, index.device)
+    return k0, k1, index.to(torch.int64)
+
+
 def randn_at(
     seed: int | torch.Tensor, step: int | torch.Tensor, index: torch.Tensor
 ) -> torch.Tensor:
@@ -252,11 +264,7 @@ def randn_at(
             responsibility). The Philox integers are the same either way.
         index: integer tensor of element indices in ``[0, 2**31)``.
     """
-    if index.is_floating_point() or index.is_complex():
-        raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
-    k1 = _key_word("seed", seed, index.device)
-    k0 = _key_word("step", step, index.device)
-    return _element_normals(k0, k1, index.to(torch.int64))
+    return _element_normals(*_indexed_key(seed, step, index))
 
 
 def randn_like(
@@ -370,11 +378,7 @@ def gumbel_at(
     ``seed`` and ``step`` as in :func:`randn_at`: ints, or 1-element integer tensors on
     ``index``'s device read there (no host sync).
     """
-    if index.is_floating_point() or index.is_complex():
-        raise ConfigError(f"index must be an integer tensor, got dtype {index.dtype}")
-    k1 = _key_word("seed", seed, index.device)
-    k0 = _key_word("step", step, index.device)
-    return _gumbel_counters(k0, k1, index.to(torch.int64))
+    return _gumbel_counters(*_indexed_key(seed, step, index))
 
 
 def _gumbel_counters(

@@ -43,6 +43,7 @@ from torch import nn
 from fastdia import noise, ops
 from fastdia.base_model import BaseModel
 from fastdia.decode import DECODES, DecodeConfig, LMDecoder, check_positive
+from fastdia.device import capture_graph
 from fastdia.embedding import ROUNDINGS, EmbeddingSpace
 from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
@@ -559,22 +560,15 @@ class SamplerPlan:
         A capture that fails (an op that cannot be captured) leaves the plan eager, with
         a warning.
         """
-        device = self.device
-        with torch.cuda.device(device):
-            self.set_inputs(None, 0)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(_WARMUP_RUNS):
-                    self.denoise()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self.denoise()
-            except RuntimeError as err:
-                log.warning("CUDA graph capture failed, the plan runs eagerly: %s", err)
-                return
+        self.set_inputs(None, 0)
+
+        def warmup() -> None:
+            for _ in range(_WARMUP_RUNS):
+                self.denoise()
+
+        graph = capture_graph(self.device, warmup, self.denoise, "the diffusion loop")
+        if graph is None:
+            return
         self._graph = graph
         log.info(
             "captured the %d-row loop for B=%d, L=%d as a CUDA graph",

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastdia.errors import ConfigError
+from fastdia.noise import MAX_INDEX
+
+if TYPE_CHECKING:
+    from fastdia.ops.guided_step import TokenLocalStack
 
 # ``tl.dot`` input precisions for float32 operands on the GPU: ``tf32`` (one tensor-core
 # product of operands rounded to 10-bit mantissas, ~1e-3 relative error), ``tf32x3`` (three
@@ -62,3 +68,41 @@ def check_out_buffer(
             f"got {buf.dtype} {list(buf.shape)} on {buf.device}"
         )
     return buf
+
+
+def step_shape(z: torch.Tensor, seq_len: int) -> tuple[int, int, int]:
+    """``(N, d, B)`` of a guided step's state ``z [N, d]`` of ``B`` sequences of
+    ``seq_len`` tokens; a ConfigError unless ``z`` is 2-D, ``seq_len`` a positive int
+    dividing ``N`` and ``N d < 2**31`` (the noise uses int32 offsets)."""
+    if z.dim() != 2:
+        raise ConfigError(f"z must be [N, d], got shape {list(z.shape)}")
+    n, d = z.shape
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be a positive int, got {seq_len!r}")
+    if n % seq_len:
+        raise ConfigError(f"N = {n} tokens is not a multiple of seq_len = {seq_len}")
+    if n * d >= MAX_INDEX:
+        raise ConfigError(f"N * d = {n * d} must be < 2**31 (the noise uses int32 offsets)")
+    return n, d, n // seq_len
+
+
+def critic_weights(
+    critic: TokenLocalStack, d: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A one-row stack's ``(w1 [H, d], b1 [H], w2 [H], b2 [])`` as contiguous float32 on
+    ``device``, shapes checked (a ConfigError names the wrong one)."""
+    w1 = critic.w1.to(device=device, dtype=torch.float32).contiguous()
+    hidden = w1.shape[0]
+    if tuple(w1.shape) != (hidden, d):
+        raise ConfigError(f"critic.w1 must be [H, d={d}], got {list(w1.shape)}")
+    b1 = critic.b1.to(device=device, dtype=torch.float32).contiguous()
+    if tuple(b1.shape) != (hidden,):
+        raise ConfigError(
+            f"critic.b1 must be [H={hidden}] (one row of the step table: pass "
+            f"stack.row(r)), got {list(b1.shape)}"
+        )
+    w2 = critic.w2.to(device=device, dtype=torch.float32).contiguous()
+    if tuple(w2.shape) != (hidden,):
+        raise ConfigError(f"critic.w2 must be [H={hidden}], got {list(w2.shape)}")
+    b2 = critic.b2.to(device=device, dtype=torch.float32).reshape(())
+    return w1, b1, w2, b2

@@ -82,10 +82,16 @@ import triton.language as tl
 
 from fastdia.device import sm_count, triton_interpreting
 from fastdia.errors import ConfigError
-from fastdia.noise import MAX_INDEX, MAX_SEED
 from fastdia.ops.guided_step import TokenLocalStack
 
-from ._common import FLOAT_DTYPES, check_out_buffer, check_precision, device_scalar
+from ._common import (
+    FLOAT_DTYPES,
+    check_out_buffer,
+    check_precision,
+    critic_weights,
+    device_scalar,
+    step_shape,
+)
 from .randn import randn_groups, randn_lanes
 
 __all__ = ["guided_step"]
@@ -497,21 +503,12 @@ def guided_step(
     Raises:
         ConfigError: bad shapes, a seed or step out of range, ``N * d >= 2**31``.
     """
-    if z.dim() != 2:
-        raise ConfigError(f"z must be [N, d], got shape {list(z.shape)}")
-    n, d = z.shape
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ConfigError(f"seq_len must be a positive int, got {seq_len!r}")
-    if n % seq_len:
-        raise ConfigError(f"N = {n} tokens is not a multiple of seq_len = {seq_len}")
-    if n * d >= MAX_INDEX:
-        raise ConfigError(f"N * d = {n * d} must be < 2**31 (the noise uses int32 offsets)")
+    n, d, batch = step_shape(z, seq_len)
     check_precision(precision)
     if d_groups is not None and (
         isinstance(d_groups, bool) or not isinstance(d_groups, int) or d_groups < 1
     ):
         raise ConfigError(f"d_groups must be a positive int or None, got {d_groups!r}")
-    batch = n // seq_len
     device = z.device
     z = _float_input(z, "z", (n, d))
     eps = _float_input(eps, "eps", (n, d))
@@ -529,11 +526,6 @@ def guided_step(
         raise ConfigError(f"coef must be [4] or [B={batch}, 4], got {list(coef.shape)}")
     coef = coef.contiguous()
 
-    for name, value in (("seed", seed), ("step", step)):
-        if not isinstance(value, torch.Tensor) and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED
-        ):
-            raise ConfigError(f"{name} must be an int in [0, 2**31) or a tensor, got {value!r}")
     seed_t = device_scalar(seed, torch.int64, device, "seed")
     step_t = device_scalar(step, torch.int64, device, "step")
     lam_t = device_scalar(guidance, torch.float32, device, "guidance")
@@ -543,20 +535,8 @@ def guided_step(
 
     has_critic = critic is not None
     if has_critic:
-        w1 = critic.w1.to(device=device, dtype=torch.float32).contiguous()
+        w1, b1, w2, b2 = critic_weights(critic, d, device)
         hidden = w1.shape[0]
-        if w1.shape != (hidden, d):
-            raise ConfigError(f"critic.w1 must be [H, d={d}], got {list(w1.shape)}")
-        b1 = critic.b1.to(device=device, dtype=torch.float32).contiguous()
-        if b1.shape != (hidden,):
-            raise ConfigError(
-                f"critic.b1 must be [H={hidden}] (one row of the step table: pass "
-                f"stack.row(r)), got {list(b1.shape)}"
-            )
-        w2 = critic.w2.to(device=device, dtype=torch.float32).contiguous()
-        b2 = critic.b2.to(device=device, dtype=torch.float32).reshape(())
-        if w2.shape != (hidden,):
-            raise ConfigError(f"critic.w2 must be [H={hidden}], got {list(w2.shape)}")
     else:
         hidden = 1
         w1 = b1 = w2 = b2 = coef  # never read

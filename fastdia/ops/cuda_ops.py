@@ -35,8 +35,13 @@ from typing import Any
 import torch
 
 from fastdia.errors import ConfigError
-from fastdia.kernels._common import FLOAT_DTYPES, check_out_buffer, device_scalar
-from fastdia.noise import MAX_INDEX
+from fastdia.kernels._common import (
+    FLOAT_DTYPES,
+    check_out_buffer,
+    critic_weights,
+    device_scalar,
+    step_shape,
+)
 from fastdia.ops import cuda_build
 from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
 
@@ -186,22 +191,13 @@ def guided_step(
         ConfigError: bad shapes or dtypes, a seed or step out of range, ``N * d >= 2**31``,
             or the extension cannot be built here.
     """
-    if z.dim() != 2:
-        raise ConfigError(f"z must be [N, d], got shape {list(z.shape)}")
-    n, d = z.shape
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ConfigError(f"seq_len must be a positive int, got {seq_len!r}")
-    if n % seq_len:
-        raise ConfigError(f"N = {n} tokens is not a multiple of seq_len = {seq_len}")
-    if n * d >= MAX_INDEX:
-        raise ConfigError(f"N * d = {n * d} must be < 2**31 (the noise uses int32 offsets)")
+    n, d, batch = step_shape(z, seq_len)
     kappa = float(noise_kappa)
     if not kappa >= 0.0:
         raise ConfigError(f"noise_kappa must be >= 0, got {noise_kappa!r}")
     device = z.device
     if device.type != "cuda":
         raise ConfigError(f"the cuda guided_step needs CUDA tensors, got z on {device}")
-    batch = n // seq_len
     for name, x in (("eps", eps), ("grad", grad)):
         if x is not None and (tuple(x.shape) != (n, d) or x.device != device):
             raise ConfigError(
@@ -220,20 +216,8 @@ def guided_step(
 
     w1 = b1 = w2 = b2 = None
     if critic is not None:
-        w1 = critic.w1.to(device=device, dtype=torch.float32).contiguous()
+        w1, b1, w2, b2 = critic_weights(critic, d, device)
         hidden = w1.shape[0]
-        if tuple(w1.shape) != (hidden, d):
-            raise ConfigError(f"critic.w1 must be [H, d={d}], got {list(w1.shape)}")
-        b1 = critic.b1.to(device=device, dtype=torch.float32).contiguous()
-        if tuple(b1.shape) != (hidden,):
-            raise ConfigError(
-                f"critic.b1 must be [H={hidden}] (one row of the step table: pass "
-                f"stack.row(r)), got {list(b1.shape)}"
-            )
-        w2 = critic.w2.to(device=device, dtype=torch.float32).contiguous()
-        if tuple(w2.shape) != (hidden,):
-            raise ConfigError(f"critic.w2 must be [H={hidden}], got {list(w2.shape)}")
-        b2 = critic.b2.to(device=device, dtype=torch.float32).reshape(())
         # the width check runs eagerly (cached per width and device); under torch.compile
         # the kernel's own check stands (warm up eagerly first, as the module says)
         if not torch.compiler.is_compiling() and not _critic_fits(hidden, _index(device)):

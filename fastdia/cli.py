@@ -118,7 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     # 1. cheap checks, before anything heavy
     checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)
-    settings = sampling_settings(checkpoint, guidance=args.guidance, **sampling_overrides(args))
+    settings = sampling_settings(checkpoint, **sampling_overrides(args))
     config = sampler_config(
         settings,
         rounding=args.rounding,

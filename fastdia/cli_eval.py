@@ -99,8 +99,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     Keys are the sampling settings (``decode``, ``stop_at``, ``tilt``, ...) and
     ``guidance``, ``self_condition``, ``clean_prompt``, ``time_warp``.
     """
-    from fastdia.pipeline import BUILTIN_SAMPLING
+    from fastdia.models.checkpoint import SAMPLING_KEYS
 
+    flags = {k for k, spec in SAMPLING_KEYS.items() if isinstance(spec.default, bool)}
     name, sep, body = text.partition(":")
     if not sep or not name or not body:
         raise ConfigError(f"--variant must look like NAME:KEY=VALUE,..., got {text!r}")
@@ -108,11 +109,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     for item in body.split(","):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not eq or key not in set(BUILTIN_SAMPLING) | _VARIANT_KEYS:
-            known = ", ".join(sorted(set(BUILTIN_SAMPLING) | _VARIANT_KEYS))
+        if not eq or key not in set(SAMPLING_KEYS) | _VARIANT_KEYS:
+            known = ", ".join(sorted(set(SAMPLING_KEYS) | _VARIANT_KEYS))
             raise ConfigError(f"--variant {text!r}: unknown setting {key!r}; known: {known}")
         value = value.strip()
-        if value.lower() in _BOOL and key in (_VARIANT_KEYS - {"guidance"}) | {"tilt_once"}:
+        if value.lower() in _BOOL and key in (_VARIANT_KEYS - {"guidance"}) | flags:
             changes[key] = _BOOL[value.lower()]
         elif key in ("decode", "sampler"):
             changes[key] = value
@@ -145,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.length < 2:
         raise ConfigError("--num-samples must be >= 1 and --length >= 2")
     checkpoint = resolve_checkpoint(args.checkpoint)
-    default = sampling_settings(checkpoint, guidance=args.guidance, **sampling_overrides(args))
+    default = sampling_settings(checkpoint, **sampling_overrides(args))
     configs: list[tuple[str, dict[str, Any]]] = []
     for lam in lambdas or [default["guidance"]]:
         tag = " (default)" if lam == default["guidance"] else ""

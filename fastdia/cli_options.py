@@ -95,16 +95,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The :func:`add_sampling_options` values given on the command line (None: not given)."""
-    keys = (
-        "steps",
-        "sampler",
-        "decode",
-        "stop_at",
-        "score_temperature",
-        "lm_temperature",
-        "latent_weight",
-        "tilt",
-        "tilt_once",
-    )
-    return {k: getattr(args, k) for k in keys}
+    """The sampling settings given on the command line (None: not given): ``--guidance`` and
+    the :func:`add_sampling_options` values."""
+    from fastdia.models.checkpoint import SAMPLING_KEYS
+
+    return {k: getattr(args, k) for k in SAMPLING_KEYS}

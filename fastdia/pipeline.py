@@ -18,7 +18,12 @@ import torch
 from fastdia.base_model import BaseModel
 from fastdia.decode import DecodeConfig
 from fastdia.errors import CheckpointError, ConfigError
-from fastdia.models.checkpoint import DENOISER_STEM, load_checkpoint, sampling_defaults
+from fastdia.models.checkpoint import (
+    DENOISER_STEM,
+    SAMPLING_KEYS,
+    load_checkpoint,
+    sampling_defaults,
+)
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
@@ -133,30 +138,17 @@ def build_sampler(
     return Assembly(sampler, weighted)
 
 
-BUILTIN_SAMPLING: dict[str, Any] = {
-    "guidance": 1.0,
-    "steps": 50,
-    "sampler": "dia",
-    "decode": "nearest",
-    "stop_at": 0.0,
-    "score_temperature": 1.0,
-    "lm_temperature": 1.0,
-    "latent_weight": 1.0,
-    "tilt": 0.0,
-    "tilt_once": False,
-}
-
-
 def sampling_settings(checkpoint: Path | None, **given: Any) -> dict[str, Any]:
     """The sampling settings of a run: ``given`` (values not None) over the checkpoint's
-    ``sampling.json`` over :data:`BUILTIN_SAMPLING` (``--random-init``: no checkpoint).
+    ``sampling.json`` over the built-in defaults of
+    :data:`~fastdia.models.checkpoint.SAMPLING_KEYS` (``--random-init``: no checkpoint).
 
-    Returns every key of :data:`BUILTIN_SAMPLING` plus the ``given`` ones.
+    Returns every sampling key plus the ``given`` ones.
     """
-    settings = dict(BUILTIN_SAMPLING)
+    settings = {key: spec.default for key, spec in SAMPLING_KEYS.items()}
     if checkpoint is not None:
         defaults = sampling_defaults(checkpoint)
-        settings.update({k: v for k, v in defaults.items() if k in BUILTIN_SAMPLING})
+        settings.update({k: v for k, v in defaults.items() if k in SAMPLING_KEYS})
     settings.update({k: v for k, v in given.items() if v is not None})
     return settings
 

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
-from fastdia.cli import main
+from fastdia.cli import build_parser, main
+from fastdia.cli_options import sampling_overrides
 from fastdia.embedding import EmbeddingSpace
-from fastdia.models.checkpoint import save_checkpoint
+from fastdia.errors import CheckpointError
+from fastdia.models.checkpoint import SAMPLING_KEYS, sampling_defaults, save_checkpoint
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 
@@ -119,6 +121,37 @@ def test_checkpoint_sampling_defaults(capsys, tiny_args, tiny_checkpoint):
     (tiny_checkpoint / "sampling.json").write_text("[1, 2]")
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "must hold a JSON object" in err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"steps": 0}', '"steps" must be a positive integer, got 0'),
+        ('{"steps": 2.5}', '"steps" must be a positive integer, got 2.5'),
+        ('{"steps": true}', '"steps" must be a positive integer, got True'),
+        ('{"decode": 3}', '"decode" must be a decode mode, got 3'),
+        ('{"score_temperature": 0}', '"score_temperature" must be a finite number > 0, got 0'),
+        ('{"tilt": -0.5}', '"tilt" must be a finite number >= 0, got -0.5'),
+        ('{"latent_weight": NaN}', '"latent_weight" must be a finite number >= 0, got nan'),
+        ('{"tilt_once": "yes"}', "\"tilt_once\" must be true or false, got 'yes'"),
+    ],
+)
+def test_sampling_json_values_are_checked(tmp_path, text, message):
+    (tmp_path / "sampling.json").write_text(text)
+    with pytest.raises(CheckpointError, match="fix or delete it") as info:
+        sampling_defaults(tmp_path)
+    assert message in str(info.value)
+
+
+def test_every_sampling_key_has_a_valid_default_and_a_command_line_option(tmp_path):
+    defaults = {key: spec.default for key, spec in SAMPLING_KEYS.items()}
+    (tmp_path / "sampling.json").write_text(json.dumps(defaults | {"why": "a note"}))
+    assert sampling_defaults(tmp_path) == defaults | {"why": "a note"}
+    parser = build_parser()
+    for command in (["sample", "--prompt", "x"], ["eval"]):
+        overrides = sampling_overrides(parser.parse_args(command))
+        assert set(overrides) == set(SAMPLING_KEYS)
+        assert all(value is None for value in overrides.values())  # None: not given
 
 
 def test_human_readable_output(capsys, tiny_args):

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -156,18 +156,27 @@ def load_model(
     return module.to(device).eval().requires_grad_(False)
 
 
-SAMPLING_KEYS = {
-    "guidance": "a finite number >= 0",
-    "steps": "a positive integer",
-    "sampler": "a sampler name",
-    "decode": "a decode mode",
-    "stop_at": "a level in [0, 1)",
-    "score_temperature": "a finite number > 0",
-    "lm_temperature": "a finite number > 0",
-    "latent_weight": "a finite number >= 0",
-    "tilt": "a finite number >= 0",
-    "tilt_once": "true or false",
+class SamplingKey(NamedTuple):
+    """One sampling setting: its built-in value and what a value must be."""
+
+    default: Any  # used when neither sampling.json nor the command line sets it
+    rule: str  # what a valid value is, for error messages
+
+
+SAMPLING_KEYS: dict[str, SamplingKey] = {
+    "guidance": SamplingKey(1.0, "a finite number >= 0"),
+    "steps": SamplingKey(50, "a positive integer"),
+    "sampler": SamplingKey("dia", "a sampler name"),
+    "decode": SamplingKey("nearest", "a decode mode"),
+    "stop_at": SamplingKey(0.0, "a level in [0, 1)"),
+    "score_temperature": SamplingKey(1.0, "a finite number > 0"),
+    "lm_temperature": SamplingKey(1.0, "a finite number > 0"),
+    "latent_weight": SamplingKey(1.0, "a finite number >= 0"),
+    "tilt": SamplingKey(0.0, "a finite number >= 0"),
+    "tilt_once": SamplingKey(False, "true or false"),
 }
+"""The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
+name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""
 
 
 NOTE_KEYS = ("why",)  # free-text keys of sampling.json (explanations, not settings)
@@ -199,17 +208,16 @@ def sampling_defaults(folder: str | Path) -> dict[str, Any]:
             f"{path} has unknown keys {', '.join(unknown)}; known: {', '.join(SAMPLING_KEYS)}"
         )
     for key, value in values.items():
-        text = key in ("sampler", "decode")
-        ok = isinstance(value, str) if text else _finite_number(value)
-        if SAMPLING_KEYS[key] == "true or false":
-            ok = isinstance(value, bool)
-        elif key == "steps":
+        default, rule = SAMPLING_KEYS[key]
+        if isinstance(default, (bool, str)):
+            ok = isinstance(value, type(default))
+        elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-        elif not text and ok and (value < 0 or (value == 0 and "> 0" in SAMPLING_KEYS[key])):
-            ok = False
+        else:
+            ok = _finite_number(value) and (value > 0 if "> 0" in rule else value >= 0)
         if not ok:
             raise CheckpointError(
-                f'{path}: "{key}" must be {SAMPLING_KEYS[key]}, got {value!r}; fix or delete it'
+                f'{path}: "{key}" must be {rule}, got {value!r}; fix or delete it'
             )
     return values | notes
 

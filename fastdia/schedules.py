@@ -142,7 +142,9 @@ def _predictor(sampler: str, ab: float, ab_p: float, eta_scale: float) -> tuple[
         b = math.sqrt(1.0 - ab_p) - math.sqrt(ab_p * (1.0 - ab) / ab)
         return math.sqrt(ab_p / ab), b, -b * sig, 0.0
     alpha_s = math.sqrt(alpha)
-    d = eta_scale * sig * (math.sqrt(sig * sig + 1.0 - ab_p) - sig)
+    # sig * (sqrt(sig^2 + 1 - ab_p) - sig), written without the cancellation that made it
+    # -5e-17 (and its sqrt a domain error) on a last step to ab_p = 1 (cosine schedule)
+    d = eta_scale * sig * (1.0 - ab_p) / (math.sqrt(sig * sig + 1.0 - ab_p) + sig)
     return 1 / alpha_s, -sig / alpha_s - d / sig, d, math.sqrt(2 * d)
 
 

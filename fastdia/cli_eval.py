@@ -79,6 +79,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 _BOOL = {"true": True, "false": False, "1": True, "0": False}
+_BOOL |= {"on": True, "off": False, "yes": True, "no": False}
 _VARIANT_KEYS = {"guidance", "self_condition", "clean_prompt", "time_warp"}
 
 
@@ -101,7 +102,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """
     from fastdia.models.checkpoint import SAMPLING_KEYS
 
-    flags = {k for k, spec in SAMPLING_KEYS.items() if isinstance(spec.default, bool)}
+    kinds = {k: type(spec.default) for k, spec in SAMPLING_KEYS.items()}
+    kinds |= {k: bool for k in _VARIANT_KEYS - {"guidance"}}  # the training-time switches
     name, sep, body = text.partition(":")
     if not sep or not name or not body:
         raise ConfigError(f"--variant must look like NAME:KEY=VALUE,..., got {text!r}")
@@ -113,16 +115,18 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             known = ", ".join(sorted(set(SAMPLING_KEYS) | _VARIANT_KEYS))
             raise ConfigError(f"--variant {text!r}: unknown setting {key!r}; known: {known}")
         value = value.strip()
-        if value.lower() in _BOOL and key in (_VARIANT_KEYS - {"guidance"}) | flags:
+        if kinds.get(key) is bool:
+            if value.lower() not in _BOOL:
+                raise ConfigError(f"--variant {text!r}: {key} needs true or false")
             changes[key] = _BOOL[value.lower()]
-        elif key in ("decode", "sampler"):
+        elif kinds.get(key) is str:
             changes[key] = value
         else:
             try:
                 number = float(value)
             except ValueError:
                 raise ConfigError(f"--variant {text!r}: {key} needs a number") from None
-            changes[key] = int(number) if key == "steps" else number
+            changes[key] = int(number) if kinds.get(key) is int else number
     return name, changes
 
 

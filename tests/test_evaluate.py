@@ -10,6 +10,8 @@ import torch
 from tiny import CORPUS
 
 from fastdia.cli import main
+from fastdia.cli_eval import parse_variant
+from fastdia.errors import ConfigError
 from fastdia.evaluate import distinct_n, perplexity, token_nll
 
 
@@ -275,3 +277,27 @@ def test_baseline_specs():
     assert base_temperature("base-T0.8") == 0.8 and base_temperature("base-T1") == 1.0
     for bad in ("base", "base-T", "base-Tx", "base-T0", "base-T-1", "base-Tnan", "best-of-4"):
         assert base_temperature(bad) is None, bad
+
+
+def test_parse_variant_reads_each_kind_of_setting():
+    name, changes = parse_variant(
+        "v:decode=lm, steps=20,stop-at=0.5,tilt_once=off,self_condition=false,guidance=3"
+    )
+    assert name == "v"
+    assert changes == {
+        "decode": "lm",
+        "steps": 20,
+        "stop_at": 0.5,
+        "tilt_once": False,
+        "self_condition": False,
+        "guidance": 3.0,
+    }
+    assert type(changes["steps"]) is int
+    for bad, message in [
+        ("v:speed=3", "unknown setting 'speed'"),
+        ("v:tilt_once=2", "tilt_once needs true or false"),
+        ("v:tilt=high", "tilt needs a number"),
+        ("v", "must look like NAME:KEY=VALUE"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_variant(bad)

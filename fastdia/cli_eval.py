@@ -78,8 +78,10 @@ def _floats(text: str, what: str) -> list[float]:
     return values
 
 
-_BOOL = {"true": True, "false": False, "1": True, "0": False}
-_BOOL |= {"on": True, "off": False, "yes": True, "no": False}
+_BOOL = {
+    **{word: True for word in ("true", "1", "on", "yes")},
+    **{word: False for word in ("false", "0", "off", "no")},
+}
 _VARIANT_KEYS = {"guidance", "self_condition", "clean_prompt", "time_warp"}
 
 

@@ -82,7 +82,8 @@ _BOOL = {
     **{word: True for word in ("true", "1", "on", "yes")},
     **{word: False for word in ("false", "0", "off", "no")},
 }
-_VARIANT_KEYS = {"guidance", "self_condition", "clean_prompt", "time_warp"}
+# the denoiser's training-time switches, which an eval variant may turn off at sampling time
+_SWITCHES = ("self_condition", "clean_prompt", "time_warp")
 
 
 def base_temperature(spec: str) -> float | None:
@@ -105,7 +106,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     from fastdia.models.checkpoint import SAMPLING_KEYS
 
     kinds = {k: type(spec.default) for k, spec in SAMPLING_KEYS.items()}
-    kinds |= {k: bool for k in _VARIANT_KEYS - {"guidance"}}  # the training-time switches
+    kinds |= {k: bool for k in _SWITCHES}
     name, sep, body = text.partition(":")
     if not sep or not name or not body:
         raise ConfigError(f"--variant must look like NAME:KEY=VALUE,..., got {text!r}")
@@ -113,8 +114,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     for item in body.split(","):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not eq or key not in set(SAMPLING_KEYS) | _VARIANT_KEYS:
-            known = ", ".join(sorted(set(SAMPLING_KEYS) | _VARIANT_KEYS))
+        if not eq or key not in kinds:
+            known = ", ".join(sorted(kinds))
             raise ConfigError(f"--variant {text!r}: unknown setting {key!r}; known: {known}")
         value = value.strip()
         if kinds.get(key) is bool:
@@ -160,10 +161,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for text in args.variant:
         name, changes = parse_variant(text)
         configs.append((f"fastdia {name}", default | changes))
-    toggles = ("self_condition", "clean_prompt", "time_warp")
     built = []
     for name, settings in configs:
-        extra = {k: settings[k] for k in toggles if k in settings}
+        extra = {k: settings[k] for k in _SWITCHES if k in settings}
         built.append((name, settings, sampler_config(settings, **extra)))
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     for b in baselines:

@@ -191,3 +191,33 @@ def test_public_ops_are_not_shadowed_by_their_reference_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["fastdia.ops", "fastdia.ops"]
+
+
+def test_the_checkout_does_not_shadow_the_pypi_kernels_package():
+    """From the repository root (``python -m pytest``, ``python -m benchmarks...``) the folder
+    ``kernels/`` is importable as ``kernels``, the name of PyPI's hub-kernels package that
+    transformers imports: it must hand over to that package, or be missing like it."""
+    import importlib.machinery
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys; sys.path.insert(0, '.')\n"
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
+        "else:\n    print('found', kernels.__file__)\n"
+        "import fastdia.kernels, fastdia.kernels._common\n"
+        "print('ours', fastdia.kernels.__file__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert Path(lines["ours"]).resolve() == root / "kernels" / "__init__.py"
+    outside = [p for p in sys.path if Path(p or ".").resolve() != root]
+    pypi = importlib.machinery.PathFinder.find_spec("kernels", outside)
+    if pypi is None:
+        assert lines == {"missing": "kernels", "ours": lines["ours"]}
+    else:
+        assert Path(lines["found"]).resolve() == Path(pypi.origin).resolve()

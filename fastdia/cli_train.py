@@ -84,6 +84,19 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="after training, measure the loss over t and store the step allocation",
     )
+    p.add_argument(
+        "--train-times",
+        default="uniform",
+        help="uniform (t ~ U(0, 1]) or warp (t drawn uniformly in the running loss curve, "
+        "CDCD: training goes where tokens are decided)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="FOLDER",
+        help="start from the denoiser in this checkpoint folder (fine-tuning; same "
+        "architecture options)",
+    )
     p.set_defaults(func=cmd_train_denoiser)
 
     p = sub.add_parser("train-critic", help="train a critic that imitates a reward")
@@ -184,6 +197,11 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         clean_prompt=args.clean_prompt,
     )
     train, hold = _data(args, base)
+    init = None
+    if args.init:
+        from fastdia.models.checkpoint import DENOISER_STEM, load_model
+
+        init = load_model(args.init, DENOISER_STEM, base.space)
     run = train_denoiser(
         base,
         train,
@@ -195,6 +213,8 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.no_progress,
         warp=args.time_warp,
+        train_times=args.train_times,
+        init=init,
     )
     last = run.history[-1] if run.history else {}
     print(json.dumps({"out": args.out, "seconds": run.seconds, "final": last}))

@@ -18,8 +18,8 @@ from fastdia.train.denoiser import (
     Conditioning,
     denoiser_loss,
     draw_conditioning,
-    time_warp,
 )
+from fastdia.train.time_warp import time_warp
 
 
 def _denoiser(space, **kw):

@@ -142,6 +142,12 @@ class Optimisation:
         self.opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMA(module, cfg.ema) if cfg.ema else None
         self.step = 0
+        self.tracked: dict[str, Any] = {}
+
+    def track(self, name: str, obj: Any) -> None:
+        """Save and resume ``obj`` (with ``state_dict``/``load_state_dict``) with the run:
+        training state beside the model's, e.g. a running time warp."""
+        self.tracked[name] = obj
 
     def resume(self) -> int:
         """Load the saved state; returns the step to continue from."""
@@ -154,6 +160,8 @@ class Optimisation:
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        for name, obj in self.tracked.items():
+            obj.load_state_dict(state.get("tracked", {})[name])
         self.step = state["step"]
         log.info("resuming at step %d", self.step)
         return self.step
@@ -193,6 +201,7 @@ class Optimisation:
             ema=self.ema,
             optimizer=self.opt,
             identity=self.identity,
+            tracked={name: obj.state_dict() for name, obj in self.tracked.items()},
         )
 
 
@@ -211,9 +220,11 @@ def save_state(
     ema: EMA | None,
     optimizer: torch.optim.Optimizer,
     identity: dict[str, Any],
+    tracked: dict[str, Any] | None = None,
 ) -> None:
-    """Write the resume state atomically."""
+    """Write the resume state atomically (``tracked``: other training state by name)."""
     state = {
+        "tracked": tracked or {},
         "step": step,
         "model": module.state_dict(),
         "ema": ema.shadow if ema is not None else None,

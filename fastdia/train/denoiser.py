@@ -22,6 +22,7 @@ noise levels and stores the step allocation (CDCD time warping) in the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -37,8 +38,9 @@ from fastdia.errors import ConfigError
 from fastdia.models.checkpoint import DENOISER_STEM, save_model, write_json_atomic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.ops import round_to_vocab
-from fastdia.schedules import alpha_bar
+from fastdia.schedules import alpha_bar, check_choice
 from fastdia.train.common import (
+    T_MIN,
     OptimConfig,
     Optimisation,
     autocast,
@@ -48,6 +50,7 @@ from fastdia.train.common import (
     state_path,
     step_generator,
 )
+from fastdia.train.time_warp import OnlineTimeWarp, time_warp
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +123,20 @@ def model_input(
     return z_t, x0_prev
 
 
-def denoiser_loss(
+def window_losses(
     den: Denoiser,
     ids: torch.Tensor,
     z0: torch.Tensor,
     t: torch.Tensor,
     eps: torch.Tensor,
     cond: Conditioning | None = None,
-) -> torch.Tensor:
-    """The loss of one batch: ``ids [B, L]``, ``z0 = c E[ids]``, ``t [B]``, ``eps`` like z0.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window's summed loss ``[B]`` and how many positions it counts ``[B]`` (float32).
 
-    Mean squared error per element for ``"eps"``/``"x0"``; mean cross-entropy per token
-    (tokens outside the head's subset ignored) for ``"tokens"``. Clean (prompt)
-    positions of ``cond`` are left out.
+    ``ids [B, L]``, ``z0 = c E[ids]``, ``t [B]``, ``eps`` like z0. A position's loss is
+    the squared error averaged over the embedding for ``"eps"``/``"x0"`` and the
+    cross-entropy of its token for ``"tokens"``; clean (prompt) positions of ``cond`` and
+    tokens outside a tokens head's subset are not counted.
     """
     cond = cond or Conditioning()
     z_t, x0_prev = model_input(den, z0, t, eps, cond)
@@ -142,13 +146,29 @@ def denoiser_loss(
         target = den.token_index(ids.to(out.device))
         if mask is not None:
             target = target.masked_fill(mask, -100)
-        return torch.nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
+        ce = torch.nn.functional.cross_entropy(
+            out.flatten(0, 1), target.flatten(), reduction="none"
+        ).view(target.shape)
+        return ce.sum(dim=1), (target != -100).sum(dim=1).float()
     target = eps if den.config.prediction == "eps" else z0
     err = (out - target).pow(2).mean(dim=-1)
-    if mask is None:
-        return err.mean()
-    keep = (~mask).to(err.dtype)
-    return (err * keep).sum() / keep.sum().clamp_min(1)
+    keep = torch.ones_like(err) if mask is None else (~mask).to(err.dtype)
+    return (err * keep).sum(dim=1), keep.sum(dim=1)
+
+
+def denoiser_loss(
+    den: Denoiser,
+    ids: torch.Tensor,
+    z0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    cond: Conditioning | None = None,
+) -> torch.Tensor:
+    """The loss of one batch (arguments as :func:`window_losses`): the mean over the
+    counted positions of all windows (mean squared error per element for
+    ``"eps"``/``"x0"``, mean cross-entropy per token for ``"tokens"``)."""
+    total, count = window_losses(den, ids, z0, t, eps, cond)
+    return total.sum() / count.sum().clamp_min(1)
 
 
 def token_vocabulary(data: TokenDataset) -> torch.Tensor:
@@ -207,7 +227,6 @@ def validate(
 
 WARP_LEVELS = 41  # noise levels at which the time warp measures the loss
 WARP_WINDOWS = 64  # held-out windows per level
-WARP_UNIFORM_MIX = 0.1  # share of uniform time mixed into the warp (no empty stretches)
 
 
 @torch.no_grad()
@@ -234,28 +253,6 @@ def loss_curve(
     return times, losses
 
 
-def time_warp(times: list[float], losses: list[float], *, points: int = 65) -> list[float]:
-    """The step allocation of CDCD's time warping from a measured loss curve.
-
-    ``F(t)`` is the loss rescaled to ``[0, 1]`` (made non-decreasing with a running
-    maximum), mixed with ``WARP_UNIFORM_MIX`` of uniform time so it rises strictly. The
-    result is ``F^{-1}`` at ``points`` evenly spaced values: ``[points]`` ascending times
-    from 0 to 1; sampling steps placed uniformly in ``F`` fall where the loss changes
-    fastest, i.e. where tokens are decided.
-    """
-    t = torch.tensor(times, dtype=torch.float64)
-    loss = torch.cummax(torch.tensor(losses, dtype=torch.float64), dim=0).values
-    span = float(loss[-1] - loss[0])
-    f = (loss - loss[0]) / span if span > 0 else t.clone()
-    f = (1 - WARP_UNIFORM_MIX) * f + WARP_UNIFORM_MIX * t
-    targets = torch.linspace(0, 1, points, dtype=torch.float64)
-    idx = torch.searchsorted(f, targets).clamp(1, len(t) - 1)
-    f0, f1, t0, t1 = f[idx - 1], f[idx], t[idx - 1], t[idx]
-    grid = t0 + (targets - f0) / (f1 - f0).clamp_min(1e-12) * (t1 - t0)
-    grid[0], grid[-1] = 0.0, 1.0
-    return [round(v, 6) for v in grid.tolist()]
-
-
 def measure_time_warp(
     den: Denoiser, base: BaseModel, ids: torch.Tensor, *, seed: int = 0
 ) -> dict[str, list[float]]:
@@ -279,6 +276,8 @@ def train_denoiser(
     device: torch.device | str = "cpu",
     progress: bool = True,
     warp: bool = False,
+    train_times: str = "uniform",
+    init: Denoiser | None = None,
 ) -> DenoiserRun:
     """Train a denoiser on ``data``; checkpoints and resume state go to ``out_dir``.
 
@@ -289,6 +288,14 @@ def train_denoiser(
     With ``warp`` (and a ``holdout``) the final model's step allocation is measured
     (:func:`measure_time_warp`), stored as ``config.time_grid`` and saved, and the curve
     goes into the history as ``{"time_warp": ...}``.
+
+    ``train_times``: ``"uniform"`` draws training times ``t ~ U(0, 1]``; ``"warp"`` draws
+    them uniformly in the running loss curve (:class:`OnlineTimeWarp`, starting from
+    ``init``'s measured ``time_grid`` when it has one), so training concentrates where
+    the loss changes, the levels where sampling decides tokens.
+    ``init``: a trained denoiser to start from (fine-tuning): its weights and, for a
+    tokens head, its token subset (data tokens outside it are not counted); its
+    architecture must be ``config``'s. The optimiser starts afresh.
     """
     from tqdm import tqdm
 
@@ -299,8 +306,12 @@ def train_denoiser(
     if data.length > config.max_length:
         raise ConfigError(f"windows of {data.length} tokens exceed max_length {config.max_length}")
     base.space.check_fingerprint(data.fingerprint, f"dataset {data.source}")
+    check_choice(train_times, TRAIN_TIMES, "train_times")
     vocab_ids = None
-    if config.prediction == "tokens":
+    if init is not None:
+        config = _init_config(init, config)
+        vocab_ids = init.vocab_ids.cpu() if config.prediction == "tokens" else None
+    elif config.prediction == "tokens":
         vocab_ids = token_vocabulary(data)
         if config.vocab_size not in (0, len(vocab_ids)):
             raise ConfigError(
@@ -308,10 +319,25 @@ def train_denoiser(
                 f"{data.source}; leave it 0 to take it from the data"
             )
         config = replace(config, vocab_size=len(vocab_ids))
-    identity = identity_of(config, optim, data=data.source, windows=len(data), kind="denoiser")
+    identity = identity_of(
+        config,
+        optim,
+        data=data.source,
+        windows=len(data),
+        kind="denoiser",
+        train_times=train_times,
+        init=None if init is None else weights_digest(init),
+    )
     torch.manual_seed(optim.seed)
-    den = Denoiser(config, vocab_ids).bind_embeddings(base.space).to(device)
+    den = Denoiser(config, vocab_ids)
+    if init is not None:
+        den.load_state_dict(init.state_dict())
+    den = den.bind_embeddings(base.space).to(device)
     run = Optimisation(den, optim, state_path(out_dir, DENOISER_STEM), identity)
+    times = None
+    if train_times == "warp":
+        times = OnlineTimeWarp(init.config.time_grid if init is not None else None)
+        run.track("time_warp", times)
     history: list[dict[str, Any]] = []
     if resume:
         start_step = run.resume()
@@ -323,12 +349,18 @@ def train_denoiser(
         den.train()
         gen = step_generator(optim.seed, run.step)
         idx, t = batch_draws(gen, len(ids_all), optim.batch_size)
+        if times is not None:
+            t = T_MIN + (1 - T_MIN) * times.draw((t - T_MIN) / (1 - T_MIN))
         z0 = space.embed(ids_all[idx].to(device))
         eps = torch.randn(z0.shape, generator=gen).to(device)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
         cond = draw_conditioning(gen, config, optim.batch_size, data.length)
         with autocast(device):
-            loss = denoiser_loss(den, ids_all[idx], z0, t.to(device), eps, cond)
+            total, count = window_losses(den, ids_all[idx], z0, t.to(device), eps, cond)
+            loss = total.sum() / count.sum().clamp_min(1)
+        if times is not None:
+            keep = count > 0
+            times.observe(t[keep.cpu()], (total / count.clamp_min(1))[keep])
         lr = run.update(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -338,6 +370,8 @@ def train_denoiser(
             with run.averaged():
                 den.eval()
                 record.update(validate(den, base, holdout.ids[:VAL_WINDOWS]))
+            if times is not None:
+                record["train_times_above_0.9"] = float((times.grid > 0.9).float().mean())
             log.info("step %d %s", run.step, {k: round(v, 4) for k, v in record.items()})
         history.append(record)
         if run.step % optim.save_every == 0 or last:
@@ -357,6 +391,37 @@ def train_denoiser(
         write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
         log.info("time warp: %s", curve["grid"])
     return DenoiserRun(final.eval(), history, time.perf_counter() - started)
+
+
+TRAIN_TIMES = ("uniform", "warp")
+_ARCH_FIELDS = ("dim", "max_length", "hidden", "layers", "heads", "prediction", "schedule", "arch")
+_INPUT_FIELDS = ("self_condition", "clean_prompt")
+
+
+def _init_config(init: Denoiser, config: DenoiserConfig) -> DenoiserConfig:
+    """``config`` with ``init``'s token subset, after checking ``init`` has its shape."""
+    diff = [
+        f"{k} {getattr(init.config, k)!r} (asked: {getattr(config, k)!r})"
+        for k in _ARCH_FIELDS + _INPUT_FIELDS
+        if getattr(init.config, k) != getattr(config, k)
+    ]
+    if diff:
+        raise ConfigError(
+            "the --init denoiser differs from the asked architecture in "
+            + ", ".join(diff)
+            + "; pass the same architecture options it was trained with"
+        )
+    return replace(config, vocab_size=init.config.vocab_size)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short SHA-256 of a module's state (names, shapes and bytes), for run identities."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_history(out_dir: Path) -> list[dict[str, Any]]:

@@ -153,6 +153,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.length < 2:
         raise ConfigError("--num-samples must be >= 1 and --length >= 2")
     checkpoint = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    try:  # an output that cannot be written fails now, not after the whole run
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out}: cannot create its folder ({exc})") from exc
     default = sampling_settings(checkpoint, **sampling_overrides(args))
     configs: list[tuple[str, dict[str, Any]]] = []
     for lam in lambdas or [default["guidance"]]:

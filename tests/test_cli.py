@@ -322,3 +322,16 @@ def test_decode_bad_input_fails_before_loading(capsys, monkeypatch, flags, messa
     monkeypatch.setattr(fastdia.base_model, "load_base_model", boom)
     code, _, err = _run(capsys, "sample", "--random-init", *flags)
     assert code == 2 and message in err, err
+
+
+def test_eval_out_that_cannot_be_written_fails_before_loading(capsys, monkeypatch, tmp_path):
+    import fastdia.base_model
+
+    def boom(*a, **k):
+        raise AssertionError("the base model must not load for bad input")
+
+    monkeypatch.setattr(fastdia.base_model, "load_base_model", boom)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    code, _, err = _run(capsys, "eval", "--out", str(blocker / "eval.json"))
+    assert code == 2 and "cannot create its folder" in err, err

@@ -94,7 +94,7 @@ def tiny_pipeline(tmp_path, tiny_model_dir, capsys):
 def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeline, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The movie\nI love\n")
-    out = tmp_path / "eval.json"
+    out = tmp_path / "new" / "eval.json"  # a folder that does not exist yet is made
     code = main(
         [
             "eval",

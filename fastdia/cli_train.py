@@ -179,8 +179,11 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 
 def cmd_train_denoiser(args: argparse.Namespace) -> int:
     from fastdia.models.denoiser import DenoiserConfig
+    from fastdia.schedules import check_choice
     from fastdia.train.denoiser import train_denoiser
+    from fastdia.train.time_warp import TRAIN_TIMES
 
+    check_choice(args.train_times, TRAIN_TIMES, "--train-times")
     optim = _optim_config(args)
     base, device = _setup(args)
     config = DenoiserConfig(

@@ -335,3 +335,15 @@ def test_eval_out_that_cannot_be_written_fails_before_loading(capsys, monkeypatc
     blocker.write_text("a file, not a folder")
     code, _, err = _run(capsys, "eval", "--out", str(blocker / "eval.json"))
     assert code == 2 and "cannot create its folder" in err, err
+
+
+def test_train_denoiser_bad_train_times_fails_before_loading(capsys, monkeypatch, tmp_path):
+    import fastdia.base_model
+
+    def boom(*a, **k):
+        raise AssertionError("the base model must not load for bad input")
+
+    monkeypatch.setattr(fastdia.base_model, "load_base_model", boom)
+    argv = ["train-denoiser", "--data", "x", "--out", str(tmp_path), "--train-times", "late"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "unknown --train-times 'late'; known: uniform, warp" in err, err

@@ -50,7 +50,7 @@ from fastdia.train.common import (
     state_path,
     step_generator,
 )
-from fastdia.train.time_warp import OnlineTimeWarp, time_warp
+from fastdia.train.time_warp import TRAIN_TIMES, OnlineTimeWarp, time_warp
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,6 @@ def train_denoiser(
     return DenoiserRun(final.eval(), history, time.perf_counter() - started)
 
 
-TRAIN_TIMES = ("uniform", "warp")
 _ARCH_FIELDS = ("dim", "max_length", "hidden", "layers", "heads", "prediction", "schedule", "arch")
 _INPUT_FIELDS = ("self_condition", "clean_prompt")
 

@@ -19,6 +19,7 @@ import torch
 
 WARP_UNIFORM_MIX = 0.1  # share of uniform time mixed into the warp (no empty stretches)
 GRID_POINTS = 65  # points of a stored grid (64 intervals)
+TRAIN_TIMES = ("uniform", "warp")  # how train-denoiser draws its training times
 
 
 def time_warp(times: list[float], losses: list[float], *, points: int = GRID_POINTS) -> list[float]:

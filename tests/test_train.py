@@ -392,3 +392,31 @@ def test_fold_affine_rescales_the_output(kind):
     before = critic(z, 0.3)
     fold_affine(critic, 0.05, 0.9)
     torch.testing.assert_close(critic(z, 0.3), 0.05 * before + 0.9)
+
+
+def test_next_token_ce_by_hand(tiny_base, data):
+    train, hold = data
+    vocab = torch.unique(train.ids)
+    torch.manual_seed(0)
+    cfg = _config(tiny_base, prediction="tokens", vocab_size=len(vocab), clean_prompt=True)
+    den = train_den.Denoiser(cfg, vocab).bind_embeddings(tiny_base.space).eval()
+    ids = train.ids[:5]
+    got = train_den.next_token_ce(
+        den, tiny_base, ids, prefixes=(2, 5, 8), gen=torch.Generator().manual_seed(3)
+    )
+    gen = torch.Generator().manual_seed(3)
+    nll = []
+    for p in (2, 5):  # 8 is not shorter than the windows: skipped
+        mask = torch.zeros(5, 8, dtype=torch.bool)
+        mask[:, :p] = True
+        z = torch.randn(5, 8, tiny_base.space.dim, generator=gen)
+        z[:, :p] = tiny_base.space.embed(ids[:, :p])
+        logp = torch.log_softmax(den.features(z, torch.ones(5), clean_mask=mask)[:, p], -1)
+        nll.append(-logp.gather(-1, torch.searchsorted(vocab, ids[:, p].contiguous())[:, None]))
+    assert got == pytest.approx(torch.cat(nll).mean().item(), rel=1e-5)
+    # validation reports it for such models, and only for them
+    assert "next_token_ce" in train_den.validate(den, tiny_base, hold.ids)
+    plain = train_den.Denoiser(_config(tiny_base)).bind_embeddings(tiny_base.space).eval()
+    assert "next_token_ce" not in train_den.validate(plain, tiny_base, hold.ids)
+    with pytest.raises(ConfigError, match="clean_prompt denoiser with a tokens head"):
+        train_den.next_token_ce(plain, tiny_base, ids)

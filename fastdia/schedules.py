@@ -157,6 +157,14 @@ def check_stop(stop: float) -> float:
     return float(stop)
 
 
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of the points ``(xp, fp)`` (``[G]``, ``xp`` ascending)
+    at ``x`` (any shape); extrapolates linearly from the end segments."""
+    idx = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f0 + (x - x0) / (x1 - x0).clamp_min(1e-12) * (f1 - f0)
+
+
 def step_times(steps: int, warp: list[float] | None = None, stop: float = 0.0) -> list[float]:
     """The ``S + 1`` ascending times ``t_0 = stop < ... < t_S = 1`` of a run.
 
@@ -174,12 +182,6 @@ def step_times(steps: int, warp: list[float] | None = None, stop: float = 0.0) -
         return [stop + (1 - stop) * i / steps for i in range(steps + 1)]
     grid = torch.tensor(warp, dtype=torch.float64)
     knots = torch.linspace(0, 1, len(warp), dtype=torch.float64)
-
-    def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-        idx = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
-        x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
-        return f0 + (x - x0) / (x1 - x0).clamp_min(1e-12) * (f1 - f0)
-
     u_stop = float(interp(torch.tensor([stop], dtype=torch.float64), grid, knots)[0])
     u = u_stop + (1 - u_stop) * torch.arange(steps + 1, dtype=torch.float64) / steps
     times = interp(u, knots, grid).tolist()

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fastdia.schedules import interp
+
 WARP_UNIFORM_MIX = 0.1  # share of uniform time mixed into the warp (no empty stretches)
 GRID_POINTS = 65  # points of a stored grid (64 intervals)
 TRAIN_TIMES = ("uniform", "warp")  # how train-denoiser draws its training times
@@ -40,21 +42,16 @@ def time_warp(times: list[float], losses: list[float], *, points: int = GRID_POI
     span = float(loss[-1] - loss[0])
     f = (loss - loss[0]) / span if span > 0 else t.clone()
     f = (1 - WARP_UNIFORM_MIX) * f + WARP_UNIFORM_MIX * t
-    targets = torch.linspace(0, 1, points, dtype=torch.float64)
-    idx = torch.searchsorted(f, targets).clamp(1, len(t) - 1)
-    f0, f1, t0, t1 = f[idx - 1], f[idx], t[idx - 1], t[idx]
-    grid = t0 + (targets - f0) / (f1 - f0).clamp_min(1e-12) * (t1 - t0)
+    grid = interp(torch.linspace(0, 1, points, dtype=torch.float64), f, t)
     grid[0], grid[-1] = 0.0, 1.0
     return [round(v, 6) for v in grid.tolist()]
 
 
 def warped(grid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``F^{-1}(u)``: ``u`` (any shape, in ``[0, 1]``) mapped through the piecewise-linear
-    grid ``[G]`` (ascending from 0 to 1); float32 like ``u``."""
-    pos = u.to(torch.float64).clamp(0, 1) * (len(grid) - 1)
-    k = pos.floor().long().clamp_max(len(grid) - 2)
-    lo, hi = grid[k], grid[k + 1]
-    return (lo + (pos - k) * (hi - lo)).to(u.dtype)
+    grid ``[G]`` (ascending from 0 to 1, at evenly spaced ``u``); float32 like ``u``."""
+    knots = torch.linspace(0, 1, len(grid), dtype=torch.float64)
+    return interp(u.to(torch.float64).clamp(0, 1), knots, grid).to(u.dtype)
 
 
 class OnlineTimeWarp:

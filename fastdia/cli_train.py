@@ -91,6 +91,14 @@ def add_parsers(sub: Any) -> None:
         "CDCD: training goes where tokens are decided)",
     )
     p.add_argument(
+        "--noise-mask",
+        type=float,
+        default=0.0,
+        metavar="FRAC",
+        help="fraction of windows (0 to 1) trained with half of their positions at pure "
+        "noise, to be predicted from context as in a masked LM; default 0",
+    )
+    p.add_argument(
         "--init",
         default=None,
         metavar="FOLDER",
@@ -184,6 +192,8 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
     from fastdia.train.time_warp import TRAIN_TIMES
 
     check_choice(args.train_times, TRAIN_TIMES, "--train-times")
+    if not 0.0 <= args.noise_mask <= 1.0:
+        raise ConfigError(f"--noise-mask must lie in [0, 1] (a fraction), got {args.noise_mask}")
     optim = _optim_config(args)
     base, device = _setup(args)
     config = DenoiserConfig(
@@ -218,6 +228,7 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         warp=args.time_warp,
         train_times=args.train_times,
         init=init,
+        noise_mask=args.noise_mask,
     )
     last = run.history[-1] if run.history else {}
     print(json.dumps({"out": args.out, "seconds": run.seconds, "final": last}))

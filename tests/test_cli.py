@@ -347,3 +347,7 @@ def test_train_denoiser_bad_train_times_fails_before_loading(capsys, monkeypatch
     argv = ["train-denoiser", "--data", "x", "--out", str(tmp_path), "--train-times", "late"]
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "unknown --train-times 'late'; known: uniform, warp" in err, err
+    for bad in ("1.5", "-0.1", "nan"):
+        argv = ["train-denoiser", "--data", "x", "--out", str(tmp_path), "--noise-mask", bad]
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and "--noise-mask must lie in [0, 1]" in err, err

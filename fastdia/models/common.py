@@ -14,22 +14,24 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of continuous times.
 
     Args:
-        t: ``[B]`` times in ``[0, 1]`` (any float dtype).
+        t: ``[B]`` (or ``[B, L]``, one time per position) times in ``[0, 1]`` (any
+            float dtype).
         dim: embedding width (even).
 
     Returns:
-        ``[B, dim]`` float32.
+        ``[*t.shape, dim]`` float32.
     """
     half = dim // 2
     freqs = torch.exp(
         -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     )
-    args = (t.to(torch.float32) * TIME_SCALE)[:, None] * freqs[None, :]
+    args = (t.to(torch.float32) * TIME_SCALE)[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimeMLP(nn.Module):
-    """``t [B] -> [B, out]``: sinusoidal features then a two-layer SiLU MLP."""
+    """``t [B] -> [B, out]`` (or ``[B, L] -> [B, L, out]``): sinusoidal features then a
+    two-layer SiLU MLP."""
 
     def __init__(self, features: int, out: int) -> None:
         super().__init__()
@@ -42,6 +44,7 @@ class TimeMLP(nn.Module):
 
 
 def batch_times(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-    """Broadcast a scalar or ``[B]`` time to a ``[B]`` float32 tensor on ``device``."""
+    """Broadcast a scalar or ``[B]`` time to a ``[B]`` float32 tensor on ``device``
+    (a ``[B, L]`` tensor of per-position times is returned as float32 on ``device``)."""
     t = torch.as_tensor(t, dtype=torch.float32, device=device)
     return t.expand(batch) if t.dim() == 0 else t

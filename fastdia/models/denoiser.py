@@ -120,9 +120,9 @@ class DenoiserConfig:
 class Denoiser(nn.Module):
     """Bidirectional transformer over ``[B, L, d]`` noisy embeddings.
 
-    ``forward(z, t)`` takes ``z [B, L, d]`` float32 and ``t`` (scalar or ``[B]``, in
-    ``[0, 1]``) and returns ``[B, L, d]`` float32: the predicted noise, or the predicted
-    clean ``z_0`` when ``config.predicts_x0``.
+    ``forward(z, t)`` takes ``z [B, L, d]`` float32 and ``t`` (scalar, ``[B]``, or ``[B, L]``
+    for one noise level per position; in ``[0, 1]``) and returns ``[B, L, d]`` float32: the
+    predicted noise, or the predicted clean ``z_0`` when ``config.predicts_x0``.
 
     A ``"tokens"`` denoiser carries ``vocab_ids [K]`` (int64, sorted; saved with the
     weights) and needs the scaled embeddings of those tokens bound with
@@ -192,7 +192,8 @@ class Denoiser(nn.Module):
     def time_embedding(
         self, t: torch.Tensor | float, batch: int, device: torch.device
     ) -> torch.Tensor:
-        """The time features ``[B, hidden]`` every layer reads (precomputable per step)."""
+        """The time features every layer reads (precomputable per step): ``[B, hidden]``
+        for a scalar or ``[B]`` time ``t``, ``[B, L, hidden]`` for per-position ``[B, L]``."""
         return self.time(batch_times(t, batch, device))
 
     def features(
@@ -208,12 +209,13 @@ class Denoiser(nn.Module):
 
         Args:
             z: ``[B, L, d]`` float32 noisy embeddings (clean at prompt positions).
-            t: scalar or ``[B]`` times in ``[0, 1]``.
+            t: scalar, ``[B]`` or ``[B, L]`` (one time per position) times in ``[0, 1]``.
             x0_prev: ``[B, L, d]`` previous x0 estimate (self-conditioning), or None
                 (zeros); ignored unless ``config.self_condition``.
             clean_mask: ``[B, L]`` bool/float, 1 at clean (prompt) positions, or None;
                 ignored unless ``config.clean_prompt``.
-            temb: ``[B, hidden]`` precomputed :meth:`time_embedding` (overrides ``t``).
+            temb: ``[B, hidden]`` (or ``[B, L, hidden]``) precomputed
+                :meth:`time_embedding` (overrides ``t``).
         """
         batch, length, dim = z.shape
         if length > self.config.max_length or dim != self.config.dim:
@@ -228,13 +230,15 @@ class Denoiser(nn.Module):
             x = x + self.sc_proj(x0_prev.to(x.dtype))
         if self.config.clean_prompt and clean_mask is not None:
             x = x + clean_mask.to(x.dtype)[..., None] * self.clean_flag
+        if temb.dim() == 2:  # one time per window: broadcast over the positions
+            temb = temb[:, None, :]
         if self.config.arch == "adaln":
-            cond = F.silu(temb)[:, None, :]
+            cond = F.silu(temb)
             for block in self.blocks:
                 x = block(x, cond)
             shift, scale = self.final_mod(cond).chunk(2, dim=-1)
             return self.out_proj(self.norm(x) * (1 + scale) + shift)
-        x = x + temb[:, None, :]
+        x = x + temb
         return self.out_proj(self.norm(self.encoder(x)))
 
     def x0_from_logits(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -273,7 +277,8 @@ class Denoiser(nn.Module):
 class AdaLNBlock(nn.Module):
     """A pre-norm transformer block whose norms are modulated by the time embedding.
 
-    ``x [B, L, h]``, ``cond [B, 1, h]`` (SiLU of the time embedding) -> ``[B, L, h]``.
+    ``x [B, L, h]``, ``cond [B, 1, h]`` or ``[B, L, h]`` (SiLU of the time embedding, per
+    window or per position) -> ``[B, L, h]``.
     The modulation (shift, scale, gate for attention and MLP) starts at zero, so every
     block starts as the identity (adaLN-zero).
     """

@@ -14,7 +14,9 @@ A ``clean_prompt`` denoiser is trained with a clean prefix of random length per 
 ``z_0`` itself, are flagged by the mask and are left out of the loss. A
 ``self_condition`` denoiser gets, on half of the batches, its own stop-gradient x0
 estimate of the same ``z_t`` as a second input (zeros otherwise). Both draws, like
-everything else in a step, are pure functions of ``(seed, step)``.
+everything else in a step, are pure functions of ``(seed, step)``. With ``noise_mask``,
+some windows also get half of their positions at pure noise (one noise level per
+position), to be predicted from their context (:func:`noise_mask_times`).
 
 After training, :func:`measure_time_warp` measures the held-out cross-entropy over
 noise levels and stores the step allocation (CDCD time warping) in the config.
@@ -67,9 +69,17 @@ class DenoiserRun:
     seconds: float = 0.0
 
 
+def level_of(schedule: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``abar_t`` in ``like``'s dtype, shaped to broadcast against ``like [B, L, d]``:
+    ``[B, 1, 1]`` for window times ``t [B]``, ``[B, L, 1]`` for per-position ``[B, L]``."""
+    abar = alpha_bar(schedule, t).to(like.dtype)
+    return abar.view(*abar.shape, *(1,) * (like.dim() - abar.dim()))
+
+
 def noised(z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: str) -> torch.Tensor:
-    """``sqrt(abar_t) z0 + sqrt(1 - abar_t) eps`` for ``z0, eps [B, L, d]``, ``t [B]``."""
-    abar = alpha_bar(schedule, t).to(z0.dtype)[:, None, None]
+    """``sqrt(abar_t) z0 + sqrt(1 - abar_t) eps`` for ``z0, eps [B, L, d]`` and times
+    ``t [B]`` (one per window) or ``[B, L]`` (one per position)."""
+    abar = level_of(schedule, t, z0)
     return abar.sqrt() * z0 + (1 - abar).sqrt() * eps
 
 
@@ -101,6 +111,31 @@ def draw_conditioning(
         mask = torch.arange(length)[None, :] < plen[:, None]
     sc = bool(config.self_condition and torch.rand((), generator=gen) < SELF_COND_FRAC)
     return Conditioning(mask, sc)
+
+
+MASK_PROB = 0.5  # positions of a noise-masked window set to pure noise
+
+
+def noise_mask_times(
+    gen: torch.Generator, t: torch.Tensor, length: int, frac: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position times ``[B, L]`` for a batch whose window times are ``t [B]``.
+
+    A fraction ``frac`` of the windows (drawn per window) are *noise-masked*: each of
+    their positions is pure noise (``t = 1``) with probability :data:`MASK_PROB`, and
+    keeps the window's time otherwise; the other windows keep their time everywhere.
+    A masked position can only be predicted from its context, as in a masked language
+    model, which one shared level almost never asks for: with ``d = 576`` a token stays
+    identifiable from its own noisy embedding up to ``abar ~ 1 / d`` (``t ~ 0.996`` for
+    the sqrt schedule), so a shared-level model learns next to nothing from context.
+    Per-position levels follow Diffusion Forcing (Chen et al. 2024).
+    Returns ``(times [B, L], masked_windows [B] bool)``.
+    """
+    batch = t.shape[0]
+    pure = torch.rand(batch, length, generator=gen) < MASK_PROB
+    windows = torch.rand(batch, generator=gen) < frac
+    shared = t[:, None].expand(batch, length)
+    return torch.where(windows[:, None] & pure, torch.ones_like(shared), shared), windows
 
 
 def model_input(
@@ -188,7 +223,7 @@ def x0_estimate(
     out = den(z_t, t, x0_prev=x0_prev, clean_mask=clean_mask).float()
     if den.config.predicts_x0:
         return out
-    abar = alpha_bar(den.config.schedule, t).to(z_t.dtype)[:, None, None]
+    abar = level_of(den.config.schedule, t, z_t)
     return (z_t - (1 - abar).sqrt() * out) / abar.sqrt()
 
 
@@ -320,6 +355,7 @@ def train_denoiser(
     warp: bool = False,
     train_times: str = "uniform",
     init: Denoiser | None = None,
+    noise_mask: float = 0.0,
 ) -> DenoiserRun:
     """Train a denoiser on ``data``; checkpoints and resume state go to ``out_dir``.
 
@@ -338,6 +374,9 @@ def train_denoiser(
     ``init``: a trained denoiser to start from (fine-tuning): its weights and, for a
     tokens head, its token subset (data tokens outside it are not counted); its
     architecture must be ``config``'s. The optimiser starts afresh.
+    ``noise_mask``: the fraction of windows trained with half of their positions at pure
+    noise (:func:`noise_mask_times`); 0 keeps one time per window. A ``"warp"`` run's loss
+    curve reads the other windows only.
     """
     from tqdm import tqdm
 
@@ -349,6 +388,10 @@ def train_denoiser(
         raise ConfigError(f"windows of {data.length} tokens exceed max_length {config.max_length}")
     base.space.check_fingerprint(data.fingerprint, f"dataset {data.source}")
     check_choice(train_times, TRAIN_TIMES, "train_times")
+    if not 0.0 <= noise_mask <= 1.0:
+        raise ConfigError(
+            f"noise_mask must lie in [0, 1] (a fraction of windows), got {noise_mask}"
+        )
     vocab_ids = None
     if init is not None:
         config = _init_config(init, config)
@@ -369,6 +412,7 @@ def train_denoiser(
         kind="denoiser",
         train_times=train_times,
         init=None if init is None else weights_digest(init),
+        **({"noise_mask": noise_mask} if noise_mask else {}),
     )
     torch.manual_seed(optim.seed)
     den = Denoiser(config, vocab_ids)
@@ -397,12 +441,15 @@ def train_denoiser(
         eps = torch.randn(z0.shape, generator=gen).to(device)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
         cond = draw_conditioning(gen, config, optim.batch_size, data.length)
+        t_in, masked = t, torch.zeros(optim.batch_size, dtype=torch.bool)
+        if noise_mask:
+            t_in, masked = noise_mask_times(gen, t, data.length, noise_mask)
         with autocast(device):
-            total, count = window_losses(den, ids_all[idx], z0, t.to(device), eps, cond)
+            total, count = window_losses(den, ids_all[idx], z0, t_in.to(device), eps, cond)
             loss = total.sum() / count.sum().clamp_min(1)
-        if times is not None:
-            keep = count > 0
-            times.observe(t[keep.cpu()], (total / count.clamp_min(1))[keep])
+        if times is not None:  # the warp's curve is over one time per window
+            keep = (count.cpu() > 0) & ~masked
+            times.observe(t[keep], (total / count.clamp_min(1))[keep.to(total.device)])
         lr = run.update(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")

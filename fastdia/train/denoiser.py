@@ -168,10 +168,11 @@ def window_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each window's summed loss ``[B]`` and how many positions it counts ``[B]`` (float32).
 
-    ``ids [B, L]``, ``z0 = c E[ids]``, ``t [B]``, ``eps`` like z0. A position's loss is
-    the squared error averaged over the embedding for ``"eps"``/``"x0"`` and the
-    cross-entropy of its token for ``"tokens"``; clean (prompt) positions of ``cond`` and
-    tokens outside a tokens head's subset are not counted.
+    ``ids [B, L]``, ``z0 = c E[ids]``, ``t [B]`` (or ``[B, L]``, one level per position),
+    ``eps`` like z0. A position's loss is the squared error averaged over the embedding
+    for ``"eps"``/``"x0"`` and the cross-entropy of its token for ``"tokens"``; clean
+    (prompt) positions of ``cond`` and tokens outside a tokens head's subset are not
+    counted.
     """
     cond = cond or Conditioning()
     z_t, x0_prev = model_input(den, z0, t, eps, cond)

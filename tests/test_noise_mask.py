@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from interrupt import assert_same_weights, run_interrupted
 from tiny import CORPUS
 
-import fastdia.train.common as common
 import fastdia.train.denoiser as train_den
 from fastdia.data import windows_from_texts
 from fastdia.errors import CheckpointError, ConfigError
@@ -103,24 +103,14 @@ def test_noise_masked_training_feeds_position_times_and_resumes_exactly(
     varied = torch.stack([t.std(dim=1) > 0 for t in shapes])
     assert varied.any() and not varied.all()  # some windows masked, some not
     assert all(bool((t[t.std(dim=1) > 0] == 1.0).any()) for t in shapes if (t.std(dim=1) > 0).any())
-    real_lr = common.lr_at
-
-    def interrupt(cfg, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_lr(cfg, step)
-
-    monkeypatch.setattr(common, "lr_at", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train_den.train_denoiser(tiny_base, train, tmp_path / "b", cfg, _optim(), **kw)
-    monkeypatch.setattr(common, "lr_at", real_lr)
+    run_interrupted(
+        monkeypatch,
+        lambda: train_den.train_denoiser(tiny_base, train, tmp_path / "b", cfg, _optim(), **kw),
+    )
     resumed = train_den.train_denoiser(
         tiny_base, train, tmp_path / "b", cfg, _optim(), resume=True, **kw
     )
-    for (k, a), b in zip(
-        straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), k
+    assert_same_weights(straight.denoiser, resumed.denoiser)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     with pytest.raises(CheckpointError, match=r"other settings .*noise_mask"):
         train_den.train_denoiser(

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from interrupt import assert_same_weights, run_interrupted
 from tiny import CORPUS
 
 import fastdia.train.common as common
@@ -125,32 +126,22 @@ def test_warp_training_moves_the_times_and_resumes_exactly(tmp_path, tiny_base, 
     assert len(drawn) == 6  # the grid stays uniform until its first refresh (50 batches)
     torch.testing.assert_close(torch.stack(drawn), torch.stack(uniform_t))
 
-    real_lr = common.lr_at
-
-    def interrupt(cfg, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_lr(cfg, step)
-
     # a warp that refreshes every step: the resumed run must restore its state
     monkeypatch.setattr(train_den, "OnlineTimeWarp", _fast_warp)
     drawn.clear()
     straight = train_den.train_denoiser(tiny_base, train, tmp_path / "c", cfg, _optim(), **kw)
     assert (torch.stack(drawn) - torch.stack(uniform_t)).abs().max() > 0.01
     want = [t.clone() for t in drawn]
-    monkeypatch.setattr(common, "lr_at", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train_den.train_denoiser(tiny_base, train, tmp_path / "b", cfg, _optim(), **kw)
-    monkeypatch.setattr(common, "lr_at", real_lr)
+    run_interrupted(
+        monkeypatch,
+        lambda: train_den.train_denoiser(tiny_base, train, tmp_path / "b", cfg, _optim(), **kw),
+    )
     drawn.clear()
     resumed = train_den.train_denoiser(
         tiny_base, train, tmp_path / "b", cfg, _optim(), resume=True, **kw
     )
     assert all(torch.equal(a, b) for a, b in zip(drawn, want[3:], strict=True))
-    for (k, a), b in zip(
-        straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), k
+    assert_same_weights(straight.denoiser, resumed.denoiser)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     # a uniform-time state does not resume as a warp run
     with pytest.raises(CheckpointError, match=r"other settings .*train_times"):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from interrupt import assert_same_weights, run_interrupted
 from tiny import CORPUS
 
 import fastdia.train.denoiser as train_den
@@ -138,18 +139,9 @@ def test_exact_resume(tmp_path, tiny_base, data, monkeypatch):
     straight = train_den.train_denoiser(
         tiny_base, train, tmp_path / "a", _config(tiny_base), _optim(), holdout=hold, progress=False
     )
-    import fastdia.train.common as common
-
-    real_lr = common.lr_at
-
-    def interrupt(cfg, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_lr(cfg, step)
-
-    monkeypatch.setattr(common, "lr_at", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train_den.train_denoiser(
+    run_interrupted(
+        monkeypatch,
+        lambda: train_den.train_denoiser(
             tiny_base,
             train,
             tmp_path / "b",
@@ -157,8 +149,8 @@ def test_exact_resume(tmp_path, tiny_base, data, monkeypatch):
             _optim(),
             holdout=hold,
             progress=False,
-        )
-    monkeypatch.setattr(common, "lr_at", real_lr)
+        ),
+    )
     resumed = train_den.train_denoiser(
         tiny_base,
         train,
@@ -169,10 +161,7 @@ def test_exact_resume(tmp_path, tiny_base, data, monkeypatch):
         resume=True,
         progress=False,
     )
-    for (k, a), b in zip(
-        straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), k
+    assert_same_weights(straight.denoiser, resumed.denoiser)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
 
 

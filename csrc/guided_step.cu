@@ -77,7 +77,7 @@ void guided_step_cuda(const GuidedStepArgs& a) {
   } else {
     expect(a.coef, "coef", device, at::kFloat, {4});
   }
-  expect_scalar(a.seed, "seed", device, at::kLong);
+  expect(a.seed, "seed (one per sequence)", device, at::kLong, {batch});
   expect_scalar(a.step, "step", device, at::kLong);
   expect_scalar(a.guidance, "guidance", device, at::kFloat);
   expect(a.out, "out", device, at::kFloat, {n, d});

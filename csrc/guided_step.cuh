@@ -3,7 +3,9 @@
 // For N = B * L tokens of width d (contract: DESIGN §3, reference:
 // fastdia.ops.step.guided_step_reference):
 //
-//   z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed, step, n d + j)
+//   z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed_b, step, i d + j),  n = b L + i
+//
+// (the noise of sequence b is drawn under its own seed, numbered within the sequence)
 //   g[n]  = grad[n] + (silu'(pre[n]) * w2) W1 / L,    pre[n] = z[n] W1^T + b1
 //   h_b   = mean_{n in sequence b} w2 . silu(pre[n]) + b2
 //
@@ -50,7 +52,7 @@ struct Params {
   float* out;               // [n, d]
   float* h;                 // [n / seq_len], or nullptr (not requested)
   const float* coef;        // [4] or [n / seq_len, 4]
-  const int64_t* seed;      // 0-d
+  const int64_t* seed;      // [n / seq_len], one seed per sequence
   const int64_t* step;      // 0-d
   const float* guidance;    // 0-d
   const float* w1;          // [hidden, d], or nullptr (no critic)
@@ -89,6 +91,16 @@ struct Coef {
   float a, b, cl, s;
 };
 
+// The Philox key of token `row`'s sequence and the noise counter of its element `col`
+// (numbered within the sequence: i d + col for position i).
+__device__ __forceinline__ uint64_t row_key(const Params& p, int64_t row) {
+  return philox::make_key(p.seed[row / p.seq_len], *p.step);
+}
+
+__device__ __forceinline__ int64_t row_counter(const Params& p, int64_t row, int64_t col) {
+  return (row % p.seq_len) * p.d + col;
+}
+
 __device__ __forceinline__ Coef row_coef(const Params& p, int64_t row, float lam,
                                          float noise_mult) {
   const float* c = p.coef + (p.per_sample ? (row / p.seq_len) * 4 : 0);
@@ -104,7 +116,6 @@ __global__ void __launch_bounds__(kThreads)
   const T* z = static_cast<const T*>(p.z);
   const T* eps = static_cast<const T*>(p.eps);
   const T* grad = static_cast<const T*>(p.grad);
-  const uint64_t key = philox::make_key(*p.seed, *p.step);
   const float lam = *p.guidance;
   const int64_t total = p.n * p.d;
   const int64_t groups = (total + kVec - 1) / kVec;
@@ -113,13 +124,15 @@ __global__ void __launch_bounds__(kThreads)
        g += stride) {
     const int64_t k0 = g * kVec;
     if (vec) {  // d % kVec == 0: the group lies in one row
-      const Coef c = row_coef(p, k0 / p.d, lam, 1.0f);
+      const int64_t row = k0 / p.d;
+      const Coef c = row_coef(p, row, lam, 1.0f);
       T zv[kVec], ev[kVec], gv[kVec];
       load_n(z + k0, zv, true, kVec);
       load_n(eps + k0, ev, true, kVec);
       if (grad != nullptr) load_n(grad + k0, gv, true, kVec);
       float o[kVec], zeta[kVec] = {};
-      philox::randn_span(key, k0, zeta, kVec);  // k0 % 4 == 0: one draw per four elements
+      // the counter is a multiple of 4: one draw per four elements
+      philox::randn_span(row_key(p, row), row_counter(p, row, k0 % p.d), zeta, kVec);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const float gi = grad != nullptr ? to_float(gv[i]) : 0.0f;
@@ -127,14 +140,15 @@ __global__ void __launch_bounds__(kThreads)
       }
       store_f32(p.out + k0, o, true, kVec);
     } else {
-      float zeta[kVec] = {};
-      philox::randn_span(key, k0, zeta, static_cast<int>(total - k0 < kVec ? total - k0 : kVec));
       for (int i = 0; i < kVec; ++i) {
         const int64_t k = k0 + i;
         if (k >= total) break;
-        const Coef c = row_coef(p, k / p.d, lam, 1.0f);
+        const int64_t row = k / p.d;  // the group may straddle rows: one draw per element
+        const float zeta = philox::randn(row_key(p, row),
+                                         static_cast<uint32_t>(row_counter(p, row, k % p.d)));
+        const Coef c = row_coef(p, row, lam, 1.0f);
         const float gi = grad != nullptr ? to_float(grad[k]) : 0.0f;
-        p.out[k] = c.a * to_float(z[k]) + c.b * to_float(eps[k]) + c.cl * gi + c.s * zeta[i];
+        p.out[k] = c.a * to_float(z[k]) + c.b * to_float(eps[k]) + c.cl * gi + c.s * zeta;
       }
     }
   }
@@ -262,7 +276,7 @@ __device__ __forceinline__ float critic_activation(const Smem& s) {
 // + s noise_mult zeta.
 template <typename T>
 __device__ void critic_step(const Params& p, const Smem& s, int64_t row0, int rows, int d_begin,
-                            int d_end, uint64_t key, float lam, float noise_mult,
+                            int d_end, float lam, float noise_mult,
                             const VecFlags& vec) {
   const int warp = threadIdx.x >> 5;
   const int fi = warp >> 1;  // rows 16 fi .. 16 fi + 15
@@ -301,7 +315,8 @@ __device__ void critic_step(const Params& p, const Smem& s, int64_t row0, int ro
       load_n(eps + off, ev, vec.z, valid);
       if (grad != nullptr) load_n(grad + off, gv, vec.z, valid);
       float o[8], zeta[8] = {};
-      philox::randn_span(key, off, zeta, valid);  // d % 4 == 0: two draws for eight elements
+      // d % 4 == 0: two draws for eight elements
+      philox::randn_span(row_key(p, row), row_counter(p, row, d0 + c0), zeta, valid);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         // the reference's order: g = grad + (gp W1) / L
@@ -344,7 +359,6 @@ __global__ void __launch_bounds__(kThreads)
     s.sb1[u] = u < p.hidden ? p.b1[u] : 0.0f;
     s.sw2[u] = u < p.hidden ? p.w2[u] : 0.0f;
   }  // visible after critic_pre's first barrier
-  const uint64_t key = philox::make_key(*p.seed, *p.step);
   const float lam = *p.guidance;
   if constexpr (!kSeq) {
     const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -352,7 +366,7 @@ __global__ void __launch_bounds__(kThreads)
     critic_pre<T>(p, s, row0, rows, vec);
     critic_activation(s);
     __syncthreads();
-    critic_step<T>(p, s, row0, rows, d_begin, d_end, key, lam, 1.0f, vec);
+    critic_step<T>(p, s, row0, rows, d_begin, d_end, lam, 1.0f, vec);
   } else {
     const int64_t first = static_cast<int64_t>(blockIdx.x) * p.seq_len;
     const bool use_kappa = p.kappa > 0.0f;
@@ -382,7 +396,7 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         __syncthreads();
       }
-      critic_step<T>(p, s, first + t0, rows, d_begin, d_end, key, lam, noise_mult, vec);
+      critic_step<T>(p, s, first + t0, rows, d_begin, d_end, lam, noise_mult, vec);
     }
     if (p.h != nullptr && blockIdx.y == 0 && threadIdx.x == 0) {
       p.h[blockIdx.x] = use_kappa ? h : total / len + *p.b2;

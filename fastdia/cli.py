@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastdia.cli_options import (
     add_sampling_options,
@@ -23,9 +23,13 @@ from fastdia.cli_options import (
 from fastdia.device import default_device
 from fastdia.errors import FastdiaError
 
+if TYPE_CHECKING:
+    from fastdia.prompts import PromptRecord
+
 log = logging.getLogger("fastdia")
 
 DEFAULT_REWARD = "sentiment"
+DEFAULT_NEW_TOKENS = 32
 
 
 def _add_sample_parser(sub: Any) -> None:
@@ -36,9 +40,39 @@ def _add_sample_parser(sub: Any) -> None:
     p = sub.add_parser("sample", help="draw reward-guided samples")
     p.add_argument("--prompt", default=None, help="text every sample starts with")
     p.add_argument(
-        "--length", type=positive_int, default=32, help="tokens per sample, prompt included"
+        "--prompts-file",
+        default=None,
+        help="many prompts, one text per line or JSONL objects with 'prompt' (and "
+        "optionally 'id', 'seed'): each gets --num-samples samples, in batches of "
+        "--batch-size rows, written as JSONL",
     )
-    p.add_argument("--num-samples", type=positive_int, default=4, help="samples (the batch size)")
+    p.add_argument(
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"tokens to generate after the prompt (default {DEFAULT_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--length",
+        type=positive_int,
+        default=None,
+        help="deprecated: tokens per sample with the prompt included; use --new-tokens",
+    )
+    p.add_argument(
+        "--num-samples", type=positive_int, default=4, help="samples per prompt (the batch size)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=16,
+        help="--prompts-file: rows per batch (different prompts share a batch)",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user turn in the tokenizer's chat template; the sample "
+        "(and what the reward reads) is the assistant's reply",
+    )
     p.add_argument(
         "--reward",
         default=DEFAULT_REWARD,
@@ -52,7 +86,12 @@ def _add_sample_parser(sub: Any) -> None:
         "sampling.json, else 1)",
     )
     add_sampling_options(p)
-    p.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2**31)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="noise seed in [0, 2**31): sample i of a prompt uses seed + i",
+    )
     p.add_argument(
         "--backend",
         default=None,
@@ -86,6 +125,9 @@ def _add_sample_parser(sub: Any) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, then a summary")
+    p.add_argument(
+        "--out", default=None, help="write the JSON lines to this file instead of stdout"
+    )
     p.set_defaults(func=cmd_sample)
 
 
@@ -102,8 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _requests(args: argparse.Namespace) -> list[PromptRecord]:
+    """The prompts of a run: ``--prompts-file``'s, or ``--prompt`` (or none) as one."""
+    from fastdia.prompts import PromptRecord, read_prompts_file
+
+    if args.prompts_file is not None:
+        if args.prompt is not None:
+            raise FastdiaError("give --prompt or --prompts-file, not both")
+        return read_prompts_file(args.prompts_file)
+    if args.prompt is not None and not args.prompt.strip():
+        raise FastdiaError("--prompt is empty; pass some text, or leave --prompt out")
+    return [PromptRecord(args.prompt, 0)]  # type: ignore[arg-type]
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Run ``fastdia sample``: validate, load, sample, print."""
+    """Run ``fastdia sample``: validate, load once, sample in batches, print."""
     from fastdia import ops
     from fastdia.base_model import load_base_model
     from fastdia.ops import registry
@@ -113,8 +168,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sampler_config,
         sampling_settings,
     )
+    from fastdia.prompts import check_chat
     from fastdia.rewards import build_rewards
-    from fastdia.sampler import check_seed
+    from fastdia.sampler import check_seed, sample_rows
 
     # 1. cheap checks, before anything heavy
     checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)
@@ -126,78 +182,168 @@ def cmd_sample(args: argparse.Namespace) -> int:
         corrector_steps=args.corrector_steps,
         backend=args.backend,
     )
-    guidance = config.guidance
     check_seed(args.seed)
-    if args.prompt is not None and not args.prompt.strip():
-        raise FastdiaError("--prompt is empty; pass some text, or leave --prompt out")
+    if args.length is not None and args.new_tokens is not None:
+        raise FastdiaError("give --new-tokens or the deprecated --length, not both")
+    requests = _requests(args)
+    if args.length is not None and len(requests) > 1:
+        raise FastdiaError(
+            "--length counts the prompt, so it cannot serve a prompts file; use --new-tokens"
+        )
     device = default_device(args.device)
     for op in ops.SAMPLER_OPS:
         registry.resolve_backend(args.backend, op, device)
     rewards = build_rewards(args.reward)
+    out_file = _open_out(args.out)
 
-    # 2. load and build
+    # 2. load and build, once
     base = load_base_model(args.base_model, device=device)
-    if args.prompt is not None:
-        n_prompt = len(base.space.encode(args.prompt))
-        if n_prompt >= args.length:
-            raise FastdiaError(
-                f"--prompt is {n_prompt} tokens but --length is {args.length}: the length counts "
-                f"the prompt, so pass --length > {n_prompt} or a shorter prompt"
-            )
+    if args.chat:
+        check_chat(base.tokenizer)
+    new_tokens = args.new_tokens or DEFAULT_NEW_TOKENS
+    if args.length is not None:
+        new_tokens = _new_tokens_from_length(base, requests[0].prompt, args.length, args.chat)
     assembly = build_sampler(
         base,
         config,
         rewards=list(zip(rewards.names, rewards.weights, strict=True)),
         checkpoint=checkpoint,
         random_init=args.random_init,
-        length=args.length,
+        length=new_tokens,
         device=device,
     )
+    sampler = assembly.sampler
+    prompts, seeds, owners = [], [], []
+    for index, req in enumerate(requests):
+        base_seed = args.seed if req.seed is None else req.seed
+        for i in range(args.num_samples):
+            prompts.append(req.prompt)
+            seeds.append((base_seed + i) % 2**31)
+            owners.append((index, i))
 
     # 3. sample, score, print
-    out = assembly.sampler.sample(args.num_samples, args.length, prompt=args.prompt, seed=args.seed)
-    true = rewards(out.texts)
-    backend = assembly.sampler.backends[ops.GUIDED_STEP]
-    for i, text in enumerate(out.texts):
-        record = {
-            "index": i,
-            "text": text,
-            "token_ids": out.token_ids[i].tolist(),
-            "rewards": {name: float(values[i]) for name, values in true.items()},
-            "critic": {name: float(v[i]) for name, v in out.critic_values.items()},
-            "seed": args.seed,
-        }
-        if args.json:
-            print(json.dumps(record))
-        else:
-            scores = " ".join(f"{k}={v:+.3f}" for k, v in record["rewards"].items())
-            print(f"[{i}] {scores}\n    {text}")
+    many = args.prompts_file is not None
+    as_json = args.json or many or args.out is not None
+    progress = _progress(len(prompts), many)
+    written = 0
+
+    def emit(out: Any) -> None:
+        nonlocal written
+        true = rewards(out.texts)
+        for j, text in enumerate(out.texts):
+            index, sample = owners[written + j]
+            req = requests[index]
+            record = {
+                "prompt_index": index,
+                "id": req.id,
+                "prompt": req.prompt,
+                "sample": sample,
+                "seed": out.seeds[j],
+                "text": text,
+                "completion": out.completions[j],
+                "completion_ids": out.completion_ids[j],
+                "new_tokens": len(out.completion_ids[j]),
+                "finished": out.finished[j],
+                "rewards": {name: float(values[j]) for name, values in true.items()},
+                "critic": {name: float(v[j]) for name, v in out.critic_values.items()},
+            }
+            if as_json:
+                print(json.dumps(record), file=out_file, flush=True)
+            else:
+                scores = " ".join(f"{k}={v:+.3f}" for k, v in record["rewards"].items())
+                print(f"[{written + j}] {scores}\n    {text}")
+        written += len(out.texts)
+        if progress is not None:
+            progress.update(len(out.texts))
+            progress.set_postfix(tok_s=f"{out.tokens_per_s:.1f}")
+
+    result = sample_rows(
+        sampler,
+        prompts,
+        seeds,
+        new_tokens,
+        batch_size=args.batch_size if many else args.num_samples,
+        chat=args.chat,
+        on_batch=emit,
+    )
+    if progress is not None:
+        progress.close()
+    backend = sampler.backends[ops.GUIDED_STEP]
     summary = {
-        "tokens_per_s": out.tokens_per_s,
-        "seconds": out.seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "new_tokens_delivered": result.new_tokens,
+        "seconds": result.seconds,
         "backend": backend,
         "steps": config.steps,
-        "rows": out.steps,
+        "rows": result.steps,
+        "blocks": result.blocks,
+        "block_size": sampler.block_size,
+        "window": sampler.window,
+        "num_prompts": len(requests),
         "num_samples": args.num_samples,
-        "length": args.length,
+        "new_tokens": new_tokens,
+        "chat": args.chat,
+        "on_eos": config.on_eos,
         "sampler": config.sampler,
         "decode": config.decode,
         "stop_at": config.stop_at,
         "lm": dataclasses.asdict(config.lm),
-        "guidance": guidance,
+        "guidance": config.guidance,
         "reward": rewards.spec,
         "base_model": args.base_model,
         "device": device,
         "random_init": args.random_init,
     }
-    if args.json:
-        print(json.dumps({"summary": summary}))
+    if as_json:
+        print(json.dumps({"summary": summary}), file=out_file, flush=True)
     else:
         print(
-            f"{out.token_ids.numel()} tokens in {out.seconds:.2f} s "
-            f"({out.tokens_per_s:.1f} tokens/s, backend {backend}, {device})"
+            f"{result.new_tokens} new tokens in {result.seconds:.2f} s "
+            f"({result.tokens_per_s:.1f} tokens/s, backend {backend}, {device})"
         )
+    if out_file is not sys.stdout:
+        out_file.close()
     return 0
+
+
+def _open_out(path: str | None) -> Any:
+    """``--out``'s file opened for writing (its folder made), or stdout."""
+    if path is None:
+        return sys.stdout
+    from pathlib import Path
+
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise FastdiaError(f"--out {path}: cannot write it ({exc})") from exc
+
+
+def _progress(total: int, show: bool) -> Any:
+    """A progress bar over ``total`` samples on stderr (prompts files only)."""
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", file=sys.stderr, dynamic_ncols=True)
+
+
+def _new_tokens_from_length(base: Any, prompt: str | None, length: int, chat: bool) -> int:
+    """The deprecated ``--length`` (prompt included) as new tokens, with a warning."""
+    from fastdia.prompts import encode_prompt
+
+    n_prompt = len(encode_prompt(base.tokenizer, base.space.vocab_size, prompt, chat=chat))
+    if n_prompt >= length:
+        raise FastdiaError(
+            f"--prompt is {n_prompt} tokens but --length is {length}: the length counts the "
+            f"prompt; use --new-tokens {max(length - n_prompt, 1)} (or more) instead"
+        )
+    log.warning(
+        "--length is deprecated: it counts the prompt; this run is --new-tokens %d",
+        length - n_prompt,
+    )
+    return length - n_prompt
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,7 @@ def _number(text: str) -> float:
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """The options whose defaults a checkpoint's ``sampling.json`` may set."""
     from fastdia.decode import DECODES
+    from fastdia.prompts import ON_EOS
     from fastdia.schedules import SAMPLERS
 
     ckpt = "default: the checkpoint's sampling.json, else"
@@ -82,8 +83,22 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         "--tilt",
         type=_number,
         default=None,
-        help="--decode lm: the critics' per-token values weigh tilt x guidance / length "
-        f"(1: the exact tilt of p(x) exp(lambda h(x))) ({ckpt} 0)",
+        help="--decode lm: the critics' per-token values weigh tilt x guidance / window "
+        f"(1: a token's weight in the latent's guidance) ({ckpt} 0)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=None,
+        help="tokens per block: each block is one guided diffusion over the denoiser's "
+        f"window, its context the tokens before it ({ckpt} half the window)",
+    )
+    p.add_argument(
+        "--on-eos",
+        choices=ON_EOS,
+        default=None,
+        help="stop: a sample ends at the base model's end-of-text / end-of-turn token; "
+        f"mask: those tokens are never drawn, every sample has all its tokens ({ckpt} stop)",
     )
     p.add_argument(
         "--tilt-once",

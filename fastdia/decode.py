@@ -10,10 +10,13 @@ right with the base model's KV cache,
 at the stop level ``t*`` (``abar = abar(t*)``), where ``T`` is the LM temperature, ``w``
 the latent weight and ``u(v)`` the guiding critics' per-token value of token ``v`` (their
 weighted sum, at noise level 0: ``w2 . silu(W1 c E_v + b1(0))``), ``beta`` its weight.
-The sampler sets ``beta = tilt · lambda / L``: with ``tilt = 1`` the last factor is
-exactly ``exp(lambda h(x))`` for a token-local critic ``h = mean_i u(x_i) + b2``, the
-tilt of the target ``p(x) exp(lambda r(x))``, so one guidance strength ``lambda`` drives
-both the latent's guidance and the decode.
+The sampler sets ``beta = tilt · lambda / W``, ``W`` the denoiser's window: a token-local
+critic ``h = mean_i u(x_i) + b2`` over a window weighs each token ``lambda / W``, so
+``tilt = 1`` gives every token the weight it has in the guided latent's ``lambda h``,
+whatever the length of the text. (Sampled left to right with per-position
+normalisation this is weighted decoding, FUDGE / PPLM-BoW style, not an exact draw from
+``p(x) exp(lambda h(x))``.) One guidance strength ``lambda`` drives both the latent's
+guidance and the decode.
 For position ``i`` the log-score of token ``v`` is, up to a constant of ``v``::
 
     <h_i / T, E_v>  +  alpha <z_i, E_v>  -  w abar c^2 ||E_v||^2 / (2 (1 - abar))  +  beta u(v)
@@ -24,7 +27,8 @@ input and output embeddings (SmolLM2 does) and has no output bias, the whole sco
 :func:`fastdia.ops.sample_vocab` call on the shifted query ``h_i / T + alpha z_i`` with
 the bias above: a Gumbel-max draw over the vocabulary that never writes the ``[B, V]``
 scores. Untied models take the general path (LM logits plus the latent term, then
-Gumbel-max), which writes them.
+Gumbel-max), which writes them. Banned tokens (template and role markers, and the end
+tokens when they are masked: :mod:`fastdia.prompts`) get a score bias of ``-1e9``.
 
 With ``tilt_once`` (:class:`DecodeConfig`) the sum runs over the *distinct* tokens of the
 continuation: a token's ``beta u(v)`` is added until the row draws it, then dropped (a
@@ -32,31 +36,34 @@ per-row bias ``[B, V]``, updated in place after every draw). A strong tilt then 
 buy reward by repeating its best words, which is what makes plain critic-weighted
 decoding degenerate.
 
-Noise: the Gumbel variable of token ``v`` for sequence ``b`` at position ``i`` is drawn
-with fastdia's Philox numbering (:mod:`fastdia.noise`) at step ``DECODE_STEP + i``,
-element ``b V + v``, so a seed gives the same text on every backend.
+Noise: the Gumbel variable of token ``v`` for row ``b``'s ``g``-th generated token is drawn
+under the row's own seed at step ``DECODE_STEP + g``, element ``v`` (:mod:`fastdia.noise`),
+so a seed gives the same text on every backend and whatever else shares the batch.
 
-``beta`` alone with ``w = 0`` is critic-weighted decoding of the base model (the
-baseline in ``fastdia eval``).
+``beta`` alone with ``w = 0`` is critic-weighted decoding of the base model (the tilt-only
+row of ``fastdia eval``).
 
-The loop (DESIGN §2): where transformers' ``StaticCache`` serves the model, the KV cache
-is static (``[B, heads, L, head_dim]`` per layer, allocated once per plan) and each
-position is one call of :meth:`DecodePlan.step`, which reads everything it needs from the
-plan's device buffers (the last token, its cache position, the output position, the seed
-and the noise step) and advances them in place: it creates nothing from host values that
-change between calls and reads nothing back to the host (``tests/test_decode.py`` checks
-this on CPU under :class:`fastdia.strict.GraphSafeMode`). The prompt is written to the
-cache by one eager forward (its length varies); on a CUDA device with ``graph=True`` the
-step is captured once per plan as a CUDA graph and replayed once per position, as
-gpt-fast does. Models that ``StaticCache`` cannot serve decode eagerly with their own
-dynamic cache, the same step otherwise.
+The loop (DESIGN §2): the decode runs over a block loop's buffers
+(:class:`fastdia.window.BlockState`): rows of different prompt lengths share a batch
+left-padded, each row's padding masked out of attention and its positions counted from
+its own first token. Where transformers' ``StaticCache`` serves the model, the KV cache is
+static (``[B, heads, C, head_dim]`` per layer, allocated once per plan) and each position
+is one call of :meth:`DecodePlan.step`, which reads everything it needs from device
+buffers (the last token, its cache position, the attention mask, the generated count,
+the seeds and the noise step) and advances them in place: it creates nothing from host
+values that change between calls and reads nothing back to the host
+(``tests/test_decode.py`` checks this on CPU under :class:`fastdia.strict.GraphSafeMode`).
+The prompts are written to the cache by one eager forward per run (their lengths vary);
+on a CUDA device with ``graph=True`` the step is captured once per plan as a CUDA graph
+and replayed once per position, as gpt-fast does. Models that ``StaticCache`` cannot serve
+decode eagerly with their own dynamic cache, the same step otherwise.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +75,7 @@ from fastdia.errors import ConfigError
 if TYPE_CHECKING:
     from fastdia.base_model import BaseModel
     from fastdia.models.critic import TokenLocalCritic
+    from fastdia.window import BlockState
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +100,8 @@ class DecodeConfig:
         temperature: LM temperature ``T`` > 0.
         latent_weight: ``w`` >= 0, the weight of the latent's Gaussian likelihood (0: the
             latent is ignored).
-        tilt: >= 0, the critics' per-token values weigh ``tilt * lambda / L`` (1: the
-            exact tilt of ``p(x) exp(lambda h(x))``).
+        tilt: >= 0, the critics' per-token values weigh ``tilt * lambda / W`` (``W`` the
+            denoiser's window: 1 gives a token the weight it has in ``lambda h``).
         tilt_once: a token earns its tilt at its first use in the continuation only (the
             prompt does not count): repeating a well-scored word gains nothing, which
             keeps a strong tilt from writing "great great love love". The target is then
@@ -183,55 +191,56 @@ def static_cache(model: Any, batch_size: int, length: int) -> Any | None:
 
 
 class LMDecoder:
-    """The base model as the decode's prior; :meth:`plan` binds a shape and level."""
+    """The base model as the decode's prior; :meth:`plan` binds a block loop's buffers."""
 
     def __init__(self, base: BaseModel, config: DecodeConfig, backends: dict[str, str]) -> None:
         self.base, self.config, self.backends = base, config, backends
 
     def plan(
         self,
-        batch_size: int,
-        length: int,
+        state: BlockState,
         abar: float,
         critics: Sequence[tuple[TokenLocalCritic, float]],
         beta: float,
+        banned: Sequence[int] = (),
         *,
         graph: bool = False,
     ) -> DecodePlan:
-        """A decode of ``batch_size`` sequences of ``length`` tokens from level ``abar``,
-        the critics' per-token values weighted by ``beta``; ``graph``: capture the
-        per-token step as a CUDA graph (on a CUDA device with a static cache)."""
-        return DecodePlan(self, batch_size, length, abar, critics, beta, graph=graph)
+        """A decode over the block loop's buffers ``state`` from level ``abar``, the critics'
+        per-token values weighted by ``beta``, the ``banned`` ids never drawn; ``graph``:
+        capture the per-token step as a CUDA graph (on a CUDA device with a static cache)."""
+        return DecodePlan(self, state, abar, critics, beta, banned, graph=graph)
 
 
 class DecodePlan:
-    """The static part of an LM decode: the query shift ``alpha``, the score bias, the KV
-    cache and the buffers of the per-token step (see the module docstring).
+    """The static part of an LM decode over a block loop's buffers (:class:`BlockState`):
+    the query shift ``alpha``, the score bias, the KV cache and the per-token step's
+    buffers (see the module docstring).
 
-    Buffers (on the space's device unless said): ``ids [B, L]`` int64 (the output),
-    ``z [B, L, d]`` float32 (the latent, copied in by :meth:`run`), ``seed []`` and
-    ``noise_step []`` int64, ``out_pos [1]`` int64 (the position being sampled); on the
-    model's device ``tok [B, 1]`` int64 (the last token) and ``cache_pos [1]`` int64 (its
-    position in the KV cache).
+    Rows are left-padded: row ``b``'s base-model prefix ends at ``P = state.prompt_cap``,
+    its keys before ``state.pad[b]`` are masked, and its positions count from its first
+    real token, so a row decodes as it would alone. Buffers (on the space's device unless
+    said): ``noise_step []`` int64; on the model's device ``tok [B, 1]`` int64 (the last
+    token), ``cache_pos [1]`` int64 (its position in the KV cache) and ``mask [B, 1, 1, C]``
+    (the additive attention mask of the step: 0 where a key is visible).
     """
 
     def __init__(
         self,
         decoder: LMDecoder,
-        batch_size: int,
-        length: int,
+        state: BlockState,
         abar: float,
         critics: Sequence[tuple[TokenLocalCritic, float]],
         beta: float,
+        banned: Sequence[int] = (),
         *,
         graph: bool = False,
     ) -> None:
-        from fastdia import ops
-
         cfg = decoder.config
         base = decoder.base
         space = base.space
-        self.decoder, self.batch_size, self.length = decoder, batch_size, length
+        self.decoder, self.state = decoder, state
+        self.batch_size, self.capacity = state.tokens.shape[0], state.capacity
         self.model = model = base.model
         self.tied = ties_embeddings(model)
         c = space.scale
@@ -250,26 +259,35 @@ class DecodePlan:
         tilt = beta * token_values(critics, weight, c) if beta and critics else None
         if tilt is not None:
             bias += tilt
+        spent = bias - tilt if tilt is not None else None
+        if banned:
+            from fastdia.window import BANNED_SCORE
+
+            bias[list(banned)] = BANNED_SCORE
+            if spent is not None:
+                spent[list(banned)] = BANNED_SCORE
         self.bias = bias
         # tilt_once: a per-row bias [B, V] that loses a token's tilt once it is drawn
         once = cfg.tilt_once and tilt is not None
-        self.row_bias = bias.repeat(batch_size, 1) if once else None
-        self._spent = bias - tilt if once else None
+        self.row_bias = bias.repeat(self.batch_size, 1) if once else None
+        self._spent = spent if once else None
         self._inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self._cache_arg = _cache_argument(self._inner)
-        self._backend = decoder.backends.get(ops.ROUND_TO_VOCAB)
-        start = base.tokenizer.bos_token_id
-        self._start = int(start if start is not None else base.tokenizer.eos_token_id)
-        # the step's buffers
-        self.ids = torch.zeros(batch_size, length, dtype=torch.int64, device=device)
-        self.z = torch.zeros(batch_size, length, space.dim, device=device)
-        self.seed = torch.zeros((), dtype=torch.int64, device=device)
+        from fastdia.ops import ROUND_TO_VOCAB
+
+        self._backend = decoder.backends.get(ROUND_TO_VOCAB)
+        mdev = model.device
         self.noise_step = torch.zeros((), dtype=torch.int64, device=device)
-        self.out_pos = torch.zeros(1, dtype=torch.int64, device=device)
-        self.tok = torch.zeros(batch_size, 1, dtype=torch.int64, device=model.device)
-        self.cache_pos = torch.zeros(1, dtype=torch.int64, device=model.device)
-        self.cache = static_cache(model, batch_size, length)
+        self.tok = torch.zeros(self.batch_size, 1, dtype=torch.int64, device=mdev)
+        self.cache_pos = torch.zeros(1, dtype=torch.int64, device=mdev)
+        self._blocked = torch.finfo(model.dtype).min
+        self.mask = torch.zeros(
+            self.batch_size, 1, 1, self.capacity, dtype=model.dtype, device=mdev
+        )
+        self._keys = torch.arange(self.capacity, dtype=torch.int64, device=mdev)
+        self.cache = static_cache(model, self.batch_size, self.capacity)
         self._dynamic: Any = None  # the model's own cache when there is no static one
+        self._dynamic_len = 0  # its length (eager only)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._want_graph = graph and device.type == "cuda" and self.cache is not None
 
@@ -280,35 +298,50 @@ class DecodePlan:
 
     @property
     def graphed(self) -> bool:
-        """Whether :meth:`run` replays the step as a captured CUDA graph."""
+        """Whether :meth:`decode_block` replays the step as a captured CUDA graph."""
         return self._graph is not None
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The LM on ``tokens [B, n]`` at cache positions ``positions [n]``: the final
-        hidden state of the last one, ``[B, hidden]`` float32 on the space's device."""
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The LM on ``tokens [B, n]`` at cache positions ``positions [n]`` with the additive
+        mask ``[B, 1, n, C]``: the final hidden state of the last one, ``[B, hidden]``
+        float32 on the space's device."""
+        pad = self.state.pad.to(positions.device)
+        position_ids = (positions[None, :] - pad[:, None]).clamp_(min=0)
         if self.cache is not None:
             out = self._inner(
                 input_ids=tokens,
                 use_cache=True,
                 cache_position=positions,
-                position_ids=positions[None, :].expand(tokens.shape[0], -1),
+                position_ids=position_ids,
+                attention_mask=mask,
                 **{self._cache_arg: self.cache},
             )
-        else:
-            out = self._inner(input_ids=tokens, use_cache=True, **{self._cache_arg: self._dynamic})
+        else:  # a dynamic cache holds the keys written so far only
+            n = tokens.shape[1]
+            out = self._inner(
+                input_ids=tokens,
+                use_cache=True,
+                position_ids=position_ids,
+                attention_mask=mask[..., : self._dynamic_len + n],
+                **{self._cache_arg: self._dynamic},
+            )
             self._dynamic = getattr(out, self._cache_arg)
-        return out.last_hidden_state[:, -1].to(device=self.ids.device, dtype=torch.float32)
+            self._dynamic_len += n
+        return out.last_hidden_state[:, -1].to(device=self.bias.device, dtype=torch.float32)
 
     def _draw(self, h: torch.Tensor) -> torch.Tensor:
         """One token per row from the decode score of the final hidden state ``h``, at the
-        position ``out_pos``: ``[B]`` int64."""
+        block position ``generated % K``: ``[B]`` int64, each row under its own seed."""
         from fastdia import ops
 
-        cfg = self.decoder.config
+        cfg, st = self.decoder.config, self.state
         space = self.decoder.base.space
         query = h / cfg.temperature
+        latent = None
         if self.alpha:
-            latent = self.z.index_select(1, self.out_pos)[:, 0]
+            latent = st.latent.index_select(1, st.generated % st.block)[:, 0]
             query = query + self.alpha * latent
         bias = self.bias if self.row_bias is None else self.row_bias
         if self.tied:
@@ -316,96 +349,85 @@ class DecodePlan:
                 query,
                 space.weight,
                 bias,
-                seed=self.seed,
+                seed=st.seeds,
                 step=self.noise_step,
                 backend=self._backend,
             )
         head = self.model.get_output_embeddings()
         logits = head(h.to(device=self.model.device, dtype=self.model.dtype)).float()
-        logits = logits.to(self.ids.device) / cfg.temperature + bias
-        if self.alpha:
-            latent = self.z.index_select(1, self.out_pos)[:, 0]
+        logits = logits.to(bias.device) / cfg.temperature + bias
+        if latent is not None:
             logits = logits + self.alpha * (latent @ space.weight.float().T)
-        return ops.gumbel_argmax(logits, seed=self.seed, step=self.noise_step)
+        return ops.gumbel_argmax(logits, seed=st.seeds, step=self.noise_step)
 
     @torch.no_grad()
     def step(self) -> None:
         """One position: the LM reads ``tok`` at ``cache_pos``, a token is drawn for
-        ``out_pos`` and written to ``ids`` and ``tok``; the three counters and the noise
-        step advance by one. Graph-safe with a static cache (the module docstring)."""
-        h = self._forward(self.tok, self.cache_pos)
+        position ``P + generated`` and written to ``state.tokens`` and ``tok``; the counters
+        advance by one. Graph-safe with a static cache (the module docstring)."""
+        st = self.state
+        self.mask.index_fill_(3, self.cache_pos, 0.0)  # the step's own key becomes visible
+        h = self._forward(self.tok, self.cache_pos, self.mask)
         tok = self._draw(h)
-        self.ids.index_copy_(1, self.out_pos, tok[:, None])
+        st.tokens.index_copy_(1, st.generated + st.prompt_cap, tok[:, None])
         if self.row_bias is not None:  # the drawn token's tilt is spent in its row
             self.row_bias.scatter_(1, tok[:, None], self._spent.index_select(0, tok)[:, None])
         self.tok.copy_(tok[:, None])
         self.cache_pos.add_(1)
-        self.out_pos.add_(1)
+        st.generated.add_(1)
         self.noise_step.add_(1)
 
-    def _start_run(self, z: torch.Tensor | None, prompt: torch.Tensor, seed: int) -> int:
-        """Fill the buffers for a run and write all but the prompt's last token to the
-        KV cache; returns the prompt length ``p``."""
-        p = int(prompt.shape[0])
-        if p >= self.length:
-            raise ConfigError(f"a prompt of {p} tokens leaves nothing to decode in {self.length}")
-        if z is not None:
-            self.z.copy_(z)
-        elif self.alpha:
-            raise ConfigError("this decode weighs the latent (latent_weight > 0): pass z")
-        self.ids[:, :p] = prompt.to(self.ids.device)
+    @torch.no_grad()
+    def start(self) -> None:
+        """Begin a run on the inputs in ``state`` (tokens, pad, seeds; ``generated`` 0):
+        reset the cache, the mask and the counters, and write every row's prefix but its
+        last token to the KV cache with one forward (eager: the prefix length varies)."""
+        st = self.state
+        prefix = st.prompt_cap
+        mdev = self.tok.device
+        pad = st.pad.to(mdev)
         if self.row_bias is not None:
             self.row_bias.copy_(self.bias.expand_as(self.row_bias))
-        self.seed.fill_(seed)
-        self.noise_step.fill_(DECODE_STEP + p)
-        self.out_pos.fill_(p)
-        self._dynamic = None
+        self.noise_step.fill_(DECODE_STEP)
+        self._dynamic, self._dynamic_len = None, 0
         if self.cache is not None:
             self.cache.reset()  # in place: the captured step keeps its addresses
-        if p == 0:  # the model reads a start token that is not part of the output
-            self.tok.fill_(self._start)
-            self.cache_pos.fill_(0)
-            return p
-        context = prompt.to(self.tok.device)[None, :].expand(self.batch_size, -1)
-        if p > 1:
-            positions = torch.arange(p - 1, device=self.tok.device)
-            self._forward(context[:, : p - 1], positions)
-        self.tok.copy_(context[:, p - 1 :])
-        self.cache_pos.fill_(p - 1)
-        return p
+        visible = (self._keys[None, :] >= pad[:, None]) & (self._keys[None, :] < prefix - 1)
+        self.mask.copy_(self._additive(visible)[:, None, None, :])
+        tokens = st.tokens.to(mdev)
+        if prefix > 1:
+            queries = self._keys[: prefix - 1]
+            causal = (self._keys[None, None, :] >= pad[:, None, None]) & (
+                self._keys[None, None, :] <= queries[None, :, None]
+            )
+            self._forward(tokens[:, : prefix - 1], queries, self._additive(causal)[:, None])
+        self.tok.copy_(tokens[:, prefix - 1 : prefix])
+        self.cache_pos.fill_(prefix - 1)
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """A boolean visibility mask as an additive one (0 visible, dtype min hidden)."""
+        zero = torch.zeros((), dtype=self.mask.dtype, device=visible.device)
+        return torch.where(visible, zero, self._blocked)
 
     @torch.no_grad()
-    def _capture(self) -> None:
-        """Warm the step up on a side stream (a whole decode), then capture it as one CUDA
-        graph; a capture that fails leaves the decode eager, with a warning."""
-        device = self.ids.device
+    def capture(self, warmup: Callable[[], None]) -> None:
+        """Capture the step as one CUDA graph after ``warmup`` (a whole run on a side
+        stream); a capture that fails leaves the decode eager, with a warning."""
+        graph = capture_graph(self.tok.device, warmup, self.step, "the LM decode step")
+        self._want_graph = False
+        if graph is not None:
+            self._graph = graph
+            log.info("captured the LM decode step for B=%d, C=%d", self.batch_size, self.capacity)
 
-        def warmup() -> None:  # a whole decode after a one-token prompt
-            prompt = torch.full((1,), self._start, dtype=torch.int64, device=device)
-            self._start_run(None if not self.alpha else self.z, prompt, 0)
-            for _ in range(1, self.length):
-                self.step()
+    @property
+    def wants_graph(self) -> bool:
+        """Whether the step should be captured (CUDA, static cache, ``graph=True``)."""
+        return self._want_graph
 
-        graph = capture_graph(device, warmup, self.step, "the LM decode step")
-        if graph is None:
-            self._want_graph = False
-            return
-        self._graph = graph
-        log.info("captured the LM decode step for B=%d, L=%d", self.batch_size, self.length)
-
-    @torch.no_grad()
-    def run(self, z: torch.Tensor | None, prompt: torch.Tensor, *, seed: int) -> torch.Tensor:
-        """Decode ``z [B, L, d]`` (or None: the prior and tilt alone) after ``prompt [p]``.
-
-        Returns the plan's ``[B, L]`` int64 buffer of token ids (the prompt included) on
-        the space's device; the next run overwrites it.
-        """
-        if self._want_graph and self._graph is None:
-            self._capture()
-        p = self._start_run(z, prompt, seed)
-        for _ in range(p, self.length):
+    def decode_block(self) -> None:
+        """Decode the block's ``K`` tokens (replaying the captured step where there is one)."""
+        for _ in range(self.state.block):
             if self._graph is not None:
                 self._graph.replay()
             else:
                 self.step()
-        return self.ids

@@ -13,6 +13,13 @@ so one Philox draw serves four consecutive elements (a *group*): the Philox key 
 ``step`` must lie in ``[0, 2**31)``. Step 0 draws the initial noise ``z_T``; sampler row
 ``r`` draws with step ``r + 1`` (the sampler applies that shift).
 
+**Rows.** The fused ops number a batch's noise *per row* (a sequence of the guided step, a
+query of ``sample_vocab``): row ``b`` draws under its own seed ``seed_b`` with ``k`` its
+element index *within the row*, so a row's noise does not depend on what else shares the
+batch (:func:`randn_rows`, :func:`gumbel_rows`). One seed ``s`` for a batch means the row
+seeds ``(s + b) mod 2**31`` (:func:`row_seeds`); a batch of one row draws exactly the
+flat stream above.
+
 Because the stream is a pure function of ``(seed, step, k)``, a fused Triton kernel that calls
 ``tl.randn4x(key, k // 4)`` (``kernels/randn.py`` has the tile helpers), the CUDA header
 ``csrc/philox.cuh`` and this PyTorch reference produce the same noise: the Philox4x32-10
@@ -51,11 +58,14 @@ __all__ = [
     "MAX_STEP",
     "gumbel",
     "gumbel_at",
+    "gumbel_rows",
     "philox_randint4x",
     "randn",
     "randn_at",
     "randn_like",
     "randn_like_shape",
+    "randn_rows",
+    "row_seeds",
     "triton_key",
 ]
 
@@ -236,6 +246,83 @@ def _key_word(name: str, value: int | torch.Tensor, device: torch.device) -> int
     if value.device != device:
         raise ConfigError(f"{name} is on {value.device} but the indices are on {device}")
     return value.reshape(()).to(torch.int64)
+
+
+def row_seeds(
+    seed: int | torch.Tensor, rows: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The per-row seeds of a batch of ``rows`` rows: ``[rows]`` int64 on ``device``.
+
+    ``seed`` is one seed (an int in ``[0, 2**31)`` or a 1-element integer tensor): row
+    ``b`` takes ``(seed + b) mod 2**31``; or already a ``[rows]`` integer tensor of
+    per-row seeds, returned as int64 (its range, ``[0, 2**31)``, is the caller's
+    responsibility: checking it would read it back to the host).
+
+    Graph-safe for a ``[rows]`` tensor (returned as it is when int64); a single seed makes
+    a new tensor (do it once, outside a captured loop).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.is_floating_point() or seed.is_complex():
+            raise ConfigError(f"seed must be an integer tensor, got dtype {seed.dtype}")
+        if seed.dim() == 1 and seed.shape[0] == rows:
+            return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
+        if seed.numel() != 1:
+            raise ConfigError(
+                f"seed must be one seed or one per row ([{rows}]), got shape {list(seed.shape)}"
+            )
+        dev = seed.device if device is None else torch.device(device)
+        ar = torch.arange(rows, dtype=torch.int64, device=dev)
+        return (seed.reshape(()).to(device=dev, dtype=torch.int64) + ar) % MAX_SEED
+    _check_int("seed", seed, MAX_SEED)
+    return (torch.arange(rows, dtype=torch.int64, device=device) + seed) % MAX_SEED
+
+
+def _row_key(seeds: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """Per-row seeds ``[rows]`` as the key word ``k1`` of shape ``[rows, 1]`` (int64)."""
+    if seeds.shape != (rows,) or seeds.is_floating_point() or seeds.is_complex():
+        raise ConfigError(
+            f"seeds must be an integer tensor of shape [{rows}], got {seeds.dtype} "
+            f"{list(seeds.shape)}"
+        )
+    if seeds.device != device:
+        raise ConfigError(f"seeds are on {seeds.device} but the noise is drawn on {device}")
+    return seeds.to(torch.int64).view(rows, 1)
+
+
+def randn_rows(seeds: torch.Tensor, step: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Standard normals with ``like``'s shape ``[R, ...]`` and device (float32), row ``b``
+    drawn under seed ``seeds[b]``: element ``k`` of row ``b``'s row-major flat order is
+    ``randn(seeds[b], step, M)[k]``, ``M`` the elements of a row.
+
+    Graph-safe like :func:`randn_like` (``seeds`` ``[R]`` and ``step`` device tensors);
+    ``M <= 2**31``.
+    """
+    rows = like.shape[0]
+    per_row = like[0].numel() if rows else 0
+    if per_row > MAX_INDEX:
+        raise ConfigError(f"{per_row} elements per row: element indices must be < 2**31")
+    device = like.device
+    k1 = _row_key(seeds, rows, device)
+    k0 = _key_word("step", step, device)
+    flat = like.reshape(rows, -1)
+    groups = torch.ones_like(flat[:, ::GROUP], dtype=torch.int64).cumsum_(1).sub_(1)
+    normals = _group_normals(k0, k1, groups).view(rows, -1)
+    return normals[:, :per_row].reshape(like.shape)
+
+
+def gumbel_rows(seeds: torch.Tensor, step: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel variables ``[R, V]``: row ``b``, element ``index[v]`` under seed
+    ``seeds[b]`` (``gumbel(seeds[b], step, n)[index[v]]``), float32 on ``index``'s device.
+
+    ``index``: ``[V]`` integer element indices (typically ``0 .. V - 1``, made once).
+    Graph-safe with ``seeds`` ``[R]`` and ``step`` as device tensors.
+    """
+    if index.dim() != 1 or index.is_floating_point() or index.is_complex():
+        raise ConfigError(f"index must be a 1-D integer tensor, got {index.dtype} {index.shape}")
+    rows = seeds.shape[0] if seeds.dim() == 1 else -1
+    k1 = _row_key(seeds, rows, index.device)
+    k0 = _key_word("step", step, index.device)
+    return _gumbel_counters(k0, k1, index.to(torch.int64)[None, :].expand(rows, -1))
 
 
 def _indexed_key(

@@ -173,5 +173,7 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         stop_at=settings["stop_at"],
         score_temperature=settings["score_temperature"],
         lm=decode,
+        block_size=settings["block_size"] or None,
+        on_eos=settings["on_eos"],
         **extra,
     )

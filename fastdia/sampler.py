@@ -1,32 +1,33 @@
-"""The guided reverse-diffusion sampler (DESIGN §1-2), plan separated from run.
+"""The guided sampler (DESIGN §1-2): text of any length in blocks, plan separated from run.
 
-``Sampler.plan(B, L)`` builds everything static for a batch shape: the coefficient
-table on the device (on the denoiser's measured time warp, down to the stop level
-``t*``), the time embeddings of every row, the merged token-local critic stack, the
-rounding bias and the buffers (seed, noise steps, guidance, and the prompt in a
-fixed-length buffer with a mask). ``SamplerPlan.run(prompts, seed)`` copies its inputs
-into those buffers and runs the fixed-length loop (on CUDA, replays it as one captured
-CUDA graph: ``SamplerConfig.cuda_graph``). The loop is::
+``Sampler.plan(B, new_tokens)`` builds everything static for a batch shape: the block
+diffusion over the denoiser's window (:class:`fastdia.window.WindowDiffusion`: the
+coefficient table, time embeddings, critic stack and state buffers), the LM decode's
+static KV cache and step (:class:`fastdia.decode.DecodePlan`), and the buffers they
+share (:class:`fastdia.window.BlockState`: the left-padded token buffer, the per-row
+seeds and prompt lengths, the generated count). ``SamplerPlan.run(prompts, seed)``
+encodes the prompts (one for every row, or one per row, of any lengths), copies them in
+and runs the block loop::
 
-    z_T = zeta(seed, step 0)                       (drawn by the guided-step kernel)
-    for row r:  x0 = denoiser(z, t_r, x0_prev, mask)   (x0_prev: self-conditioning)
-                [clamp: x0 <- c E[round(x0)]]
-                z = guided_step(z, eps or x0, coef_r, ..., seed, step r + 1)
-                prompt positions <- c E[prompt]            (clean_prompt denoisers)
-                             or <- sqrt(abar') c E[prompt] + sqrt(1 - abar') zeta
-    ids = round_to_vocab(z, E, bias)               (decode "nearest", t* = 0)
-        | round_to_vocab(x0, E, bias)              (decode "nearest", t* > 0)
-        | LM decode of z at level t*               (decode "lm": fastdia.decode)
+    write every row's prompt into the token buffer, left-padded; generated = 0
+    LM prefill of the prompts (one eager forward)
+    for block j in 0 .. ceil(N / K) - 1:
+        guided reverse diffusion of the block's K positions in each row's window,
+            the row's last W - K tokens as its clean context       (WindowDiffusion)
+        LM decode of the block's K tokens from the latent at t*, continuing the KV cache
+            (or: round the block's latent to tokens, decode "nearest")
+    cut each row at its first end token (on_eos "stop"); decode the texts
 
-An eps-denoiser's row reads its output ``eps``; a row that has an x0 estimate instead
-(x0 or tokens denoisers, clamped rows) feeds it to the step with the conversion
-``eps = (z - sqrt(abar) x0) / sqrt(1 - abar)`` folded into the row's coefficients at plan
-time. Prompt inpainting is a masked ``where`` after the step over all ``L`` positions
-(not folded into the kernel); an eager plan draws a re-noised prompt's noise at the
-prompt's positions only (:meth:`SamplerPlan._write_prompt`).
+Every block runs the same static-shape diffusion and every token the same decode step,
+reading their positions from device counters, so on CUDA one captured graph is replayed
+for every block and another for every token (``SamplerConfig.cuda_graph``); on the CPU
+:mod:`fastdia.strict` checks that the whole block loop creates no tensor from host data
+and reads nothing back. With ``latent_weight = 0`` the LM decode does not read the latent
+and no diffusion runs: the tilt-only (critic-weighted) decode.
 
-Noise is counter-based (:mod:`fastdia.noise`), so a seed gives the same text on every
-backend, up to float rounding.
+Seeds are per row: row ``b`` draws all its noise under its own seed (``seed + b`` for one
+``seed``), numbered within the row, so the same prompt and seed give the same text
+whatever else shares the batch, on every backend up to float rounding.
 """
 
 from __future__ import annotations
@@ -34,37 +35,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from fastdia import noise, ops
+from fastdia import ops
 from fastdia.base_model import BaseModel
-from fastdia.decode import DECODES, DecodeConfig, LMDecoder, check_positive
+from fastdia.decode import DECODES, DecodeConfig, DecodePlan, LMDecoder, check_positive
 from fastdia.device import capture_graph
 from fastdia.embedding import ROUNDINGS, EmbeddingSpace
 from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
 from fastdia.models.denoiser import Denoiser
 from fastdia.ops import registry
-from fastdia.schedules import (
-    SAMPLERS,
-    SQRT_1M_ABAR,
-    SQRT_1M_ABAR_NEXT,
-    SQRT_ABAR,
-    SQRT_ABAR_NEXT,
-    StepTable,
-    check_choice,
-    check_stop,
-    coefficient_table,
-    step_times,
-)
+from fastdia.prompts import ON_EOS, Prompt, SpecialTokens, encode_prompt, special_tokens
+from fastdia.schedules import SAMPLERS, check_choice, check_stop
+from fastdia.window import BlockState, WindowDiffusion
 
 log = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 2  # eager runs on a side stream before a CUDA graph capture
+PROMPT_BUCKET = 32  # prompt capacities are rounded up to a multiple of this (plan reuse)
 
 
 @dataclass
@@ -96,8 +89,14 @@ class SamplerConfig:
             for it); False runs such a denoiser without (an ablation).
         clean_prompt: give the prompt clean and masked (when the denoiser was trained for
             it); False writes it noised to each level instead (an ablation).
-        cuda_graph: on a CUDA device, capture each plan's fixed-length loop (denoiser
-            included) as one CUDA graph and replay it on every run; no effect elsewhere.
+        cuda_graph: on a CUDA device, capture each plan's block diffusion (denoiser
+            included) and its decode step as CUDA graphs and replay them for every block
+            and token; no effect elsewhere.
+        block_size: ``K``, tokens per block (None: half the window); at most the window.
+        window: ``W``, the positions the denoiser sees per block, context included (None:
+            its ``max_length``, what it was trained on).
+        on_eos: ``"stop"`` (a row ends at its first end-of-text / end-of-turn token) or
+            ``"mask"`` (those tokens are never drawn); see :mod:`fastdia.prompts`.
     """
 
     sampler: str = "dia"
@@ -118,6 +117,9 @@ class SamplerConfig:
     self_condition: bool = True
     clean_prompt: bool = True
     cuda_graph: bool = True
+    block_size: int | None = None
+    window: int | None = None
+    on_eos: str = "stop"
 
     def __post_init__(self) -> None:
         check_choice(self.sampler, SAMPLERS, "sampler")
@@ -130,6 +132,17 @@ class SamplerConfig:
                 "(0, 1) with --stop-at (or --latent-weight 0 to decode without the latent)"
             )
         check_choice(self.rounding, ROUNDINGS, "rounding")
+        check_choice(self.on_eos, ON_EOS, "on_eos")
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or self.block_size < 1
+        ):
+            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
+        ):
+            raise ConfigError(f"window must be a positive integer, got {self.window!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
@@ -158,28 +171,100 @@ class WeightedCritic:
 
 @dataclass
 class SampleOutput:
-    """What a run produced.
+    """What a run produced, row by row.
 
     Attributes:
-        token_ids: ``[B, L]`` int64 on the CPU (prompt ids included).
-        texts: the decoded ``B`` texts.
-        critic_values: critic name -> ``[B]`` float32, each critic on the final tokens.
-        z: ``[B, L, d]`` float32 final continuous state (on the device), at level
-            ``t*`` when the run stops early.
-        seconds: wall time of the run (denoising loop and decode, device work finished).
-        steps: table rows run (predictor and corrector).
+        prompt_ids: each row's prompt as token ids (the chat template included).
+        completion_ids: each row's generated tokens up to its first end token
+            (excluded), at most ``new_tokens`` of them.
+        completions: the generated texts.
+        texts: what a reward reads: the prompt and its continuation, or with ``chat``
+            the assistant's reply alone.
+        finished: per row, whether it ended at an end token (``on_eos="stop"``).
+        seeds: each row's seed.
+        tokens: ``[B, new_tokens]`` int64 on the CPU, every generated token (after an end
+            token too: those are padding).
+        critic_values: critic name -> ``[B]`` float32, each critic on the tokens the
+            reward reads.
+        z: ``[B, W, d]`` float32, the last block's window state (on the device), at level
+            ``t*``; None when no diffusion ran (``latent_weight = 0``).
+        seconds: wall time of the run (prefill, every block's diffusion and decode,
+            device work finished).
+        steps: diffusion table rows per block (predictor and corrector).
+        blocks: blocks run.
     """
 
-    token_ids: torch.Tensor
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completions: list[str]
     texts: list[str]
+    finished: list[bool]
+    seeds: list[int]
+    tokens: torch.Tensor
     critic_values: dict[str, torch.Tensor]
-    z: torch.Tensor
+    z: torch.Tensor | None
     seconds: float
     steps: int
+    blocks: int
+
+    @property
+    def new_tokens(self) -> int:
+        """Generated tokens delivered (each row up to its end token)."""
+        return sum(len(ids) for ids in self.completion_ids)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.token_ids.numel() / self.seconds if self.seconds > 0 else float("inf")
+        """Generated tokens delivered per second (prompt tokens and padding not counted)."""
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """``[B, p + new_tokens]`` int64: the prompt followed by every generated token, for
+        a batch whose rows share one prompt of ``p`` tokens (a ConfigError otherwise)."""
+        first = self.prompt_ids[0]
+        if any(p != first for p in self.prompt_ids):
+            raise ConfigError("token_ids needs one prompt for every row; use prompt_ids + tokens")
+        prompt = torch.tensor(first, dtype=torch.int64).expand(len(self.prompt_ids), -1)
+        return torch.cat([prompt, self.tokens], dim=1)
+
+    @staticmethod
+    def concat(outputs: Sequence[SampleOutput]) -> SampleOutput:
+        """The rows of several runs as one output (times and blocks summed)."""
+        first = outputs[0]
+        return SampleOutput(
+            prompt_ids=[p for o in outputs for p in o.prompt_ids],
+            completion_ids=[c for o in outputs for c in o.completion_ids],
+            completions=[c for o in outputs for c in o.completions],
+            texts=[t for o in outputs for t in o.texts],
+            finished=[f for o in outputs for f in o.finished],
+            seeds=[s for o in outputs for s in o.seeds],
+            tokens=torch.cat([o.tokens for o in outputs]),
+            critic_values={
+                k: torch.cat([o.critic_values[k] for o in outputs]) for k in first.critic_values
+            },
+            z=None,
+            seconds=sum(o.seconds for o in outputs),
+            steps=first.steps,
+            blocks=sum(o.blocks for o in outputs),
+        )
+
+    def subset(self, rows: int) -> SampleOutput:
+        """The first ``rows`` rows (a batch padded to a plan's size, cut back)."""
+        cut = slice(0, rows)
+        return SampleOutput(
+            prompt_ids=self.prompt_ids[cut],
+            completion_ids=self.completion_ids[cut],
+            completions=self.completions[cut],
+            texts=self.texts[cut],
+            finished=self.finished[cut],
+            seeds=self.seeds[cut],
+            tokens=self.tokens[cut],
+            critic_values={k: v[cut] for k, v in self.critic_values.items()},
+            z=None if self.z is None else self.z[cut],
+            seconds=self.seconds,
+            steps=self.steps,
+            blocks=self.blocks,
+        )
 
 
 def check_seed(seed: int) -> int:
@@ -187,6 +272,23 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ConfigError(f"seed must be an integer in [0, 2**31), got {seed!r}")
     return seed
+
+
+def row_seed_list(seed: int | Sequence[int], rows: int) -> list[int]:
+    """Per-row seeds: ``seed + b`` (mod ``2**31``) for one seed, or ``rows`` given seeds."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        check_seed(seed)
+        return [(seed + b) % 2**31 for b in range(rows)]
+    seeds = [check_seed(s) for s in seed]
+    if len(seeds) != rows:
+        raise ConfigError(f"got {len(seeds)} seeds for {rows} rows: give one seed or one per row")
+    return seeds
+
+
+def prompt_capacity(longest: int) -> int:
+    """The prompt capacity of a plan for prompts of up to ``longest`` tokens (at least one:
+    an empty prompt is the start token), rounded up to a multiple of PROMPT_BUCKET."""
+    return max(1, math.ceil(max(longest, 1) / PROMPT_BUCKET) * PROMPT_BUCKET)
 
 
 class Sampler:
@@ -200,6 +302,10 @@ class Sampler:
         config: :class:`SamplerConfig`.
         device: where to run; defaults to the denoiser's device.
         base_model: the base LM, needed by ``decode="lm"`` (same embeddings as ``space``).
+
+    Attributes:
+        window: ``W``, the denoiser's window (``config.window``, else its ``max_length``).
+        block_size: ``K``, tokens per block.
     """
 
     def __init__(
@@ -212,429 +318,418 @@ class Sampler:
         *,
         base_model: BaseModel | None = None,
     ) -> None:
-        self.config = config or SamplerConfig()
+        self.config = config = config or SamplerConfig()
         self.device = torch.device(device) if device else next(denoiser.parameters()).device
         if denoiser.config.dim != space.dim:
             raise ConfigError(
                 f"denoiser width {denoiser.config.dim} != embedding width {space.dim}: "
                 "the denoiser belongs to another base model"
             )
+        self.window = check_window(config.window, denoiser.config.max_length)
+        self.block_size = check_block_size(config.block_size, self.window)
         self.denoiser = denoiser.to(self.device).eval()
         self.space = space.to(self.device)
         self.critics = [
             WeightedCritic(c.name, c.module.to(self.device).eval(), c.weight) for c in critics
         ]
         self.backends = {
-            op: registry.resolve_backend(self.config.backend, op, self.device)
-            for op in ops.SAMPLER_OPS
+            op: registry.resolve_backend(config.backend, op, self.device) for op in ops.SAMPLER_OPS
         }
-        self._plans: dict[tuple[int, int], SamplerPlan] = {}
+        self._plans: dict[tuple[int, int, int], SamplerPlan] = {}
+        self.base_model = base_model
         self.decoder: LMDecoder | None = None
-        if self.config.decode == "lm":
+        if config.decode == "lm":
             if base_model is None:
                 raise ConfigError(
                     'decode="lm" samples with the base model: pass base_model= to Sampler '
                     "(fastdia.pipeline.build_sampler does)"
                 )
             space.check_fingerprint(base_model.space.fingerprint, "the LM decode's base model")
-            self.decoder = LMDecoder(base_model, self.config.lm, self.backends)
+            self.decoder = LMDecoder(base_model, config.lm, self.backends)
+        generation = getattr(base_model.model, "generation_config", None) if base_model else None
+        self.special: SpecialTokens = special_tokens(
+            space.tokenizer, generation, on_eos=config.on_eos
+        )
 
-    def plan(self, batch_size: int, length: int) -> SamplerPlan:
-        """Allocate everything static for ``batch_size`` sequences of ``length`` tokens.
+    @property
+    def diffuses(self) -> bool:
+        """Whether a run diffuses at all: not for an LM decode that ignores the latent."""
+        return self.config.decode == "nearest" or bool(self.config.lm.latent_weight)
 
-        Plans are cached by shape: asking again for the same ``(B, L)`` returns the same
-        plan (its buffers are reused by every run). On a CUDA device with
-        ``config.cuda_graph`` the first call also warms the loop up and captures it as a
-        CUDA graph (:class:`SamplerPlan`).
+    def context_length(self) -> int | None:
+        """The base model's context in tokens (None without an LM decode)."""
+        if self.decoder is None:
+            return None
+        cfg = self.decoder.base.model.config
+        return getattr(cfg, "max_position_embeddings", None)
+
+    def plan(self, batch_size: int, new_tokens: int, *, prompt_tokens: int = 1) -> SamplerPlan:
+        """Allocate everything static for ``batch_size`` rows of up to ``new_tokens``
+        generated tokens after prompts of up to ``prompt_tokens`` tokens (rounded up: see
+        :func:`prompt_capacity`).
+
+        Plans are cached by shape: asking again for the same shape returns the same plan
+        (its buffers are reused by every run). On a CUDA device with ``config.cuda_graph``
+        the first call also warms the loop up and captures it (:class:`SamplerPlan`).
         """
-        key = (batch_size, length)
+        if batch_size < 1:
+            raise ConfigError(f"need at least one row, got batch_size={batch_size}")
+        check_new_tokens(new_tokens, self.context_length(), prompt_tokens)
+        blocks = math.ceil(new_tokens / self.block_size)
+        key = (batch_size, blocks, prompt_capacity(prompt_tokens))
         if key not in self._plans:
-            self._plans[key] = self._new_plan(batch_size, length)
+            self._plans[key] = SamplerPlan(self, batch_size, blocks, key[2])
         return self._plans[key]
 
-    def _new_plan(self, batch_size: int, length: int) -> SamplerPlan:
-        if batch_size < 1 or length < 1:
-            raise ConfigError(
-                f"need at least one sample of one token, got B={batch_size}, L={length}"
-            )
-        if length > self.denoiser.config.max_length:
-            raise ConfigError(
-                f"length {length} exceeds the denoiser's maximum of "
-                f"{self.denoiser.config.max_length} tokens; use --length <= "
-                f"{self.denoiser.config.max_length} or a denoiser trained for longer sequences"
-            )
-        return SamplerPlan(self, batch_size, length)
+    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """One prompt as token ids (:func:`fastdia.prompts.encode_prompt`)."""
+        return encode_prompt(self.space.tokenizer, self.space.vocab_size, prompt, chat=chat)
 
     def sample(
         self,
         num_samples: int,
-        length: int,
+        new_tokens: int,
         *,
-        prompt: str | Sequence[int] | None = None,
-        seed: int = 0,
+        prompt: Prompt | Sequence[Prompt] = None,
+        seed: int | Sequence[int] = 0,
+        chat: bool = False,
     ) -> SampleOutput:
-        """Plan and run once. ``prompt`` is text, token ids, or None."""
-        return self.plan(num_samples, length).run(prompt, seed=seed)
+        """Plan and run once: ``num_samples`` rows of ``new_tokens`` after ``prompt`` (one
+        prompt for every row, or a list of one per row)."""
+        rows = self._prompt_rows(prompt, num_samples, chat)
+        plan = self.plan(num_samples, new_tokens, prompt_tokens=max(len(r) for r in rows))
+        return plan.run(rows, seed=seed, new_tokens=new_tokens)
+
+    def _prompt_rows(
+        self, prompt: Prompt | Sequence[Prompt], rows: int, chat: bool
+    ) -> list[list[int]]:
+        if _is_prompt_list(prompt):
+            if len(prompt) != rows:
+                raise ConfigError(
+                    f"got {len(prompt)} prompts for {rows} rows: give one or one per row"
+                )
+            return [self.encode(p, chat=chat) for p in prompt]
+        return [self.encode(prompt, chat=chat)] * rows  # type: ignore[arg-type]
+
+
+def _is_prompt_list(prompt: object) -> bool:
+    """Whether ``prompt`` is a list of prompts (not one text, not one list of ids)."""
+    if prompt is None or isinstance(prompt, str) or isinstance(prompt, torch.Tensor):
+        return False
+    items = list(prompt)  # type: ignore[call-overload]
+    return bool(items) and all(p is None or isinstance(p, (str, list, tuple)) for p in items)
+
+
+def check_window(window: int | None, max_length: int) -> int:
+    """The denoiser window ``W``: ``window``, or the denoiser's ``max_length``."""
+    if window is None:
+        return max_length
+    if window > max_length:
+        raise ConfigError(
+            f"a window of {window} tokens exceeds the denoiser's maximum of {max_length}"
+        )
+    return window
+
+
+def check_block_size(block_size: int | None, window: int) -> int:
+    """The block size ``K`` for a denoiser window ``W``: ``block_size``, or ``W // 2``."""
+    if block_size is None:
+        return max(1, window // 2)
+    if not 1 <= block_size <= window:
+        raise ConfigError(
+            f"block size {block_size} does not fit the denoiser's window of {window} tokens; "
+            f"use --block-size in [1, {window}]"
+        )
+    return block_size
+
+
+def check_new_tokens(new_tokens: int, context: int | None, prompt_tokens: int = 0) -> int:
+    """``new_tokens`` if it is a positive int that fits the base model's ``context`` after
+    ``prompt_tokens``; else a ConfigError naming the limit."""
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ConfigError(f"--new-tokens must be a positive integer, got {new_tokens!r}")
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise ConfigError(
+            f"--new-tokens {new_tokens} after a prompt of {prompt_tokens} tokens exceeds the "
+            f"base model's context of {context} tokens; use --new-tokens <= "
+            f"{max(context - prompt_tokens, 0)} or a shorter prompt"
+        )
+    return new_tokens
 
 
 class SamplerPlan:
-    """The static state of one ``(B, L)`` shape; :meth:`run` samples with it.
+    """The static state of one batch shape; :meth:`run` samples with it.
 
-    Everything a step needs is built here, on the sampler's device: the coefficient
-    table (with the x0-to-eps conversion folded into the rows that take an x0 estimate),
-    each row's time embedding, the critic stack's per-row hidden biases, the rounding
-    bias, and the static buffers every run reuses: the seed ``[]`` int64 and the noise
-    steps ``[R + 1]`` int64, the guidance ``[]`` float32, the prompt ``[L]`` int64 with its
-    mask ``[L]`` bool and embeddings ``[L, d]`` float32 (one plan serves every prompt
-    shorter than ``L``), the two state buffers ``[B, L, d]`` float32 the steps alternate
-    between, the x0 estimate ``[B, L, d]`` and the token ids ``[B, L]`` int64.
-
-    :meth:`denoise` is the fixed-length loop; it is graph-safe (DESIGN §2): it reads its
-    inputs from those buffers, creates no tensor from host values, reads nothing back to
-    the host and branches on static configuration only (``fastdia.strict`` checks this on
-    CPU). On a CUDA device with ``SamplerConfig.cuda_graph`` the plan warms the loop up on
-    a side stream (Triton autotuning, extension builds, library handles) and captures it,
-    denoiser included, as one CUDA graph; :meth:`run` then copies its inputs into the
-    buffers and replays it. The LM decode (``decode="lm"``) follows with its own plan
-    (:class:`fastdia.decode.DecodePlan`): a static KV cache and a per-token step, captured
-    as a second graph and replayed once per position.
+    Holds the shared buffers (:class:`~fastdia.window.BlockState`: ``B`` rows, prompt
+    capacity ``P``, ``blocks x K`` generated tokens), the block diffusion
+    (:class:`~fastdia.window.WindowDiffusion`, None when no diffusion runs) and the LM
+    decode (:class:`~fastdia.decode.DecodePlan`, None for the nearest decode). On a CUDA
+    device with ``SamplerConfig.cuda_graph`` the plan warms both up on a side stream and
+    captures the block diffusion and the decode step as CUDA graphs; :meth:`run` copies its
+    inputs into the buffers and replays them, once per block and once per token.
     """
 
-    def __init__(self, sampler: Sampler, batch_size: int, length: int) -> None:
+    def __init__(self, sampler: Sampler, batch_size: int, blocks: int, prompt_cap: int) -> None:
         cfg = sampler.config
-        self.sampler, self.batch_size, self.length = sampler, batch_size, length
+        self.sampler, self.batch_size, self.blocks = sampler, batch_size, blocks
+        self.block, self.prompt_cap = sampler.block_size, prompt_cap
         self.device = device = sampler.device
-        space = sampler.space
-        den = sampler.denoiser
-        dim = space.dim
-        warp = den.config.time_grid if cfg.time_warp else None
-        self.times = step_times(cfg.steps, warp, cfg.stop_at)
-        table = coefficient_table(
-            den.config.schedule,
-            cfg.sampler,
-            cfg.steps,
-            corrector_steps=cfg.corrector_steps,
-            corrector_snr=cfg.corrector_snr,
-            eta_scale=cfg.eta_scale,
-            times=self.times,
+        self.max_new = blocks * self.block
+        self.state = BlockState.allocate(
+            batch_size, prompt_cap, self.max_new, self.block, sampler.space.dim, device
         )
-        # a host copy of the per-row constants (static scalars of the loop's arithmetic)
-        self._rows: list[list[float]] = table.rows.tolist()
-        self.table: StepTable = table.to(device)
-        rows = len(table)
-        with torch.no_grad():
-            temb = den.time_embedding(self.table.t, rows, device)
-        self._temb = temb[:, None, :].expand(-1, batch_size, -1)  # [R, B, h], no copy
-        self._clamp = self._clamp_rows(cfg.clamp_from)
-        # rows fed the x0 estimate instead of eps: eps = (z - sab x0) / s1m is folded into
-        # their coefficients, a' = a + b / s1m and b' = -b sab / s1m (in float64, then fp32)
-        self._takes_x0 = [den.config.predicts_x0 or clamp for clamp in self._clamp]
-        coef = table.coef.double()
-        for r, takes_x0 in enumerate(self._takes_x0):
-            if takes_x0:
-                a, b = coef[r, 0].item(), coef[r, 1].item()
-                sab, s1m = self._rows[r][SQRT_ABAR], self._rows[r][SQRT_1M_ABAR]
-                coef[r, 0], coef[r, 1] = a + b / s1m, -b * sab / s1m
-        self.coef = coef.float().to(device)  # [R, 4] float32
-        local = [
-            (c.module, c.weight) for c in sampler.critics if isinstance(c.module, TokenLocalCritic)
-        ]
-        self.stack = ops.TokenLocalStack.merge(local, self.table.t) if local else None
-        self.context = [c for c in sampler.critics if not isinstance(c.module, TokenLocalCritic)]
-        self.bias = space.rounding_bias(cfg.rounding)
-        self.guidance = torch.tensor(float(cfg.guidance), device=device)
-        self.seed = torch.zeros((), dtype=torch.int64, device=device)
-        self._steps = torch.arange(rows + 1, dtype=torch.int64, device=device)
-        self.prompt_len = 0
-        self.prompt_z0 = torch.zeros(length, dim, device=device)
-        self.prompt_ids = torch.zeros(length, dtype=torch.int64, device=device)
-        self.prompt_mask = torch.zeros(length, dtype=torch.bool, device=device)
-        self._batch_mask = self.prompt_mask[None, :].expand(batch_size, -1)
-        self._mask3 = self.prompt_mask[:, None]  # [L, 1], broadcast against [B, L, d]
-        self._self_cond = den.config.self_condition and cfg.self_condition
-        self._clean = den.config.clean_prompt and cfg.clean_prompt
-        self._need_x0 = self._self_cond or cfg.stop_at > 0
-        # the initial noise and the re-noised prompt are guided steps with (a, b, c, s) =
-        # (0, 0, 0, 1) on zeros: exactly zeta(seed, step), drawn by the backend's kernel
-        # from the seed in device memory
-        self._noise_coef = torch.tensor([0.0, 0.0, 0.0, 1.0], device=device)
-        self._zeros = torch.zeros(batch_size * length, dim, device=device)
-        self._zeta = None if self._clean else torch.empty(batch_size, length, dim, device=device)
-        # flat element index of z [B, L, d]: the noise counters of an eager plan's re-noised
-        # prompt (denoisers without clean_prompt), drawn at the prompt's positions only
-        self._index = (
-            None
-            if self._clean
-            else torch.arange(batch_size * length * dim, device=device).view(
-                batch_size, length, dim
+        banned = sampler.special.banned
+        self.diffusion = (
+            WindowDiffusion(
+                sampler, self.state, sampler.window, banned, nearest=cfg.decode == "nearest"
             )
-        )
-        self._bufs = tuple(torch.zeros(batch_size, length, dim, device=device) for _ in range(2))
-        self.x0 = torch.zeros(batch_size, length, dim, device=device)
-        self.ids = torch.zeros(batch_size, length, dtype=torch.int64, device=device)
-        self._guided_step = registry.get(ops.GUIDED_STEP, sampler.backends[ops.GUIDED_STEP])
-        self._round = registry.get(ops.ROUND_TO_VOCAB, sampler.backends[ops.ROUND_TO_VOCAB])
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self.fixed_length = cfg.cuda_graph and device.type == "cuda"
-        self.decode_plan = (
-            sampler.decoder.plan(
-                batch_size,
-                length,
-                self._abar_stop(),
-                local,
-                cfg.lm.tilt * cfg.guidance / length,
-                graph=self.fixed_length,
-            )
-            if sampler.decoder is not None
+            if sampler.diffuses
             else None
         )
+        self.fixed_length = cfg.cuda_graph and device.type == "cuda"
+        self.decode_plan: DecodePlan | None = None
+        if sampler.decoder is not None:
+            local = [
+                (c.module, c.weight)
+                for c in sampler.critics
+                if isinstance(c.module, TokenLocalCritic)
+            ]
+            abar = self.diffusion.abar_stop if self.diffusion is not None else 0.0
+            self.decode_plan = sampler.decoder.plan(
+                self.state,
+                abar,
+                local,
+                cfg.lm.tilt * cfg.guidance / sampler.window,
+                banned,
+                graph=self.fixed_length,
+            )
+        self._graph: torch.cuda.CUDAGraph | None = None
         if self.fixed_length:
             self._capture()
 
     @property
-    def z(self) -> torch.Tensor:
-        """The state buffer the last row writes: ``[B, L, d]`` float32."""
-        return self._bufs[len(self.table) % 2]
-
-    fixed_length: bool
-    """Whether the loop selects prompt positions by the mask alone (True when it is
-    captured as a CUDA graph; tests set it to check that variant on the CPU)."""
-
-    @property
     def graphed(self) -> bool:
-        """Whether :meth:`run` replays a captured CUDA graph."""
+        """Whether :meth:`run` replays a captured CUDA graph of the block diffusion."""
         return self._graph is not None
 
-    def _abar_stop(self) -> float:
-        return self._rows[-1][SQRT_ABAR_NEXT] ** 2
-
-    def _clamp_rows(self, clamp_from: int | None) -> list[bool]:
-        if clamp_from is None:
-            return [False] * len(self.table)
-        flags, predictor_index = [], 0
-        for is_predictor in self.table.predictor:
-            predictor_index += is_predictor
-            flags.append(predictor_index >= clamp_from)
-        return flags
+    @property
+    def steps(self) -> int:
+        """Diffusion table rows per block (0 when no diffusion runs)."""
+        return len(self.diffusion.table) if self.diffusion is not None else 0
 
     # ---- inputs -------------------------------------------------------------------------
-    def set_prompt(self, prompt: str | Sequence[int] | None) -> int:
-        """Write the prompt into the static buffers; returns its length in tokens."""
-        space = self.sampler.space
-        ids = prompt_ids(space, prompt, self.length)
-        p = self.prompt_len = len(ids)
-        host = torch.zeros(self.length, dtype=torch.int64)
-        host[:p] = torch.tensor(ids, dtype=torch.int64)
-        self.prompt_ids.copy_(host)
-        self.prompt_mask.copy_(torch.arange(self.length) < p)
-        self.prompt_z0.copy_(space.embed(self.prompt_ids).masked_fill_(~self._mask3, 0.0))
-        return p
+    def set_inputs(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> None:
+        """Copy a run's prompts (token ids, one list per row) and seeds into the buffers,
+        left-padded (an empty prompt is the start token, outside the denoiser's context),
+        and zero the generated count."""
+        st, cap, batch = self.state, self.prompt_cap, self.batch_size
+        if len(prompts) != batch or len(seeds) != batch:
+            raise ConfigError(f"this plan runs {batch} rows, got {len(prompts)} prompts")
+        start = self._start_token()
+        host = torch.zeros(batch, st.capacity, dtype=torch.int64)
+        lengths, pads = [], []
+        for b, ids in enumerate(prompts):
+            prefix = list(ids) if ids else [start]
+            if len(prefix) > cap:
+                raise ConfigError(
+                    f"prompt {b} is {len(prefix)} tokens; this plan holds prompts of up to "
+                    f"{cap} (plan with prompt_tokens >= {len(prefix)})"
+                )
+            host[b, cap - len(prefix) : cap] = torch.tensor(prefix, dtype=torch.int64)
+            lengths.append(len(ids))
+            pads.append(cap - len(prefix))
+        st.tokens.copy_(host)
+        st.prompt_len.copy_(torch.tensor(lengths, dtype=torch.int64))
+        st.pad.copy_(torch.tensor(pads, dtype=torch.int64))
+        st.seeds.copy_(torch.tensor(list(seeds), dtype=torch.int64))
+        st.generated.zero_()
 
-    def set_inputs(self, prompt: str | Sequence[int] | None, seed: int) -> int:
-        """Copy a run's inputs (prompt, seed) into the static buffers; returns the prompt
-        length in tokens."""
-        self.seed.fill_(check_seed(seed))
-        return self.set_prompt(prompt)
+    def _start_token(self) -> int:
+        tok = self.sampler.space.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return int(start if start is not None else 0)
 
     # ---- the loop -----------------------------------------------------------------------
-    def _noise(self, step: int, out: torch.Tensor) -> torch.Tensor:
-        """``zeta(seed, steps[step], k)`` into ``out`` ``[B, L, d]`` (see ``_noise_coef``)."""
-        dim = self.sampler.space.dim
-        self._guided_step(
-            self._zeros,
-            self._zeros,
-            self._noise_coef,
-            seq_len=self.length,
-            seed=self.seed,
-            step=self._steps[step],
-            guidance=self.guidance,
-            out=out.view(-1, dim),
-        )
-        return out
-
-    def _write_prompt(self, z: torch.Tensor, step: int, sab: float, s1m: float) -> None:
-        """Write the prompt into ``z``'s masked positions in place (all ``L`` positions are
-        touched: the mask, not a host length, selects them).
-
-        A ``clean_prompt`` denoiser sees it clean; others see it noised to level ``sab``
-        with the step's own noise (element ``k`` takes ``zeta(seed, step, k)``, which
-        the step drew for the positions it overwrites; at step 0 that is ``z`` itself).
-        That noise is drawn over all ``L`` positions by the backend's kernel when
-        :attr:`fixed_length` (a captured plan: the prompt length is not static), else
-        with the reference Philox at the prompt's ``p`` positions only (an eager plan
-        knows ``p`` on the host: on the CPU this saves a full draw per step).
-        """
-        if self._clean:
-            torch.where(self._mask3, self.prompt_z0, z, out=z)
-            return
-        if step == 0 or self.fixed_length:
-            zeta = z if step == 0 else self._noise(step, self._zeta)
-            torch.where(self._mask3, sab * self.prompt_z0 + s1m * zeta, z, out=z)
-            return
-        p = self.prompt_len
-        if p:
-            zeta = noise.randn_at(self.seed, self._steps[step], self._index[:, :p])
-            z[:, :p] = sab * self.prompt_z0[:p] + s1m * zeta
-
-    def _denoise_row(self, z: torch.Tensor, r: int) -> torch.Tensor:
-        """What row ``r``'s guided step reads: the noise estimate ``[B, L, d]``, or the x0
-        estimate on rows whose coefficients take it (``_takes_x0``).
-
-        Keeps the x0 estimate (self-conditioned, possibly clamped) in ``self.x0`` when the
-        next row's self-conditioning or an early stop's rounding reads it.
-        """
-        den, cfg = self.sampler.denoiser, self.sampler.config
-        sab, s1m = self._rows[r][SQRT_ABAR], self._rows[r][SQRT_1M_ABAR]
-        out = den(
-            z,
-            self.table.t[r],
-            x0_prev=self.x0 if self._self_cond else None,
-            clean_mask=self._batch_mask if self._clean else None,
-            temb=self._temb[r],
-            temperature=cfg.score_temperature,
-        )
-        if not self._takes_x0[r]:
-            if self._need_x0:
-                self.x0.copy_((z - s1m * out) / sab)
-            return out
-        x0 = out if den.config.predicts_x0 else (z - s1m * out) / sab
-        if self._clamp[r]:
-            space = self.sampler.space
-            _, emb = self._round(x0, space.weight, self.bias, return_embeddings=True)
-            x0 = emb * space.scale
-        if self._need_x0:
-            self.x0.copy_(x0)
-        return x0
-
-    def _context_grad(self, z: torch.Tensor, r: int) -> torch.Tensor | None:
-        if not self.context or not self.sampler.config.guidance:
-            return None
-        total = torch.zeros_like(z)
-        for critic in self.context:
-            _, grad = critic.module.value_and_grad(z, self.table.t[r])
-            total += critic.weight * grad
-        return total.view(-1, z.shape[-1])
-
-    @torch.no_grad()
-    def denoise(self) -> None:
-        """The fixed-length loop on the static buffers (what the CUDA graph captures).
-
-        Reads the seed, prompt, mask and guidance from their buffers; leaves the final
-        state in :attr:`z`, the x0 estimate in ``x0`` and, with the nearest decode, the
-        token ids ``[B, L]`` int64 (prompt included) in ``ids``.
-        """
-        cfg, space = self.sampler.config, self.sampler.space
-        dim = space.dim
-        z = self._noise(0, self._bufs[0])
-        if self._need_x0:
-            self.x0.zero_()
-        self._write_prompt(z, 0, self._rows[0][SQRT_ABAR], self._rows[0][SQRT_1M_ABAR])
-        for r in range(len(self.table)):
-            inp = self._denoise_row(z, r)
-            nxt = self._bufs[(r + 1) % 2]
-            self._guided_step(
-                z.view(-1, dim),
-                inp.reshape(-1, dim),
-                self.coef[r],
-                seq_len=self.length,
-                seed=self.seed,
-                step=self._steps[r + 1],
-                guidance=self.guidance,
-                critic=self.stack.row(r) if self.stack is not None else None,
-                grad=self._context_grad(z, r),
-                noise_kappa=cfg.noise_kappa,
-                out=nxt.view(-1, dim),
-            )
-            z = nxt
-            row = self._rows[r]
-            self._write_prompt(z, r + 1, row[SQRT_ABAR_NEXT], row[SQRT_1M_ABAR_NEXT])
-        if self.decode_plan is None:
-            final = z if cfg.stop_at == 0 else self.x0
-            ids = self._round(final, space.weight, self.bias)
-            torch.where(self.prompt_mask, self.prompt_ids, ids, out=self.ids)
+    def generate(self, blocks: int) -> None:
+        """The block loop on the buffers (after :meth:`set_inputs`): the LM prefill, then
+        ``blocks`` blocks of diffusion and decode. Graph-safe but for the prefill."""
+        if self.decode_plan is not None:
+            self.decode_plan.start()
+        for _ in range(blocks):
+            if self._graph is not None:
+                self._graph.replay()
+            elif self.diffusion is not None:
+                self.diffusion.denoise()
+            if self.decode_plan is not None:
+                self.decode_plan.decode_block()
 
     @torch.no_grad()
     def _capture(self) -> None:
-        """Warm :meth:`denoise` up on a side stream, then capture it as one CUDA graph.
-
-        A capture that fails (an op that cannot be captured) leaves the plan eager, with
-        a warning.
-        """
-        self.set_inputs(None, 0)
+        """Warm the block diffusion and the decode step up on a side stream, then capture
+        each as one CUDA graph (a capture that fails leaves that part eager, with a
+        warning)."""
+        dummy = [[]] * self.batch_size
+        seeds = list(range(self.batch_size))
 
         def warmup() -> None:
             for _ in range(_WARMUP_RUNS):
-                self.denoise()
+                self.set_inputs(dummy, seeds)
+                self.generate(1)
 
-        graph = capture_graph(self.device, warmup, self.denoise, "the diffusion loop")
-        if graph is None:
-            return
-        self._graph = graph
-        log.info(
-            "captured the %d-row loop for B=%d, L=%d as a CUDA graph",
-            len(self.table),
-            self.batch_size,
-            self.length,
-        )
+        if self.diffusion is not None:
+            self.set_inputs(dummy, seeds)
+            graph = capture_graph(
+                self.device, warmup, self.diffusion.denoise, "the block diffusion"
+            )
+            if graph is not None:
+                self._graph = graph
+                log.info(
+                    "captured the %d-row block diffusion for B=%d, W=%d as a CUDA graph",
+                    self.steps,
+                    self.batch_size,
+                    self.sampler.window,
+                )
+        if self.decode_plan is not None and self.decode_plan.wants_graph:
+            self.set_inputs(dummy, seeds)
+            self.decode_plan.start()
+            self.decode_plan.capture(warmup)
 
     @torch.no_grad()
-    def run(self, prompt: str | Sequence[int] | None = None, *, seed: int = 0) -> SampleOutput:
-        """Sample ``B`` sequences of ``L`` tokens under ``seed``."""
+    def run(
+        self,
+        prompts: Prompt | Sequence[Prompt] = None,
+        *,
+        seed: int | Sequence[int] = 0,
+        new_tokens: int | None = None,
+        chat: bool = False,
+    ) -> SampleOutput:
+        """Sample every row: ``new_tokens`` (default: the plan's maximum) after its prompt.
+
+        Args:
+            prompts: one prompt for every row (text, token ids or None), or a list of one
+                per row (:data:`fastdia.prompts.Prompt`).
+            seed: one seed (row ``b`` takes ``seed + b``) or one per row.
+            new_tokens: tokens to generate, at most the plan's ``blocks x K``.
+            chat: wrap text prompts in the tokenizer's chat template.
+        """
         sampler = self.sampler
-        p = self.set_inputs(prompt, seed)
-        batch, length = self.batch_size, self.length
+        new_tokens = self.max_new if new_tokens is None else new_tokens
+        check_new_tokens(new_tokens, None)
+        if new_tokens > self.max_new:
+            raise ConfigError(
+                f"this plan generates up to {self.max_new} tokens, got new_tokens={new_tokens}"
+            )
+        rows = sampler._prompt_rows(prompts, self.batch_size, chat)
+        seeds = row_seed_list(seed, self.batch_size)
+        context = sampler.context_length()
+        if context is not None:
+            check_new_tokens(
+                math.ceil(new_tokens / self.block) * self.block, context, max(map(len, rows))
+            )
+        self.set_inputs(rows, seeds)
+        blocks = math.ceil(new_tokens / self.block)
         start = time.perf_counter()
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            self.denoise()
-        ids = self.ids
-        if self.decode_plan is not None:
-            ids = self.decode_plan.run(self.z, self.prompt_ids[:p], seed=seed)
-        if ids.device.type == "cuda":
-            torch.cuda.synchronize(ids.device)
+        self.generate(blocks)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        ids_cpu = ids.to("cpu", copy=True)  # the plan's buffer is reused by the next run
-        z0 = sampler.space.embed(ids)
-        values = {c.name: c.module(z0, 0.0).float().cpu() for c in sampler.critics}
+        cap = self.prompt_cap
+        tokens = self.state.tokens[:, cap : cap + new_tokens].to("cpu", copy=True)
+        out = self._outputs(rows, seeds, tokens, chat)
         log.info(
-            "sampled %d x %d tokens in %.3f s (%d rows%s)",
-            batch,
-            length,
+            "sampled %d rows x %d new tokens in %.3f s (%d blocks of %d rows%s)",
+            self.batch_size,
+            new_tokens,
             seconds,
-            len(self.table),
-            ", CUDA graph" if self._graph is not None else "",
+            blocks,
+            self.steps,
+            ", CUDA graphs" if self._graph is not None else "",
         )
+        out.seconds, out.blocks = seconds, blocks
+        return out
+
+    def _outputs(
+        self, rows: list[list[int]], seeds: list[int], tokens: torch.Tensor, chat: bool
+    ) -> SampleOutput:
+        """Cut every row at its first end token and decode (host side, after timing)."""
+        sampler = self.sampler
+        space, stop = sampler.space, set(sampler.special.stop)
+        completion, finished = [], []
+        for row in tokens.tolist():
+            end = next((i for i, t in enumerate(row) if t in stop), None)
+            completion.append(row if end is None else row[:end])
+            finished.append(end is not None)
+        read = completion if chat else [p + c for p, c in zip(rows, completion, strict=True)]
+        values = {c.name: critic_values(space, c.module, read) for c in sampler.critics}
         return SampleOutput(
-            token_ids=ids_cpu,
-            texts=sampler.space.decode_batch(ids_cpu),
+            prompt_ids=rows,
+            completion_ids=completion,
+            completions=[space.decode(c) for c in completion],
+            texts=[space.decode(r) for r in read],
+            finished=finished,
+            seeds=seeds,
+            tokens=tokens,
             critic_values=values,
-            z=self.z.clone(),  # the plan's buffer is overwritten by the next run
-            seconds=seconds,
-            steps=len(self.table),
+            z=None if self.diffusion is None else self.diffusion.z.clone(),
+            seconds=0.0,
+            steps=self.steps,
+            blocks=0,
         )
 
 
-def prompt_ids(space: EmbeddingSpace, prompt: str | Sequence[int] | None, length: int) -> list[int]:
-    """The prompt as token ids, checked to fit in ``length`` tokens with room to continue.
+@torch.no_grad()
+def critic_values(space: EmbeddingSpace, critic: nn.Module, rows: list[list[int]]) -> torch.Tensor:
+    """A critic's value at noise level 0 of each row of token ids: ``[B]`` float32 on the
+    CPU (NaN for an empty row; a context critic reads its last ``max_length`` tokens)."""
+    limit = getattr(getattr(critic, "config", None), "max_length", None)
+    if isinstance(critic, TokenLocalCritic):
+        limit = None
+    out = torch.full((len(rows),), float("nan"))
+    for b, ids in enumerate(rows):
+        if ids:
+            ids = ids[-limit:] if limit else ids
+            z0 = space.embed(torch.tensor(ids, dtype=torch.int64))[None]
+            out[b] = critic(z0, 0.0).float().reshape(-1)[0].cpu()
+    return out
 
-    Raises:
-        ConfigError: an empty prompt text, ids outside the vocabulary, or a prompt of
-            ``length`` tokens or more.
+
+def sample_rows(
+    sampler: Sampler,
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    new_tokens: int,
+    *,
+    batch_size: int = 16,
+    chat: bool = False,
+    on_batch: Callable[[SampleOutput], None] | None = None,
+) -> SampleOutput:
+    """Sample one row per ``(prompt, seed)`` in batches of ``batch_size`` rows, all through
+    one plan (sized for the longest prompt; a short last batch is padded with copies of its
+    last row, which are dropped). Every prompt is encoded and checked before any sampling.
+
+    Returns the rows in order as one :class:`SampleOutput`; ``on_batch`` sees each batch's.
     """
-    if prompt is None:
-        ids: list[int] = []
-    elif isinstance(prompt, str):
-        if not prompt.strip():
-            raise ConfigError("prompt is empty; pass some text, or no prompt at all")
-        ids = space.encode(prompt)
-    else:
-        ids = [int(i) for i in prompt]
-        if any(not 0 <= i < space.vocab_size for i in ids):
-            raise ConfigError(f"prompt ids must be in [0, {space.vocab_size})")
-    if len(ids) >= length:
+    if len(prompts) != len(seeds) or not prompts:
         raise ConfigError(
-            f"prompt is {len(ids)} tokens but --length is {length}: the length counts "
-            f"the prompt, so pass --length > {len(ids)} or a shorter prompt"
+            f"need one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds"
         )
-    return ids
+    rows = []
+    for i, prompt in enumerate(prompts):
+        try:
+            rows.append(sampler.encode(prompt, chat=chat))
+        except ConfigError as exc:
+            raise ConfigError(f"prompt {i}: {exc}") from None
+    seeds = [check_seed(s) for s in seeds]
+    batch = min(batch_size, len(rows))
+    plan = sampler.plan(batch, new_tokens, prompt_tokens=max(len(r) for r in rows))
+    outputs = []
+    for first in range(0, len(rows), batch):
+        part, part_seeds = rows[first : first + batch], seeds[first : first + batch]
+        real = len(part)
+        part = part + [part[-1]] * (batch - real)
+        part_seeds = part_seeds + [part_seeds[-1]] * (batch - real)
+        out = plan.run(part, seed=part_seeds, new_tokens=new_tokens, chat=chat).subset(real)
+        if on_batch is not None:
+            on_batch(out)
+        outputs.append(out)
+    return SampleOutput.concat(outputs)

@@ -2,7 +2,7 @@
 
 Same call signature and semantics as :func:`fastdia.ops.guided_step.guided_step_reference`::
 
-    z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed, step, n d + j)
+    z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed_b, step, i d + j)   (n = b L + i)
     g[n]  = grad[n] + (silu'(pre[n]) * w2) W1 / L,   pre[n] = z[n] W1^T + b1
     h_b   = mean_{n in sequence b} w2 . silu(pre[n]) + b2
 
@@ -16,7 +16,8 @@ Design
   elementwise middle gives ``silu``, the token values ``w2 . silu(pre)`` and
   ``gp = silu'(pre) * w2``; pass B over the ``d`` chunks computes ``gp W1_chunk`` with
   ``tl.dot``, adds the optional precomputed ``grad``, draws the noise of elements
-  ``n d + j`` in registers and writes ``z'`` once. ``z`` and ``eps`` are read from HBM once
+  ``i d + j`` of sequence ``b`` under its seed ``seed_b`` in registers (the key
+  ``(seed_b << 32) | step`` is one value per row of the tile) and writes ``z'`` once. ``z`` and ``eps`` are read from HBM once
   (pass B re-reads the program's own ``z`` tile, an L1/L2 hit). The noise follows
   :mod:`fastdia.noise`: one Philox4x32-10 draw (``tl.randn4x``) serves four consecutive
   elements, so when ``d % 4 == 0`` a chunk holds whole groups and draws once per four
@@ -53,9 +54,9 @@ Design
   ``h_b``, then the full step; the second read of ``z`` comes mostly from L2. ``h_b`` is
   reduced inside one program, so it is deterministic (no atomics). With ``kappa == 0`` and
   no ``return_h`` (the sampler's default) the row-tile grid is used.
-* **CUDA-graph safe.** ``seed``, ``step``, ``guidance``, the coefficients and ``b2`` are
-  read from device tensors in the kernel; the Philox key ``(seed << 32) | step`` is built
-  in-kernel. Python numbers are turned into 0-d tensors with ``torch.full`` (a fill kernel,
+* **CUDA-graph safe.** The per-sequence seeds ``[B]``, ``step``, ``guidance``, the
+  coefficients and ``b2`` are read from device tensors in the kernel; the Philox keys
+  ``(seed_b << 32) | step`` are built in-kernel. Python numbers are turned into 0-d tensors with ``torch.full`` (a fill kernel,
   capturable, but a captured graph replays the value it had at capture: the sampler passes
   device tensors, ``tests/test_graph_safe.py`` checks that the host side then makes no
   tensor); nothing calls ``.item()``. Autotuning runs at the first call of a shape: warm
@@ -82,6 +83,7 @@ import triton.language as tl
 
 from fastdia.device import sm_count, triton_interpreting
 from fastdia.errors import ConfigError
+from fastdia.noise import row_seeds
 from fastdia.ops.guided_step import TokenLocalStack
 
 from ._common import (
@@ -154,7 +156,8 @@ def _step_rows(
     w2_ptr,
     rows,
     rmask,
-    key,
+    seed_ptr,
+    step,
     lam,
     noise_mult,
     D,
@@ -202,11 +205,16 @@ def _step_rows(
         s = tl.load(coef_ptr + 3)
     cl = c * lam
     s = s * noise_mult
+    # per-row noise: sequence b = row // L under its own seed, element i d + j of the
+    # sequence (i = row % L), so a sequence's noise does not depend on the batch
+    seq_seed = tl.load(seed_ptr + rows // L, mask=rmask, other=0).to(tl.int64)
+    key = ((seq_seed << 32) | step)[:, None]
+    pos = rows % L
     for d0 in range(d_lo, d_hi, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < d_hi
         mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * D + cols[None, :]  # int32: the noise counter n d + j
+        offs = rows[:, None] * D + cols[None, :]
         zc = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         ec = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc = a * zc + b * ec
@@ -224,10 +232,10 @@ def _step_rows(
                 g += tl.dot(gp, wc, input_precision=PRECISION) / L
             acc += cl * g
         if NOISE_GROUPS:  # d % 4 == 0: the chunk holds whole groups, one draw per four
-            groups = rows[:, None] * (D // 4) + (d0 // 4 + tl.arange(0, BLOCK_D // 4))[None, :]
+            groups = pos[:, None] * (D // 4) + (d0 // 4 + tl.arange(0, BLOCK_D // 4))[None, :]
             acc += s * randn_groups(key, groups)
-        else:
-            acc += s * randn_lanes(key, offs)
+        else:  # int32: the noise counter i d + j
+            acc += s * randn_lanes(key, pos[:, None] * D + cols[None, :])
         tl.store(out_ptr + offs, acc, mask=mask)
     return hv
 
@@ -270,7 +278,7 @@ def _guided_step_kernel(
     per_group = tl.cdiv(tl.cdiv(D, BLOCK_D), tl.num_programs(1)) * BLOCK_D
     d_lo = tl.program_id(1) * per_group
     d_hi = tl.minimum(D, d_lo + per_group)
-    key = (tl.load(seed_ptr).to(tl.int64) << 32) | tl.load(step_ptr).to(tl.int64)
+    step = tl.load(step_ptr).to(tl.int64)
     lam = tl.load(lam_ptr)
     if SEQ_MODE:
         first = pid * L
@@ -319,7 +327,8 @@ def _guided_step_kernel(
                 w2_ptr,
                 rows,
                 rmask,
-                key,
+                seed_ptr,
+                step,
                 lam,
                 noise_mult,
                 D,
@@ -357,7 +366,8 @@ def _guided_step_kernel(
             w2_ptr,
             rows,
             rmask,
-            key,
+            seed_ptr,
+            step,
             lam,
             1.0,
             D,
@@ -480,8 +490,10 @@ def guided_step(
         eps: ``[N, d]`` the denoiser's noise estimate, same dtypes.
         coef: ``[4]`` or ``[B, 4]`` ``(a, b, c, s)`` (cast to float32 on ``z``'s device).
         seq_len: tokens per sequence ``L``.
-        seed, step: the noise counter: ints in ``[0, 2**31)`` or 1-element integer tensors
-            (read on the device; their range is then the caller's responsibility).
+        seed: per-sequence seeds ``[B]`` int64 on ``z``'s device, or one seed ``s`` (an int
+            in ``[0, 2**31)`` or a 1-element tensor: sequence ``b`` takes ``s + b``); read
+            on the device, their range is then the caller's responsibility.
+        step: the noise step, an int in ``[0, 2**31)`` or a 1-element integer tensor.
         guidance: ``lambda``, a number or a 1-element tensor.
         critic: token-local stack at one row (``b1 [H]``), or None.
         grad: ``[N, d]`` extra guidance gradient, or None.
@@ -526,7 +538,7 @@ def guided_step(
         raise ConfigError(f"coef must be [4] or [B={batch}, 4], got {list(coef.shape)}")
     coef = coef.contiguous()
 
-    seed_t = device_scalar(seed, torch.int64, device, "seed")
+    seed_t = row_seeds(seed, batch, device)
     step_t = device_scalar(step, torch.int64, device, "step")
     lam_t = device_scalar(guidance, torch.float32, device, "guidance")
     kappa = float(noise_kappa)

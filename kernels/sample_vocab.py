@@ -2,11 +2,12 @@
 
 Same call signature and semantics as :func:`fastdia.ops.gumbel.sample_vocab_reference`::
 
-    id[n] = argmax_v <E_v, z[n]> + bias_v + g(seed, step, n V + v)   (bias [V])
-                         ... + bias_{n,v} ...                        (bias [N, V])
+    id[n] = argmax_v <E_v, z[n]> + bias_v + g(seed_n, step, v)   (bias [V])
+                         ... + bias_{n,v} ...                   (bias [N, V])
 
-with ``g = -log(-log(clamp(tl.rand(key, n V + v), GUMBEL_U_MIN, GUMBEL_U_MAX)))`` and
-``key = (seed << 32) | step`` (fastdia's Philox numbering, :func:`fastdia.noise.gumbel`).
+with ``g = -log(-log(clamp(tl.rand(key_n, v), GUMBEL_U_MIN, GUMBEL_U_MAX)))`` and
+``key_n = (seed_n << 32) | step``, row ``n``'s own seed (fastdia's Philox numbering,
+:func:`fastdia.noise.gumbel_rows`).
 
 Design: program ``(m, s)`` owns ``BLOCK_M`` rows and the vocabulary slice ``s`` of ``S``;
 it walks the slice in ``BLOCK_V`` tiles, each a ``[BLOCK_M, BLOCK_V]`` score block from
@@ -16,7 +17,7 @@ to the lowest id). The partial maxima ``[S, N]`` are merged by ``torch.max`` ove
 slices (the first slice wins ties). The ``[N, V]`` scores never reach memory. The decode
 calls it with ``N = B`` (a few rows), where reading ``E`` once dominates, so ``S`` spreads
 the vocabulary over about two programs per SM. Seed and step are read from device
-tensors (graph-safe). float32 operands use ``tf32x3`` products by default (fp32-level
+tensors (the per-row seeds ``[N]``, graph-safe). float32 operands use ``tf32x3`` products by default (fp32-level
 accuracy; ``"ieee"`` for exact FMAs); under ``TRITON_INTERPRET=1`` one large tile is used.
 """
 
@@ -70,7 +71,8 @@ def _sample_kernel(
     v_start = pid_s * per_split
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    key = (tl.load(seed_ptr).to(tl.uint64) << 32) | tl.load(step_ptr).to(tl.uint64)
+    row_seed = tl.load(seed_ptr + rows, mask=row_ok, other=0).to(tl.uint64)
+    key = ((row_seed << 32) | tl.load(step_ptr).to(tl.uint64))[:, None]
     best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     best_id = tl.zeros((BLOCK_M,), tl.int32)
     for v0 in range(v_start, v_start + per_split, BLOCK_V):
@@ -103,8 +105,7 @@ def _sample_kernel(
                 ).to(tl.float32)
             else:
                 acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        offs = rows[:, None] * v + cols[None, :]
-        u = tl.rand(key, offs.to(tl.int32))
+        u = tl.rand(key, (cols[None, :] + rows[:, None] * 0).to(tl.int32))
         u = tl.minimum(tl.maximum(u, U_MIN), U_MAX)
         score = acc - tl.log(-tl.log(u))
         score = tl.where(row_ok[:, None] & col_ok[None, :], score, float("-inf"))
@@ -130,8 +131,9 @@ def sample_vocab(
     """One token per row of ``z [N, d]`` from ``softmax(z weight^T + bias)``: ``[N]`` int64.
 
     ``weight [V, d]``; ``z``/``weight`` float32, float16 or bfloat16; ``bias [V]``,
-    ``[N, V]`` (one row per query) or None; ``seed``/``step`` ints or 0-d integer tensors
-    (read on the device).
+    ``[N, V]`` (one row per query) or None; ``seed``: per-row seeds ``[N]`` int64 on
+    ``z``'s device, or one seed ``s`` (row ``n`` takes ``s + n``); ``step``: an int or a
+    0-d integer tensor (read on the device).
     """
     check_precision(precision, DOT_PRECISIONS)
     if z.dim() != 2 or weight.dim() != 2 or z.shape[1] != weight.shape[1]:
@@ -143,11 +145,8 @@ def sample_vocab(
         raise ConfigError(f"sample_vocab takes float32/16 operands, got {z.dtype}, {weight.dtype}")
     n, d = z.shape
     vocab = weight.shape[0]
-    if n * vocab >= noise.MAX_INDEX:
-        raise ConfigError(
-            f"sample_vocab numbers its noise by n * V + v < 2**31: {n} rows x {vocab} "
-            "tokens is too many for one call; split the rows"
-        )
+    if vocab >= noise.MAX_INDEX:
+        raise ConfigError(f"sample_vocab numbers its noise by v < 2**31: V = {vocab} is too large")
     check_bias(bias, n, vocab)
     device = z.device
     z, weight = z.contiguous(), weight.contiguous()
@@ -170,7 +169,7 @@ def sample_vocab(
         z,
         weight,
         bias if bias is not None else z,
-        device_scalar(seed, torch.int64, device, "seed"),
+        noise.row_seeds(seed, n, device),
         device_scalar(step, torch.int64, device, "step"),
         vals,
         idx,

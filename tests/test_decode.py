@@ -57,12 +57,17 @@ def test_sample_vocab_equals_argmax_of_scores_plus_numbered_noise():
     torch.manual_seed(1)
     z, weight, bias = torch.randn(70, 6), torch.randn(33, 6), torch.randn(33)
     ids = ops.sample_vocab(z, weight, bias, seed=2, step=9)
-    g = noise.gumbel(2, 9, 70 * 33).view(70, 33)
+    # row n draws under seed 2 + n, element v (across the reference's chunks of 64 rows)
+    g = torch.stack([noise.gumbel(2 + n, 9, 33) for n in range(70)])
     assert torch.equal(ids, (z @ weight.T + bias + g).argmax(dim=1))
     assert torch.equal(gumbel_argmax(z @ weight.T + bias, seed=2, step=9), ids)
-    # row n is numbered n V + v across the reference's chunks of 64 rows
-    tail = gumbel_argmax((z @ weight.T + bias)[64:], seed=2, step=9, row_offset=64)
-    assert torch.equal(ids[64:], tail)
+    # explicit per-row seeds: a row's draw depends on its own seed only
+    seeds = torch.arange(70, dtype=torch.int64).flip(0) * 3
+    ids2 = ops.sample_vocab(z, weight, bias, seed=seeds, step=9)
+    tail = gumbel_argmax((z @ weight.T + bias)[64:], seed=seeds[64:], step=9)
+    assert torch.equal(ids2[64:], tail)
+    one = ops.sample_vocab(z[5:6], weight, bias, seed=seeds[5:6], step=9)
+    assert one.item() == ids2[5].item()
 
 
 def test_sample_vocab_bad_input():
@@ -70,8 +75,8 @@ def test_sample_vocab_bad_input():
         ops.sample_vocab(torch.zeros(3), torch.zeros(4, 3), seed=0, step=0)
     with pytest.raises(ConfigError, match="bias must be \\[V=4\\] or \\[N=2, V=4\\]"):
         ops.sample_vocab(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(3, 4), seed=0, step=0)
-    with pytest.raises(ConfigError, match="2\\*\\*31"):
-        sample_vocab_reference(torch.zeros(2**16, 1), torch.zeros(2**16, 1), seed=0, step=0)
+    with pytest.raises(ConfigError, match="seed must be one seed or one per row"):
+        ops.sample_vocab(torch.zeros(2, 3), torch.zeros(4, 3), seed=torch.zeros(3, dtype=torch.int64), step=0)
 
 
 @pytest.mark.parametrize(

@@ -315,10 +315,15 @@ def test_device_tensor_counters_equal_python_ints():
 
 
 def test_noise_is_the_counter_based_stream():
-    """With a = b = c = 0 and s = 1 the step is the noise of (seed, step) itself."""
+    """With a = b = c = 0 and s = 1 the step is the noise of (seed, step) itself, numbered
+    per sequence: sequence b draws under seed 5 + b, its elements counted from 0."""
     z = torch.zeros(6, 577)
     out, _ = kernel.guided_step(z, z, torch.tensor([0.0, 0, 0, 1]), seq_len=3, seed=5, step=2)
-    expected = noise.randn(5, 2, z.numel()).view_as(z)
+    expected = torch.cat([noise.randn(5 + b, 2, 3 * 577).view(3, 577) for b in range(2)])
+    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+    seeds = torch.tensor([11, 4], dtype=torch.int64)
+    out, _ = kernel.guided_step(z, z, torch.tensor([0.0, 0, 0, 1]), seq_len=3, seed=seeds, step=2)
+    expected = torch.cat([noise.randn(s, 2, 3 * 577).view(3, 577) for s in (11, 4)])
     torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
 
 

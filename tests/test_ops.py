@@ -65,7 +65,8 @@ def test_guided_step_reference_is_the_linear_combination(per_sample, kappa):
     v2, g2 = c2.value_and_grad(zb, 0.3)
     hh = v1 + 0.5 * v2
     g = (g1 + 0.5 * g2).view(n, dim) + extra
-    zeta = noise.randn(7, 3, n * dim).view(n, dim)
+    # each sequence draws under its own seed (7 + b), its elements numbered from 0
+    zeta = torch.cat([noise.randn(7 + b, 3, length * dim) for b in range(batch)]).view(n, dim)
     rows = coef.expand(batch, 4).repeat_interleave(length, 0)
     s = rows[:, 3:4] * (torch.exp(-kappa * hh).repeat_interleave(length)[:, None] if kappa else 1)
     expected = rows[:, 0:1] * z + rows[:, 1:2] * eps + rows[:, 2:3] * lam * g + s * zeta

@@ -174,6 +174,8 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "latent_weight": SamplingKey(1.0, "a finite number >= 0"),
     "tilt": SamplingKey(0.0, "a finite number >= 0"),
     "tilt_once": SamplingKey(False, "true or false"),
+    "block_size": SamplingKey(0, "an integer >= 0 (0: half the denoiser's window)"),
+    "on_eos": SamplingKey("stop", "stop or mask"),
 }
 """The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
 name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""
@@ -212,7 +214,8 @@ def sampling_defaults(folder: str | Path) -> dict[str, Any]:
         if isinstance(default, (bool, str)):
             ok = isinstance(value, type(default))
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            least = 0 if ">= 0" in rule else 1
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
         else:
             ok = _finite_number(value) and (value > 0 if "> 0" in rule else value >= 0)
         if not ok:

@@ -122,10 +122,12 @@ def sample_vocab(
 ) -> torch.Tensor:
     """One token per row of ``z [N, d]`` drawn from ``softmax(z weight^T + bias)``.
 
-    Gumbel-max with fastdia's Philox numbering (element ``n V + v`` at ``step``), without
-    writing the scores in fused variants; see :mod:`fastdia.ops.gumbel`. A backend
-    without a ``sample_vocab`` variant falls back to the reference. ``seed``/``step``: ints
-    or 1-element integer tensors on ``z``'s device. Returns ``[N]`` int64.
+    Gumbel-max with fastdia's Philox numbering (row ``n`` under its own seed, element
+    ``v`` at ``step``), without writing the scores in fused variants; see
+    :mod:`fastdia.ops.gumbel`. A backend without a ``sample_vocab`` variant falls back to
+    the reference. ``seed``: per-row seeds ``[N]`` int64 on ``z``'s device, or one seed
+    ``s`` (row ``n`` takes ``s + n``); ``step``: an int or a 1-element integer tensor on
+    ``z``'s device. Returns ``[N]`` int64.
     """
     if backend not in (None, registry.AUTO, *registry.backends(SAMPLE_VOCAB)):
         backend = "reference"

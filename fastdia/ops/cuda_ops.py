@@ -42,6 +42,7 @@ from fastdia.kernels._common import (
     device_scalar,
     step_shape,
 )
+from fastdia.noise import row_seeds
 from fastdia.ops import cuda_build
 from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
 
@@ -171,8 +172,10 @@ def guided_step(
         eps: ``[N, d]`` the denoiser's noise estimate.
         coef: ``[4]`` or ``[B, 4]`` ``(a, b, c, s)`` (cast to float32 on ``z``'s device).
         seq_len: tokens per sequence ``L``.
-        seed, step: the noise counter: ints in ``[0, 2**31)`` or 1-element integer tensors
-            (read on the device; their range is then the caller's responsibility).
+        seed: per-sequence seeds ``[B]`` int64 on ``z``'s device, or one seed ``s`` (an int
+            in ``[0, 2**31)`` or a 1-element tensor: sequence ``b`` takes ``s + b``); read
+            on the device, their range is then the caller's responsibility.
+        step: the noise step, an int in ``[0, 2**31)`` or a 1-element integer tensor.
         guidance: ``lambda``, a number or a 1-element tensor.
         critic: token-local stack at one row (``b1 [H]``), or None.
         grad: ``[N, d]`` extra guidance gradient, or None.
@@ -210,7 +213,7 @@ def guided_step(
     coef = coef.to(device=device, dtype=torch.float32).contiguous()
     if tuple(coef.shape) not in ((4,), (batch, 4)):
         raise ConfigError(f"coef must be [4] or [B={batch}, 4], got {list(coef.shape)}")
-    seed_t = device_scalar(seed, torch.int64, device, "seed")
+    seed_t = row_seeds(seed, batch, device)
     step_t = device_scalar(step, torch.int64, device, "step")
     lam_t = device_scalar(guidance, torch.float32, device, "guidance")
 

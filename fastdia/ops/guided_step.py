@@ -2,13 +2,15 @@
 
 For ``N = B * L`` tokens of width ``d``::
 
-    z'[n] = a * z[n] + b * eps[n] + c * lambda * g[n] + s * zeta(seed, step, n * d + j)
+    z'[n] = a * z[n] + b * eps[n] + c * lambda * g[n] + s * zeta(seed_b, step, i * d + j)
 
-where ``g[n]`` is the gradient of the token-local critic stack (plus an optional
-precomputed gradient from context critics) and ``zeta`` is fastdia's counter-based
-Philox noise (:mod:`fastdia.noise`). Coefficients are one row ``[4]`` shared by the
-batch, or ``[B, 4]`` per sample; with ``noise_kappa > 0`` the noise of sample ``b`` is
-scaled by ``exp(-kappa * h_b(z))`` (adaptive noise).
+for token ``n = b L + i`` (position ``i`` of sequence ``b``), where ``g[n]`` is the gradient
+of the token-local critic stack (plus an optional precomputed gradient from context
+critics) and ``zeta`` is fastdia's counter-based Philox noise (:mod:`fastdia.noise`),
+numbered per sequence under the sequence's own seed (:func:`fastdia.noise.randn_rows`),
+so a sequence's trajectory does not depend on the rest of the batch. Coefficients are one
+row ``[4]`` shared by the batch, or ``[B, 4]`` per sample; with ``noise_kappa > 0`` the
+noise of sample ``b`` is scaled by ``exp(-kappa * h_b(z))`` (adaptive noise).
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ def guided_step_reference(
         eps: ``[N, d]`` the denoiser's noise estimate, float32.
         coef: ``[4]`` or ``[B, 4]`` float32, ``(a, b, c, s)``.
         seq_len: tokens per sequence ``L``.
-        seed, step: the noise counter (``int``, or a 1-element integer tensor on ``z``'s
-            device, read there).
+        seed: per-sequence seeds, a ``[B]`` int64 tensor on ``z``'s device (read there), or
+            one seed ``s`` (an int or a 1-element tensor) meaning ``s + b`` for sequence
+            ``b`` (:func:`fastdia.noise.row_seeds`).
+        step: the noise step (``int``, or a 1-element integer tensor on ``z``'s device).
         guidance: ``lambda`` (a number or a 1-element tensor).
         critic: token-local stack at this row (``b1 [H]``), or None.
         grad: ``[N, d]`` extra guidance gradient (context critics), or None.
@@ -125,7 +129,7 @@ def guided_step_reference(
     if noise_kappa and h is not None:
         s = s * torch.exp(-noise_kappa * h).view(batch, 1, 1)
     shape = (batch, seq_len, d)
-    zeta = noise.randn_like(seed, step, z32.view(shape))
+    zeta = noise.randn_rows(noise.row_seeds(seed, batch, z.device), step, z32.view(shape))
     lam = guidance.float().reshape(()) if isinstance(guidance, torch.Tensor) else guidance
     result = a * z32.view(shape) + b * eps32.view(shape) + (c * lam) * g.view(shape) + s * zeta
     result = result.view(n, d)

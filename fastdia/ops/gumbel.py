@@ -2,10 +2,11 @@
 
 For each row ``n`` of ``z [N, d]``::
 
-    id[n] = argmax_v  <E_v, z[n]> + bias_v + g(seed, step, n V + v)
+    id[n] = argmax_v  <E_v, z[n]> + bias_v + g(seed_n, step, v)
 
-with ``g`` fastdia's Philox Gumbel noise (:func:`fastdia.noise.gumbel`), i.e. a sample
-from ``softmax(z E^T + bias)`` per row. It is :func:`round_to_vocab` with noise added to
+with ``g`` fastdia's Philox Gumbel noise (:func:`fastdia.noise.gumbel_rows`: row ``n``
+under its own seed, so a row's draw does not depend on the rest of the batch), i.e. a
+sample from ``softmax(z E^T + bias)`` per row. It is :func:`round_to_vocab` with noise added to
 every score, so a fused variant keeps the running (max, argmax) over vocabulary tiles
 and never writes the ``[N, V]`` scores. The LM decode (:mod:`fastdia.decode`) draws
 every token with it.
@@ -21,12 +22,9 @@ from fastdia.errors import ConfigError
 _ROWS_PER_CHUNK = 64  # bounds the reference's [rows, V] score and noise buffers
 
 
-def _check_counter(rows: int, vocab: int) -> None:
-    if rows * vocab > noise.MAX_INDEX:
-        raise ConfigError(
-            f"sample_vocab numbers its noise by n * V + v < 2**31: {rows} rows x {vocab} "
-            "tokens is too many for one call; split the rows"
-        )
+def _check_counter(vocab: int) -> None:
+    if vocab > noise.MAX_INDEX:
+        raise ConfigError(f"sample_vocab numbers its noise by v < 2**31: V = {vocab} is too large")
 
 
 def check_bias(bias: torch.Tensor | None, rows: int, vocab: int) -> None:
@@ -43,21 +41,21 @@ def gumbel_argmax(
     *,
     seed: int | torch.Tensor,
     step: int | torch.Tensor,
-    row_offset: int = 0,
 ) -> torch.Tensor:
-    """``argmax_v logits[n, v] + g(seed, step, (row_offset + n) V + v)``: ``[N]`` int64.
+    """``argmax_v logits[n, v] + g(seed_n, step, v)``: ``[N]`` int64.
 
     The same draw as :func:`sample_vocab_reference` from precomputed ``[N, V]`` scores
     (the LM decode's path for models whose output layer is not the embedding matrix).
-    ``seed``/``step``: ints, or 1-element integer tensors on ``logits``' device (read
-    there: nothing comes back to the host, so a captured decode step can advance them).
+    ``seed``: per-row seeds ``[N]`` int64 on ``logits``' device, or one seed ``s`` meaning
+    ``s + n`` for row ``n`` (:func:`fastdia.noise.row_seeds`); ``step``: an int, or a
+    1-element integer tensor on ``logits``' device (read there: nothing comes back to the
+    host, so a captured decode step can advance it).
     """
     rows, vocab = logits.shape
-    _check_counter(row_offset + rows, vocab)
-    start = row_offset * vocab
-    index = torch.arange(start, start + rows * vocab, device=logits.device)  # constant
-    g = noise.gumbel_at(seed, step, index)
-    return (logits.float() + g.view(rows, vocab)).argmax(dim=-1)
+    _check_counter(vocab)
+    index = torch.arange(vocab, device=logits.device)  # constant
+    g = noise.gumbel_rows(noise.row_seeds(seed, rows, logits.device), step, index)
+    return (logits.float() + g).argmax(dim=-1)
 
 
 def sample_vocab_reference(
@@ -74,8 +72,7 @@ def sample_vocab_reference(
         z: ``[N, d]`` float32/float16/bfloat16 queries.
         weight: ``[V, d]`` the embedding matrix ``E``.
         bias: ``[V]``, ``[N, V]`` (one row per query) or None.
-        seed, step: the noise counter: ints in ``[0, 2**31)``, or 1-element integer
-            tensors on ``z``'s device (as in :func:`gumbel_argmax`).
+        seed, step: per-row seeds and the noise step, as in :func:`gumbel_argmax`.
 
     Returns:
         ``ids [N]`` int64, drawn from ``softmax(z E^T + bias)`` row by row.
@@ -86,8 +83,9 @@ def sample_vocab_reference(
             f"{tuple(weight.shape)}"
         )
     rows, vocab = z.shape[0], weight.shape[0]
-    _check_counter(rows, vocab)
+    _check_counter(vocab)
     check_bias(bias, rows, vocab)
+    seeds = noise.row_seeds(seed, rows, z.device)
     w = weight.float()
     ids = torch.empty(rows, dtype=torch.int64, device=z.device)
     for start in range(0, rows, _ROWS_PER_CHUNK):
@@ -96,6 +94,6 @@ def sample_vocab_reference(
             rows_bias = bias if bias.dim() == 1 else bias[start : start + _ROWS_PER_CHUNK]
             scores += rows_bias.float()
         ids[start : start + _ROWS_PER_CHUNK] = gumbel_argmax(
-            scores, seed=seed, step=step, row_offset=start
+            scores, seed=seeds[start : start + _ROWS_PER_CHUNK], step=step
         )
     return ids

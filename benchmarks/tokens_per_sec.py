@@ -24,12 +24,14 @@ Rows, on the same base model, prompt and lengths:
 * ``best_of_n``: best of ``n`` such samples per output by the true reward
   (``build_rewards("sentiment")``), scoring included.
 
-Grid: batch in {1, 8, 64} x length in {32, 128} x steps in {50, 200} (steps apply to fastdia
-rows), best-of-{4, 16}; ``--quick``: batch {1, 8}, length 32, steps 50, the reference
-backend, best-of-4. Every row is timed over ``--repeats`` runs after a warm-up run (plan,
-compilation, autotuning and graph capture excluded; ``torch.cuda.synchronize()`` on the GPU)
-and written as one JSON line: device, versions, git sha, date, the full configuration,
-tokens/s (``B L`` output tokens over the median wall time), ms per step, peak memory (CUDA:
+Grid: batch in {1, 8, 64} x new tokens in {32, 128} x steps in {50, 200} (steps apply to
+fastdia rows), best-of-{4, 16}; ``--quick``: batch {1, 8}, 32 new tokens, steps 50, the
+reference backend, best-of-4. Every row writes ``--new-tokens`` tokens per sample after the
+same prompt (fastdia in blocks of the checkpoint's block size: the default path). Every
+row is timed over ``--repeats`` runs after a warm-up run (plan, compilation, autotuning and
+graph capture excluded; ``torch.cuda.synchronize()`` on the GPU) and written as one JSON line: device, versions, git sha, date, the full configuration,
+tokens/s (``B x new tokens`` generated tokens over the median wall time: prompt tokens are
+not counted), ms per step, peak memory (CUDA:
 ``max_memory_allocated`` of the row; CPU: the process's peak RSS so far) and the command
 that reproduces the row. A PNG plots tokens/s against batch.
 
@@ -67,9 +69,9 @@ log = logging.getLogger("tokens_per_sec")
 PROMPT = "The movie was"
 REWARD = "sentiment"
 GUIDANCE = 1.0
-BATCHES, LENGTHS, STEPS, BEST_OF = (1, 8, 64), (32, 128), (50, 200), (4, 16)
+BATCHES, NEW_TOKENS, STEPS, BEST_OF = (1, 8, 64), (32, 128), (50, 200), (4, 16)
 DECODES = ("nearest", "lm")
-QUICK = {"batch": (1, 8), "length": (32,), "steps": (50,), "best_of": (4,)}
+QUICK = {"batch": (1, 8), "new_tokens": (32,), "steps": (50,), "best_of": (4,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,12 +177,12 @@ def _make_plan(
     config: Any,
     device: torch.device,
     batch: int,
-    length: int,
+    new_tokens: int,
 ) -> Any:
     from fastdia.sampler import Sampler
 
     sampler = Sampler(denoiser, base.space, critics, config, device=device, base_model=base)
-    return sampler.plan(batch, length)
+    return sampler.plan(batch, new_tokens, prompt_tokens=len(sampler.encode(PROMPT)))
 
 
 class _PlanRunner:
@@ -211,7 +213,7 @@ def _fastdia_rows(
         ckpt = load_checkpoint(args.checkpoint, base.space, device=device)
         denoiser, critics = ckpt.denoiser, ckpt.critics
     else:
-        denoiser, critics = random_models(base, [REWARD], length=max(args.length), device=device)
+        denoiser, critics = random_models(base, [REWARD], length=32, device=device)
     # the LM decode's weights (stop level, latent weight, tilt, LM temperature)
     lm_settings = sampling_settings(Path(args.checkpoint) if args.checkpoint else DEMO_CHECKPOINT)
     rows = []
@@ -220,7 +222,7 @@ def _fastdia_rows(
     ):
         reason = skip_reason(backend, device)
         for steps in args.steps:
-            for length in args.length:
+            for length in args.new_tokens:
                 for batch in args.batch:
                     config = _row_config(
                         args, "fastdia", backend.name, batch, length, steps, decode=decode
@@ -270,7 +272,7 @@ def _baseline_rows(
         return reward(texts)["total"]
 
     rows = []
-    for length in args.length:
+    for length in args.new_tokens:
         for batch in args.batch:
             methods: list[tuple[str, int | None, Callable[[str, int], Any]]] = []
             if "hf_generate" in args.methods:
@@ -312,7 +314,7 @@ def _row_config(
         "backend": backend,
         "decode": decode,
         "batch": batch,
-        "length": length,
+        "new_tokens": length,
         "steps": steps,
         "best_of": n,
         "prompt": PROMPT,
@@ -337,7 +339,7 @@ def _command(config: dict[str, Any]) -> str:
         parts += ["--steps", str(config["steps"])]
     if config["best_of"]:
         parts += ["--best-of", str(config["best_of"])]
-    parts += ["--batch", str(config["batch"]), "--length", str(config["length"])]
+    parts += ["--batch", str(config["batch"]), "--new-tokens", str(config["new_tokens"])]
     parts += ["--repeats", str(config["repeats"]), "--device", config["device"]]
     parts += ["--base-model", config["base_model"]]
     if config["models"] not in (None, "random-init"):
@@ -392,13 +394,13 @@ def _measure(
     )
     if hasattr(result, "seconds"):  # the sampler's own time of its last run
         row["sampler_seconds"] = float(result.seconds)
-        row["token_ids_shape"] = list(result.token_ids.shape)
+        row["tokens_shape"] = list(result.tokens.shape)
     log.info(
-        "%s %s B=%d L=%d steps=%s n=%s: %.1f tokens/s",
+        "%s %s B=%d new=%d steps=%s n=%s: %.1f tokens/s",
         config["method"],
         config["backend"],
         config["batch"],
-        config["length"],
+        config["new_tokens"],
         config["steps"],
         config["best_of"],
         row["tokens_per_s"],
@@ -410,20 +412,20 @@ def _measure(
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Tokens/s against batch, one panel per length, one line per method/backend/steps."""
+    """Tokens/s against batch, one panel per new-token count, one line per method/backend/steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     timed = [r for r in rows if "tokens_per_s" in r]
-    lengths = sorted({r["config"]["length"] for r in rows}) or [0]
+    lengths = sorted({r["config"]["new_tokens"] for r in rows}) or [0]
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     for ax, length in zip(axes[0], lengths, strict=True):
         lines: dict[str, list[tuple[int, float]]] = {}
         for r in timed:
             c = r["config"]
-            if c["length"] != length:
+            if c["new_tokens"] != length:
                 continue
             label = c["method"]
             if c["backend"] is not None:
@@ -439,8 +441,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch (samples)")
-        ax.set_ylabel("output tokens / s")
-        ax.set_title(f"length {length}")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_title(f"{length} new tokens")
         ax.grid(True, which="both", alpha=0.3)
         if lines:
             ax.legend(fontsize=7)
@@ -477,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="the small CPU grid (see above)")
     p.add_argument("--batch", type=_ints, default=None, help="batch sizes (1,8,64)")
-    p.add_argument("--length", type=_ints, default=None, help="lengths in tokens (32,128)")
+    p.add_argument(
+        "--new-tokens", type=_ints, default=None, help="tokens generated per sample (32,128)"
+    )
     p.add_argument("--steps", type=_ints, default=None, help="fastdia steps (50,200)")
     p.add_argument("--best-of", type=_ints, default=None, help="best-of-N values (4,16)")
     p.add_argument(
@@ -519,12 +523,12 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.quick
         else {
             "batch": BATCHES,
-            "length": LENGTHS,
+            "new_tokens": NEW_TOKENS,
             "steps": STEPS,
             "best_of": BEST_OF,
         }
     )
-    for key in ("batch", "length", "steps", "best_of"):
+    for key in ("batch", "new_tokens", "steps", "best_of"):
         if getattr(args, key) is None:
             setattr(args, key, list(grid[key]))
     if args.backends is None:
@@ -574,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         c = r["config"]
         what = f"{c['method']:<12}{c['backend'] or '':<19}{c.get('decode') or '':<8}"
-        what += f"B={c['batch']:<4}L={c['length']:<5}"
+        what += f"B={c['batch']:<4}new={c['new_tokens']:<5}"
         what += f"steps={c['steps'] or '-':<5}N={c['best_of'] or '-':<4}"
         if "tokens_per_s" in r:
             step = f"{r['ms_per_step']:.2f} ms/step" if r["ms_per_step"] else ""

@@ -36,7 +36,9 @@ def add_parser(sub: Any) -> None:
         help="comma-separated shipped sets (neutral, negative) or files, one prompt per line",
     )
     p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
-    p.add_argument("--length", type=int, default=32)
+    p.add_argument(
+        "--new-tokens", type=int, default=32, help="tokens every method writes after a prompt"
+    )
     p.add_argument("--guidance", type=float, default=None, help="the default row's lambda")
     add_sampling_options(p)
     p.add_argument(
@@ -138,7 +140,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastdia.base_model import load_base_model
     from fastdia.cli_options import sampling_overrides
     from fastdia.device import default_device
-    from fastdia.models.critic import TokenLocalCritic
     from fastdia.pipeline import (
         build_sampler,
         resolve_checkpoint,
@@ -150,15 +151,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # cheap checks first
     lambdas = _floats(args.lambdas, "--lambdas") if args.lambdas else None
     guide, report = build_rewards(args.guide), build_rewards(args.rewards)
-    if args.num_samples < 1 or args.length < 2:
-        raise ConfigError("--num-samples must be >= 1 and --length >= 2")
+    if args.num_samples < 1 or args.new_tokens < 2:
+        raise ConfigError("--num-samples must be >= 1 and --new-tokens >= 2")
+    if args.on_eos == "stop":
+        raise ConfigError(
+            "fastdia eval compares continuations of a fixed length: it masks the end tokens "
+            "for every method (--on-eos mask); leave --on-eos out"
+        )
     checkpoint = resolve_checkpoint(args.checkpoint)
     out = Path(args.out)
     try:  # an output that cannot be written fails now, not after the whole run
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {args.out}: cannot create its folder ({exc})") from exc
-    default = sampling_settings(checkpoint, **sampling_overrides(args))
+    # every method writes all its tokens: the end tokens are masked (for the baselines too)
+    default = sampling_settings(checkpoint, **sampling_overrides(args)) | {"on_eos": "mask"}
     configs: list[tuple[str, dict[str, Any]]] = []
     for lam in lambdas or [default["guidance"]]:
         tag = " (default)" if lam == default["guidance"] else ""
@@ -184,7 +191,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     base = load_base_model(args.base_model, device=device)
     weights = list(zip(guide.names, guide.weights, strict=True))
-    n, length = args.num_samples, args.length
+    n, length = args.num_samples, args.new_tokens
+    from fastdia.prompts import special_tokens
+
+    banned = special_tokens(
+        base.tokenizer, getattr(base.model, "generation_config", None), on_eos="mask"
+    ).banned
 
     def score(texts: list[str]) -> Any:
         """The true guiding reward (weighted), by which best-of-N picks."""
@@ -194,39 +206,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods: list[tuple[str, str, dict[str, Any], Any]] = []
     for b in baselines:
         if b == "base":
-            methods.append(("base model", "baseline", {}, ev.base_model_method(base, n, length)))
+            methods.append(
+                (
+                    "base model",
+                    "baseline",
+                    {},
+                    ev.base_model_method(base, n, length, suppress=banned),
+                )
+            )
         elif (temp := base_temperature(b)) is not None:
             methods.append(
                 (
                     f"base model T={temp:g}",
                     "baseline",
                     {"temperature": temp},
-                    ev.base_model_method(base, n, length, temperature=temp),
+                    ev.base_model_method(base, n, length, temperature=temp, suppress=banned),
                 )
             )
         elif b.startswith("best-of-"):
             k = int(b[8:])
             methods.append(
-                (b, "baseline", {"n": k}, ev.best_of_n_method(base, n, length, k, score))
+                (
+                    b,
+                    "baseline",
+                    {"n": k},
+                    ev.best_of_n_method(base, n, length, k, score, suppress=banned),
+                )
             )
     samplers = []
     for name, settings, config in built:
         assembly = build_sampler(
-            base, config, rewards=weights, checkpoint=checkpoint, length=length, device=device
+            base, config, rewards=weights, checkpoint=checkpoint, device=device
         )
         samplers.append((name, settings, assembly))
     if "critic" in baselines:
-        critics = [
-            (c.module, c.weight)
-            for c in samplers[0][2].critics
-            if isinstance(c.module, TokenLocalCritic)
-        ]
+        # the base model (T = 1) with beta = --baseline-tilt x the critics' per-token values
+        # as a logit bias: the sampler with the latent weight 0 runs no diffusion
+        window = samplers[0][2].sampler.window
+        lam = default["guidance"] or 1.0
+        critic_settings = default | {
+            "guidance": lam,
+            "decode": "lm",
+            "latent_weight": 0.0,
+            "lm_temperature": 1.0,
+            "tilt_once": False,
+            "tilt": args.baseline_tilt * window / lam,
+        }
+        critic_sampler = build_sampler(
+            base,
+            sampler_config(critic_settings),
+            rewards=weights,
+            checkpoint=checkpoint,
+            device=device,
+        ).sampler
         methods.append(
             (
                 f"critic-weighted decoding (tilt {args.baseline_tilt:g})",
                 "baseline",
                 {"tilt": args.baseline_tilt},
-                ev.critic_decoding_method(base, critics, args.baseline_tilt, n, length),
+                ev.sampler_method(critic_sampler, n, length),
             )
         )
     for name, settings, assembly in samplers:

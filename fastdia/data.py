@@ -166,11 +166,14 @@ def sample_continuations(
     *,
     temperature: float = 1.0,
     top_p: float = 0.95,
+    suppress: Sequence[int] = (),
 ) -> torch.Tensor:
     """``n`` base-model samples of exactly ``length`` tokens starting with ``prompt_ids``.
 
     Sampling uses the KV cache, ``temperature`` and ``top_p`` (no top-k), and the global
-    torch generator. Returns ``[n, length]`` int64 on the CPU, the prompt included.
+    torch generator; the end-of-text token is suppressed until ``length`` (and the
+    ``suppress`` ids never drawn). Returns ``[n, length]`` int64 on the CPU, the prompt
+    included.
     """
     model = base.model
     prompt = torch.tensor([list(prompt_ids)] * n, device=model.device)
@@ -185,6 +188,7 @@ def sample_continuations(
         top_p=top_p,
         top_k=0,
         pad_token_id=base.tokenizer.eos_token_id,
+        suppress_tokens=list(suppress) or None,
     )
     return out[:, :length].cpu()
 

@@ -298,7 +298,7 @@ class DecodePlan:
 
     @property
     def graphed(self) -> bool:
-        """Whether :meth:`decode_block` replays the step as a captured CUDA graph."""
+        """Whether :meth:`decode_tokens` replays the step as a captured CUDA graph."""
         return self._graph is not None
 
     def _forward(
@@ -424,9 +424,10 @@ class DecodePlan:
         """Whether the step should be captured (CUDA, static cache, ``graph=True``)."""
         return self._want_graph
 
-    def decode_block(self) -> None:
-        """Decode the block's ``K`` tokens (replaying the captured step where there is one)."""
-        for _ in range(self.state.block):
+    def decode_tokens(self, count: int) -> None:
+        """Decode ``count`` tokens of the block (replaying the captured step where there
+        is one)."""
+        for _ in range(count):
             if self._graph is not None:
                 self._graph.replay()
             else:

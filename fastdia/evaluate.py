@@ -1,8 +1,10 @@
 """``fastdia eval``: fastdia's rows beside the baselines, on the same prompts and lengths.
 
 For every prompt set (neutral and negative openers by default, ``fastdia/assets/prompts``)
-each *method* writes ``num_samples`` sequences of ``length`` tokens per prompt; a row
-reports, over all prompts of the set:
+each *method* writes ``num_samples`` continuations of ``new_tokens`` tokens per prompt
+(every method with the same banned tokens: the end-of-text / end-of-turn and template
+tokens are masked, so every continuation has its full length); a row reports, over all
+prompts of the set:
 
 * ``rewards``: mean and standard deviation of every true reward of the output texts
   (prompt included), and for ``sentiment`` the fraction of positive texts (VADER
@@ -21,9 +23,9 @@ reports, over all prompts of the set:
 
 Methods: the base model's own samples (temperature 1, top-p 0.95); best-of-N of those by
 the true guiding reward; critic-weighted decoding of the base model (the critic's
-per-token values as a logit bias, :mod:`fastdia.decode` with the latent weight 0); and
-fastdia's sampler, one row per configuration. Results are written as JSON and drawn as
-a PNG of positive rate against perplexity.
+per-token values as a logit bias: fastdia's sampler with the latent weight 0, which runs
+no diffusion); and fastdia's sampler, one row per configuration. Results are written as
+JSON and drawn as a PNG of positive rate against perplexity.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ def evaluate_method(
     """Run ``method`` on every prompt and summarise (scoring time included)."""
     batches, seconds = [], 0.0
     for i, prompt in enumerate(prompts):
-        ids, sec = method(prompt, seed + i)
+        ids, sec = method(prompt, seed + 1000 * i)  # disjoint per-row seeds across prompts
         batches.append(Batch(ids, base.space.encode(prompt)))
         seconds += sec
     start = time.perf_counter()
@@ -190,17 +192,29 @@ def evaluate_method(
 
 
 def base_model_method(
-    base: BaseModel, num_samples: int, length: int, *, temperature: float = 1.0
+    base: BaseModel,
+    num_samples: int,
+    new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    suppress: Sequence[int] = (),
 ) -> Method:
-    """The base model's own samples: ``temperature`` (1 by default), top-p 0.95."""
+    """The base model's own samples: ``temperature`` (1 by default), top-p 0.95, the
+    ``suppress`` ids never drawn."""
 
     def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
         torch.manual_seed(seed)
         start = time.perf_counter()
-        ids = sample_continuations(
-            base, base.space.encode(prompt), num_samples, length, temperature=temperature
+        ids = base.space.encode(prompt)
+        out = sample_continuations(
+            base,
+            ids,
+            num_samples,
+            len(ids) + new_tokens,
+            temperature=temperature,
+            suppress=suppress,
         )
-        return ids, time.perf_counter() - start
+        return out, time.perf_counter() - start
 
     return run
 
@@ -208,9 +222,11 @@ def base_model_method(
 def best_of_n_method(
     base: BaseModel,
     num_samples: int,
-    length: int,
+    new_tokens: int,
     n: int,
     score: Callable[[list[str]], torch.Tensor],
+    *,
+    suppress: Sequence[int] = (),
 ) -> Method:
     """Best of ``n`` base-model samples by ``score`` (the true reward), per output sample.
 
@@ -220,7 +236,10 @@ def best_of_n_method(
     def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
         torch.manual_seed(seed)
         start = time.perf_counter()
-        ids = sample_continuations(base, base.space.encode(prompt), n * num_samples, length)
+        prompt_ids = base.space.encode(prompt)
+        ids = sample_continuations(
+            base, prompt_ids, n * num_samples, len(prompt_ids) + new_tokens, suppress=suppress
+        )
         values = score(base.space.decode_batch(ids)).view(num_samples, n)
         best = values.argmax(dim=1) + torch.arange(num_samples) * n
         return ids[best], time.perf_counter() - start
@@ -228,39 +247,13 @@ def best_of_n_method(
     return run
 
 
-def sampler_method(sampler: Any, num_samples: int, length: int) -> Method:
-    """fastdia's sampler (one plan, reused for every prompt)."""
-    plan = sampler.plan(num_samples, length)
+def sampler_method(sampler: Any, num_samples: int, new_tokens: int) -> Method:
+    """fastdia's sampler (one plan per prompt-length bucket, reused across prompts); a
+    prompt's samples take the seeds ``seed .. seed + num_samples - 1``."""
 
     def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
-        out = plan.run(prompt, seed=seed)
+        out = sampler.sample(num_samples, new_tokens, prompt=prompt, seed=seed)
         return out.token_ids, out.seconds
-
-    return run
-
-
-def critic_decoding_method(
-    base: BaseModel,
-    critics: Sequence[tuple[Any, float]],
-    tilt: float,
-    num_samples: int,
-    length: int,
-    *,
-    temperature: float = 1.0,
-) -> Method:
-    """Critic-weighted decoding: the base model with ``tilt`` x the critics' per-token
-    values added to its logits (no diffusion, no latent), Gumbel-max with Philox noise."""
-    from fastdia.decode import DecodeConfig, LMDecoder
-    from fastdia.ops import ROUND_TO_VOCAB
-
-    config = DecodeConfig(temperature=temperature, latent_weight=0.0)
-    decoder = LMDecoder(base, config, {ROUND_TO_VOCAB: "reference"})
-    plan = decoder.plan(num_samples, length, 0.0, critics, tilt)
-
-    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        ids = plan.run(None, torch.tensor(base.space.encode(prompt)), seed=seed)
-        return ids.to("cpu", copy=True), time.perf_counter() - start  # the plan reuses ids
 
     return run
 

@@ -550,18 +550,21 @@ class SamplerPlan:
         return int(start if start is not None else 0)
 
     # ---- the loop -----------------------------------------------------------------------
-    def generate(self, blocks: int) -> None:
+    def generate(self, new_tokens: int) -> int:
         """The block loop on the buffers (after :meth:`set_inputs`): the LM prefill, then
-        ``blocks`` blocks of diffusion and decode. Graph-safe but for the prefill."""
+        ``ceil(new_tokens / K)`` blocks of diffusion and decode (the last block's decode
+        stops at ``new_tokens``). Graph-safe but for the prefill. Returns the blocks run."""
         if self.decode_plan is not None:
             self.decode_plan.start()
-        for _ in range(blocks):
+        blocks = math.ceil(new_tokens / self.block)
+        for j in range(blocks):
             if self._graph is not None:
                 self._graph.replay()
             elif self.diffusion is not None:
                 self.diffusion.denoise()
             if self.decode_plan is not None:
-                self.decode_plan.decode_block()
+                self.decode_plan.decode_tokens(min(self.block, new_tokens - j * self.block))
+        return blocks
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -574,7 +577,7 @@ class SamplerPlan:
         def warmup() -> None:
             for _ in range(_WARMUP_RUNS):
                 self.set_inputs(dummy, seeds)
-                self.generate(1)
+                self.generate(self.block)
 
         if self.diffusion is not None:
             self.set_inputs(dummy, seeds)
@@ -627,9 +630,8 @@ class SamplerPlan:
                 math.ceil(new_tokens / self.block) * self.block, context, max(map(len, rows))
             )
         self.set_inputs(rows, seeds)
-        blocks = math.ceil(new_tokens / self.block)
         start = time.perf_counter()
-        self.generate(blocks)
+        blocks = self.generate(new_tokens)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 Same call signature and semantics as :func:`fastdia.ops.guided_step.guided_step_reference`::
 
-    z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed_b, step, i d + j)   (n = b L + i)
+    z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed_b, step, i d + j),  n = b L + i
     g[n]  = grad[n] + (silu'(pre[n]) * w2) W1 / L,   pre[n] = z[n] W1^T + b1
     h_b   = mean_{n in sequence b} w2 . silu(pre[n]) + b2
 
@@ -17,8 +17,9 @@ Design
   ``gp = silu'(pre) * w2``; pass B over the ``d`` chunks computes ``gp W1_chunk`` with
   ``tl.dot``, adds the optional precomputed ``grad``, draws the noise of elements
   ``i d + j`` of sequence ``b`` under its seed ``seed_b`` in registers (the key
-  ``(seed_b << 32) | step`` is one value per row of the tile) and writes ``z'`` once. ``z`` and ``eps`` are read from HBM once
-  (pass B re-reads the program's own ``z`` tile, an L1/L2 hit). The noise follows
+  ``(seed_b << 32) | step`` is one value per row of the tile) and writes ``z'`` once.
+  ``z`` and ``eps`` are read from HBM once (pass B re-reads the program's own ``z`` tile,
+  an L1/L2 hit). The noise follows
   :mod:`fastdia.noise`: one Philox4x32-10 draw (``tl.randn4x``) serves four consecutive
   elements, so when ``d % 4 == 0`` a chunk holds whole groups and draws once per four
   elements (``randn_groups``); other ``d`` draw once per element and keep the element's
@@ -56,11 +57,12 @@ Design
   no ``return_h`` (the sampler's default) the row-tile grid is used.
 * **CUDA-graph safe.** The per-sequence seeds ``[B]``, ``step``, ``guidance``, the
   coefficients and ``b2`` are read from device tensors in the kernel; the Philox keys
-  ``(seed_b << 32) | step`` are built in-kernel. Python numbers are turned into 0-d tensors with ``torch.full`` (a fill kernel,
-  capturable, but a captured graph replays the value it had at capture: the sampler passes
-  device tensors, ``tests/test_graph_safe.py`` checks that the host side then makes no
-  tensor); nothing calls ``.item()``. Autotuning runs at the first call of a shape: warm
-  up before capturing a graph.
+  ``(seed_b << 32) | step`` are built in-kernel. Python numbers are turned into 0-d
+  tensors with ``torch.full`` (a fill kernel, capturable, but a captured graph replays
+  the value it had at capture: the sampler passes device tensors,
+  ``tests/test_graph_safe.py`` checks that the host side then makes no tensor); nothing
+  calls ``.item()``. Autotuning runs at the first call of a shape: warm up before
+  capturing a graph.
 * **Precision.** Everything is float32. ``z``, ``eps`` and ``grad`` may be fp16/bf16 too:
   they are upcast in registers after the load. The critic matmuls use ``tf32`` tensor-core
   products by default on the GPU: their operands are rounded to 10-bit mantissas, which

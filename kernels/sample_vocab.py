@@ -16,9 +16,10 @@ Gumbel noise drawn in registers, and keeps a running ``(max, argmax)`` (strict `
 to the lowest id). The partial maxima ``[S, N]`` are merged by ``torch.max`` over the
 slices (the first slice wins ties). The ``[N, V]`` scores never reach memory. The decode
 calls it with ``N = B`` (a few rows), where reading ``E`` once dominates, so ``S`` spreads
-the vocabulary over about two programs per SM. Seed and step are read from device
-tensors (the per-row seeds ``[N]``, graph-safe). float32 operands use ``tf32x3`` products by default (fp32-level
-accuracy; ``"ieee"`` for exact FMAs); under ``TRITON_INTERPRET=1`` one large tile is used.
+the vocabulary over about two programs per SM. The per-row seeds ``[N]`` and the step are
+read from device tensors (graph-safe). float32 operands use ``tf32x3`` products by default
+(fp32-level accuracy; ``"ieee"`` for exact FMAs); under ``TRITON_INTERPRET=1`` one large
+tile is used.
 """
 
 from __future__ import annotations

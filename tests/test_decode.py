@@ -76,7 +76,9 @@ def test_sample_vocab_bad_input():
     with pytest.raises(ConfigError, match="bias must be \\[V=4\\] or \\[N=2, V=4\\]"):
         ops.sample_vocab(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(3, 4), seed=0, step=0)
     with pytest.raises(ConfigError, match="seed must be one seed or one per row"):
-        ops.sample_vocab(torch.zeros(2, 3), torch.zeros(4, 3), seed=torch.zeros(3, dtype=torch.int64), step=0)
+        ops.sample_vocab(
+            torch.zeros(2, 3), torch.zeros(4, 3), seed=torch.zeros(3, dtype=torch.int64), step=0
+        )
 
 
 @pytest.mark.parametrize(

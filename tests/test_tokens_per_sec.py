@@ -17,7 +17,7 @@ def _run(tiny_model_dir, out, *extra):
         str(tiny_model_dir),
         "--batch",
         "1,2",
-        "--length",
+        "--new-tokens",
         "8",
         "--steps",
         "3",
@@ -67,7 +67,9 @@ def test_rows_plot_and_skips(tiny_model_dir, tmp_path, capsys):
     for r in timed:
         assert "error" not in r, r.get("error")
         c = r["config"]
-        assert r["tokens_per_s"] == pytest.approx(c["batch"] * c["length"] / r["seconds_median"])
+        assert r["tokens_per_s"] == pytest.approx(
+            c["batch"] * c["new_tokens"] / r["seconds_median"]
+        )
         assert r["peak_memory_bytes"] > 0 and r["device"] == "cpu" and r["git_sha"]
         assert r["versions"]["torch"] and r["date"]
         if c["method"] == "fastdia":
@@ -91,7 +93,7 @@ def test_each_row_names_the_command_that_reproduces_it(tiny_model_dir, tmp_path)
         again = tps._resolve(parser.parse_args(argv[3:]))
         c = row["config"]
         assert again.methods == [c["method"]] and again.batch == [c["batch"]]
-        assert again.length == [c["length"]] and again.base_model == c["base_model"]
+        assert again.new_tokens == [c["new_tokens"]] and again.base_model == c["base_model"]
         if c["method"] == "fastdia":
             assert again.backends == [c["backend"]] and again.steps == [c["steps"]]
         else:

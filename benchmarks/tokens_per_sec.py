@@ -29,11 +29,11 @@ fastdia rows), best-of-{4, 16}; ``--quick``: batch {1, 8}, 32 new tokens, steps 
 reference backend, best-of-4. Every row writes ``--new-tokens`` tokens per sample after the
 same prompt (fastdia in blocks of the checkpoint's block size: the default path). Every
 row is timed over ``--repeats`` runs after a warm-up run (plan, compilation, autotuning and
-graph capture excluded; ``torch.cuda.synchronize()`` on the GPU) and written as one JSON line: device, versions, git sha, date, the full configuration,
-tokens/s (``B x new tokens`` generated tokens over the median wall time: prompt tokens are
-not counted), ms per step, peak memory (CUDA:
-``max_memory_allocated`` of the row; CPU: the process's peak RSS so far) and the command
-that reproduces the row. A PNG plots tokens/s against batch.
+graph capture excluded; ``torch.cuda.synchronize()`` on the GPU) and written as one JSON
+line: device, versions, git sha, date, the full configuration, tokens/s (``B x new
+tokens`` generated tokens over the median wall time: prompt tokens are not counted), ms
+per step, peak memory (CUDA: ``max_memory_allocated`` of the row; CPU: the process's peak
+RSS so far) and the command that reproduces the row. A PNG plots tokens/s against batch.
 
 The fastdia models are untrained (``--random-init``, the default: speed does not depend on
 the weights) or ``--checkpoint DIR``.

@@ -188,13 +188,13 @@ def _make_plan(
 class _PlanRunner:
     """``run(seed)``: plans on the first call (the untimed warm-up), then only runs."""
 
-    def __init__(self, make_plan: Callable[[], Any]) -> None:
-        self.make_plan, self.plan = make_plan, None
+    def __init__(self, make_plan: Callable[[], Any], new_tokens: int) -> None:
+        self.make_plan, self.plan, self.new_tokens = make_plan, None, new_tokens
 
     def __call__(self, seed: int) -> Any:
         if self.plan is None:
             self.plan = self.make_plan()
-        return self.plan.run(PROMPT, seed=seed)
+        return self.plan.run(PROMPT, seed=seed, new_tokens=self.new_tokens)
 
 
 def _fastdia_rows(
@@ -250,7 +250,7 @@ def _fastdia_rows(
                         _measure(
                             env,
                             config,
-                            _PlanRunner(make_plan),
+                            _PlanRunner(make_plan, length),
                             device,
                             args.repeats,
                             batch * length,

@@ -339,9 +339,10 @@ def _new_tokens_from_length(base: Any, prompt: str | None, length: int, chat: bo
             f"--prompt is {n_prompt} tokens but --length is {length}: the length counts the "
             f"prompt; use --new-tokens {max(length - n_prompt, 1)} (or more) instead"
         )
-    log.warning(
-        "--length is deprecated: it counts the prompt; this run is --new-tokens %d",
-        length - n_prompt,
+    print(
+        f"fastdia sample: --length is deprecated (it counts the prompt); this run is "
+        f"--new-tokens {length - n_prompt}",
+        file=sys.stderr,
     )
     return length - n_prompt
 

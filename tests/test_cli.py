@@ -31,7 +31,17 @@ def _records(stdout):
 
 @pytest.fixture
 def tiny_args(tiny_model_dir):
-    return ["sample", "--base-model", str(tiny_model_dir), "--length", "12", "--steps", "4"]
+    return [
+        "sample",
+        "--base-model",
+        str(tiny_model_dir),
+        "--new-tokens",
+        "8",
+        "--steps",
+        "4",
+        "--on-eos",
+        "mask",
+    ]
 
 
 @pytest.fixture
@@ -64,16 +74,22 @@ def test_json_output_and_determinism(capsys, tiny_args):
     assert len(samples) == 3
     for s in samples:
         assert s["text"].startswith("The movie was")
-        assert len(s["token_ids"]) == 12 and s["seed"] == 0
+        assert len(s["completion_ids"]) == 8 and s["new_tokens"] == 8 and not s["finished"]
+        assert s["text"] == "The movie was" + s["completion"]
         assert set(s["rewards"]) == {"sentiment", "nontoxic", "total"}
         assert -1 <= s["rewards"]["sentiment"] <= 1 and 0 <= s["rewards"]["nontoxic"] <= 1
         assert set(s["critic"]) == {"sentiment", "nontoxic"}
+    assert [s["seed"] for s in samples] == [0, 1, 2]  # sample i uses seed + i
     assert summary["backend"] == "reference" and summary["steps"] == 4
     assert summary["num_samples"] == 3 and summary["tokens_per_s"] > 0 and summary["seconds"] > 0
     code, again, _ = _run(capsys, *argv)
-    assert [s["token_ids"] for s in _records(again)[0]] == [s["token_ids"] for s in samples]
+    assert [s["completion_ids"] for s in _records(again)[0]] == [
+        s["completion_ids"] for s in samples
+    ]
     code, other, _ = _run(capsys, *argv[:-1], "--seed", "1", "--json")
-    assert [s["token_ids"] for s in _records(other)[0]] != [s["token_ids"] for s in samples]
+    assert [s["completion_ids"] for s in _records(other)[0]] != [
+        s["completion_ids"] for s in samples
+    ]
 
 
 def test_checkpoint_is_used(capsys, tiny_args, tiny_checkpoint):
@@ -166,7 +182,85 @@ CHEAP_ERRORS = [
     (["--backend", "magic"], "unknown backend 'magic'"),
     (["--seed", "-3"], "seed must be an integer in [0, 2**31)"),
     (["--rounding", "cosine"], "known: l2, inner"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "cannot read the prompts file"),
+    (["--prompt", "a", "--prompts-file", "x.txt"], "give --prompt or --prompts-file, not both"),
+    (["--length", "9", "--new-tokens", "4"], "not both"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "holds no prompt (it is empty)"),
+        ("\n  \n", "holds no prompt (it is empty)"),
+        ('{"prompt": "The movie"}\n{"prompt": "x"\n', "line 2: not valid JSON"),
+        ('{"prompt": "The movie"}\n\n["x"]\n', "line 3: a JSONL prompt must be an object"),
+        ('{"prompt": ""}\n', "line 1: 'prompt' must be a non-empty string"),
+        ('{"prompt": "a", "seed": -1}\n', "line 1: 'seed' must be an integer"),
+    ],
+)
+def test_bad_prompts_file_fails_before_loading_naming_the_line(
+    capsys, monkeypatch, tmp_path, tiny_args, content, message
+):
+    import fastdia.base_model
+
+    def heavy(*a, **k):
+        raise AssertionError("loaded the base model before validating the prompts file")
+
+    monkeypatch.setattr(fastdia.base_model, "load_base_model", heavy)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    code, _, err = _run(capsys, *tiny_args, "--random-init", "--prompts-file", str(path))
+    assert code == 2 and message in err and str(path) in err
+
+
+def test_prompts_file_batches_prompts_and_writes_jsonl(capsys, tmp_path, tiny_args):
+    """Several prompts (one with its own seed and id) share batches; every sample is the
+    one a --prompt run with the same seed writes; JSONL to --out."""
+    path = tmp_path / "prompts.jsonl"
+    lines = [
+        {"prompt": "The movie was", "id": "a"},
+        {"prompt": "I love this film, it is a happy", "seed": 40},
+        {"prompt": "Nothing"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out" / "samples.jsonl"
+    argv = [*tiny_args, "--random-init", "--num-samples", "2", "--batch-size", "4"]
+    code, _, _ = _run(capsys, *argv, "--prompts-file", str(path), "--out", str(out))
+    assert code == 0
+    records, summary = _records(out.read_text())
+    assert len(records) == 6 and summary["num_prompts"] == 3 and summary["tokens_per_s"] > 0
+    assert [(r["prompt_index"], r["sample"]) for r in records] == [
+        (i, j) for i in range(3) for j in range(2)
+    ]
+    assert [r["seed"] for r in records] == [0, 1, 40, 41, 0, 1] and records[0]["id"] == "a"
+    for r in (records[1], records[3]):
+        code, single, _ = _run(
+            capsys, *argv, "--prompt", r["prompt"], "--seed", str(r["seed"]), "--json"
+        )
+        assert _records(single)[0][0]["completion_ids"] == r["completion_ids"]
+    # a text file: one prompt per line
+    text = tmp_path / "prompts.txt"
+    text.write_text("The movie was\n\nNothing\n")
+    code, stdout, _ = _run(capsys, *argv, "--prompts-file", str(text))
+    records_txt, _ = _records(stdout)
+    assert [r["prompt"] for r in records_txt] == ["The movie was"] * 2 + ["Nothing"] * 2
+    assert records_txt[0]["completion_ids"] == records[0]["completion_ids"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--chat"], "needs a tokenizer with a chat template"),
+        (["--new-tokens", "500"], "exceeds the base model's context of 128 tokens"),
+        (["--block-size", "80"], "does not fit the denoiser's window of 64 tokens"),
+        (["--new-tokens", "8", "--prompt", " "], "--prompt is empty"),
+    ],
+)
+def test_errors_that_need_the_tokenizer_or_models(capsys, tiny_args, extra, message):
+    argv = [*tiny_args, "--random-init", "--decode", "lm", "--stop-at", "0.5", *extra]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and message in err and out == ""
 
 
 @pytest.mark.parametrize(("extra", "message"), CHEAP_ERRORS)
@@ -190,6 +284,10 @@ def test_cheap_errors_fail_before_loading_anything(capsys, monkeypatch, tiny_arg
         (["--guidance", "nan"], "finite number >= 0"),
         (["--guidance", "-1"], "negative weight"),
         (["--length", "0"], "must be a positive integer"),
+        (["--new-tokens", "0"], "must be a positive integer"),
+        (["--new-tokens", "-4"], "must be a positive integer"),
+        (["--block-size", "0"], "must be a positive integer"),
+        (["--on-eos", "ignore"], "invalid choice"),
     ],
 )
 def test_argument_type_errors(capsys, tiny_args, extra, message):
@@ -199,17 +297,18 @@ def test_argument_type_errors(capsys, tiny_args, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_prompt_longer_than_length(capsys, tiny_args):
-    code, _, err = _run(
-        capsys,
-        *tiny_args,
-        "--random-init",
-        "--length",
-        "3",
-        "--prompt",
-        "The movie was great and the actors were wonderful",
-    )
-    assert code == 2 and "pass --length >" in err
+def test_deprecated_length_counts_the_prompt(capsys, tiny_model_dir):
+    argv = ["sample", "--base-model", str(tiny_model_dir), "--steps", "2", "--random-init"]
+    prompt = ["--prompt", "The movie was great and the actors were wonderful"]
+    code, _, err = _run(capsys, *argv, "--length", "3", *prompt)
+    assert code == 2 and "the length counts the prompt; use --new-tokens" in err
+    code, out, err = _run(capsys, *argv, "--length", "20", *prompt, "--json", "--on-eos", "mask")
+    assert code == 0 and "--length is deprecated" in err
+    samples, summary = _records(out)
+    n = summary["new_tokens"]
+    assert 0 < n < 20 and all(len(s["completion_ids"]) == n for s in samples)
+    code, _, err = _run(capsys, *argv, "--length", "20", "--new-tokens", "4")
+    assert code == 2 and "not both" in err
 
 
 def test_missing_checkpoint_says_how_to_get_one(capsys, tiny_args, tmp_path, monkeypatch):
@@ -298,7 +397,9 @@ def test_default_base_model_random_init_is_deterministic(capsys, default_base):
     assert len(samples) == 2 and summary["base_model"] == "smollm2-135m"
     assert all(s["text"].startswith("The movie was") for s in samples)
     _, again, _ = _run(capsys, *argv)
-    assert [s["token_ids"] for s in _records(again)[0]] == [s["token_ids"] for s in samples]
+    assert [s["completion_ids"] for s in _records(again)[0]] == [
+        s["completion_ids"] for s in samples
+    ]
 
 
 @pytest.mark.parametrize(

@@ -127,10 +127,12 @@ def test_sampler_gives_clean_prompt_and_previous_estimate(tiny_base):
     space = tiny_base.space
     den = _denoiser(space, prediction="x0", self_condition=True, clean_prompt=True)
     rec = _Recorder(den.eval())
-    s = Sampler(rec, space, [], SamplerConfig(steps=3))
     prompt = space.encode("The movie")
     p = len(prompt)
-    out = s.plan(2, 9).run(prompt, seed=1)
+    # one block: the prompt and 9 - p new tokens fill the window of 9
+    s = Sampler(rec, space, [], SamplerConfig(steps=3, window=9, block_size=9 - p))
+    plan = s.plan(2, 9 - p, prompt_tokens=p)
+    out = plan.run(prompt, seed=1)
     clean = space.embed(torch.tensor(prompt))
     assert len(rec.calls) == 3
     for i, call in enumerate(rec.calls):
@@ -143,7 +145,7 @@ def test_sampler_gives_clean_prompt_and_previous_estimate(tiny_base):
                 prev = rec.calls[i - 1]
                 want = den(
                     prev["z"],
-                    s.plan(2, 9).table.t[i - 1].item(),
+                    plan.diffusion.table.t[i - 1].item(),
                     x0_prev=prev["x0_prev"],
                     clean_mask=prev["clean_mask"],
                 )
@@ -151,8 +153,10 @@ def test_sampler_gives_clean_prompt_and_previous_estimate(tiny_base):
     torch.testing.assert_close(out.z[:, :p], clean.expand(2, -1, -1))
     # the ablation switches turn both off
     rec.calls.clear()
-    off = SamplerConfig(steps=2, self_condition=False, clean_prompt=False)
-    Sampler(rec, space, [], off).plan(2, 9).run(prompt, seed=1)
+    off = SamplerConfig(
+        steps=2, self_condition=False, clean_prompt=False, window=9, block_size=9 - p
+    )
+    Sampler(rec, space, [], off).plan(2, 9 - p, prompt_tokens=p).run(prompt, seed=1)
     assert all(c["x0_prev"] is None and c["clean_mask"] is None for c in rec.calls)
     assert not torch.allclose(rec.calls[0]["z"][:, :p], clean.expand(2, -1, -1))
 
@@ -204,6 +208,6 @@ def test_denoiser_time_grid_is_validated_and_saved(tmp_path, tiny_base):
     back = load_model(tmp_path, DENOISER_STEM, tiny_base.space)
     assert back.config == den.config
     s = Sampler(back, tiny_base.space, [], SamplerConfig(steps=2))
-    assert s.plan(1, 4).times == pytest.approx([0.0, 0.9, 1.0])
+    assert s.plan(1, 4).diffusion.times == pytest.approx([0.0, 0.9, 1.0])
     s = Sampler(back, tiny_base.space, [], SamplerConfig(steps=2, time_warp=False))
-    assert s.plan(1, 4).times == pytest.approx([0.0, 0.5, 1.0])
+    assert s.plan(1, 4).diffusion.times == pytest.approx([0.0, 0.5, 1.0])

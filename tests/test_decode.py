@@ -13,6 +13,7 @@ from fastdia.errors import ConfigError
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.ops.gumbel import gumbel_argmax, sample_vocab_reference
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
+from fastdia.window import BlockState
 
 # chi-square critical value for 4 degrees of freedom at p = 0.001
 CHI2_DF4_P001 = 18.47
@@ -103,37 +104,69 @@ def test_decode_config_rejects_a_non_boolean_tilt_once():
 def test_tilt_once_stops_a_strong_tilt_from_repeating(tiny_base, tiny_models):
     """With a tilt that dominates the LM, plain tilting repeats the best tokens; with
     tilt_once every continuation token is distinct until the well-scored ones run out."""
-    _, critic = tiny_models
-    prompt = torch.tensor(tiny_base.space.encode("The movie"))
+    denoiser, critic = tiny_models
     distinct = {}
     for once in (False, True):
-        cfg = DecodeConfig(latent_weight=0.0, tilt=1.0, tilt_once=once)
-        plan = LMDecoder(tiny_base, cfg, {}).plan(4, 12, 0.0, [(critic, 1.0)], 500.0)
-        ids = plan.run(None, prompt, seed=0)[:, len(prompt) :]
-        distinct[once] = min(len(set(row.tolist())) for row in ids)
-    assert distinct[True] == 12 - len(prompt) and distinct[False] < distinct[True], distinct
+        # beta = tilt x lambda / W = 500 per unit of the critic's token value
+        lm = DecodeConfig(latent_weight=0.0, tilt=500.0 * 32, tilt_once=once)
+        cfg = SamplerConfig(guidance=1.0, decode="lm", lm=lm, on_eos="mask")
+        critics = [WeightedCritic("sentiment", critic)]
+        s = Sampler(denoiser, tiny_base.space, critics, cfg, base_model=tiny_base)
+        out = s.sample(4, 10, prompt="The movie", seed=0)
+        distinct[once] = min(len(set(row)) for row in out.tokens.tolist())
+    assert distinct[True] == 10 and distinct[False] < distinct[True], distinct
 
 
-def _direct_decode(base, z, prompt, seed, abar, cfg, tilt_values):
-    """The decode written out: LM log-probs / T + w log N(z; sqrt(abar) c E_v, 1 - abar)
-    + tilt u(v), Gumbel-max with the same noise numbering, full forward per position."""
+def _direct_decode(base, z, prompts, seeds, abar, cfg, tilt_values, banned):
+    """The decode written out, one row at a time on its own prompt (the start token for
+    none): LM log-probs / T + w log N(z; sqrt(abar) c E_v, 1 - abar) + tilt u(v), banned
+    tokens out, Gumbel-max under the row's seed; a full forward per position."""
     model, space = base.model, base.space
-    batch, length, _ = z.shape
+    length = z.shape[1]
     c, E = space.scale, space.weight.float()
-    ids = torch.tensor(prompt).expand(batch, -1).clone()
-    for i in range(len(prompt), length):
-        logits = model(ids).logits[:, -1].float()
-        logp = torch.log_softmax(logits, dim=-1) / cfg.temperature
-        diff = z[:, i, None, :] - math.sqrt(abar) * c * E[None]
-        log_gauss = -diff.pow(2).sum(-1) / (2 * (1 - abar))
-        tilt = cfg.tilt * tilt_values.expand(batch, -1).clone()
-        if cfg.tilt_once:  # tokens already drawn in the continuation earn nothing
-            for b in range(batch):
-                tilt[b, ids[b, len(prompt) :]] = 0.0
-        scores = logp + cfg.latent_weight * log_gauss + tilt
-        tok = gumbel_argmax(scores, seed=seed, step=DECODE_STEP + i)
-        ids = torch.cat([ids, tok[:, None]], dim=1)
-    return ids
+    rows = []
+    for b, prompt in enumerate(prompts):
+        context = list(prompt) or [base.tokenizer.bos_token_id]
+        new: list[int] = []
+        for g in range(length):
+            logits = model(torch.tensor([context + new])).logits[:, -1].float()
+            logp = torch.log_softmax(logits, dim=-1) / cfg.temperature
+            diff = z[b, g][None, :] - math.sqrt(abar) * c * E
+            log_gauss = -diff.pow(2).sum(-1) / (2 * (1 - abar))
+            tilt = cfg.tilt * tilt_values.clone()
+            if cfg.tilt_once:  # tokens already drawn in the continuation earn nothing
+                tilt[new] = 0.0
+            scores = logp + cfg.latent_weight * log_gauss + tilt
+            scores[0, list(banned)] = -1e9
+            tok = gumbel_argmax(scores, seed=seeds[b], step=DECODE_STEP + g)
+            new.append(int(tok))
+        rows.append(new)
+    return torch.tensor(rows)
+
+
+def _decode_plan(base, cfg, prompts, seeds, z, abar, critics, beta, banned=(), cap=8):
+    """A decode over hand-filled block buffers: one block of the latent ``z [B, K, d]``
+    after the ragged ``prompts`` (left-padded to ``cap``)."""
+    batch, block, dim = z.shape
+    state = BlockState.allocate(batch, cap, block, block, dim, torch.device("cpu"))
+    plan = LMDecoder(base, cfg, {}).plan(state, abar, critics, beta, banned)
+    bos = base.tokenizer.bos_token_id
+    for b, prompt in enumerate(prompts):
+        prefix = list(prompt) or [bos]
+        state.tokens[b, cap - len(prefix) : cap] = torch.tensor(prefix)
+        state.pad[b] = cap - len(prefix)
+        state.prompt_len[b] = len(prompt)
+    state.seeds.copy_(torch.tensor(seeds))
+    state.latent.copy_(z)
+    return plan
+
+
+def _run(plan):
+    st = plan.state
+    st.generated.zero_()
+    plan.start()
+    plan.decode_tokens(st.block)
+    return st.tokens[:, st.prompt_cap :].clone()
 
 
 @pytest.mark.parametrize(
@@ -146,45 +179,50 @@ def _direct_decode(base, z, prompt, seed, abar, cfg, tilt_values):
     ],
 )
 def test_fused_tied_decode_equals_direct_lm_plus_gaussian(tiny_base, cfg):
-    """The one-query score <h/T + alpha z, E> + bias is the LM + Gaussian posterior."""
+    """The one-query score <h/T + alpha z, E> + bias is the LM + Gaussian posterior, row by
+    row on ragged, left-padded prompts."""
     assert ties_embeddings(tiny_base.model)
     torch.manual_seed(3)
     critic = build_critic(CriticConfig(dim=tiny_base.space.dim, hidden=8, reward="sentiment"))
     critics = [(critic, 0.7)]
-    abar, batch, length = 0.02, 3, 9
-    prompt = tiny_base.space.encode("The movie")
-    ids_true = torch.randint(tiny_base.space.vocab_size, (batch, length))
+    abar, length = 0.02, 6
+    prompts = [tiny_base.space.encode("The movie"), [], tiny_base.space.encode("I love this")]
+    seeds = [5, 9, 2]
+    ids_true = torch.randint(tiny_base.space.vocab_size, (3, length))
     z = math.sqrt(abar) * tiny_base.space.embed(ids_true) + math.sqrt(1 - abar) * torch.randn(
-        batch, length, tiny_base.space.dim
+        3, length, tiny_base.space.dim
     )
-    plan = LMDecoder(tiny_base, cfg, {}).plan(batch, length, abar, critics, cfg.tilt)
-    got = plan.run(z, torch.tensor(prompt), seed=5)
+    banned = (0,)
+    plan = _decode_plan(tiny_base, cfg, prompts, seeds, z, abar, critics, cfg.tilt, banned)
+    got = _run(plan)
     tilt = token_values(critics, tiny_base.space.weight, tiny_base.space.scale)
     with torch.no_grad():
-        want = _direct_decode(tiny_base, z, prompt, 5, abar, cfg, tilt)
+        want = _direct_decode(tiny_base, z, prompts, seeds, abar, cfg, tilt, banned)
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("p", [0, 1, 3])
-def test_static_cache_decode_equals_the_dynamic_one(tiny_base, tiny_models, p):
-    """The static-KV-cache step (prompt minus its last token prefilled, then one step per
-    position) gives the tokens of the model's own dynamic cache, run after run."""
+def test_static_cache_decode_equals_the_dynamic_one(tiny_base, tiny_models):
+    """The static-KV-cache step (prompts minus their last token prefilled, then one step
+    per position) gives the tokens of the model's own dynamic cache, run after run."""
     _, critic = tiny_models
     cfg = DecodeConfig(temperature=0.9, latent_weight=0.5, tilt=1.0)
-    decoder = LMDecoder(tiny_base, cfg, {})
-    static = decoder.plan(3, 9, 0.2, [(critic, 1.0)], 0.4)
-    dynamic = decoder.plan(3, 9, 0.2, [(critic, 1.0)], 0.4)
+    prompts = [tiny_base.space.encode("The movie was great"), [], [7]]
+    z = torch.zeros(3, 7, tiny_base.space.dim)
+    static = _decode_plan(tiny_base, cfg, prompts, [1, 2, 3], z, 0.2, [(critic, 1.0)], 0.4)
+    dynamic = _decode_plan(tiny_base, cfg, prompts, [1, 2, 3], z, 0.2, [(critic, 1.0)], 0.4)
     dynamic.cache = None
     assert static.static and not dynamic.static
-    torch.manual_seed(p)
-    prompt = torch.tensor(tiny_base.space.encode("The movie was great"))[:p]
-    assert len(prompt) == p
-    for seed in (1, 2, 1):
-        z = torch.randn(3, 9, tiny_base.space.dim)
-        a = static.run(z, prompt, seed=seed).clone()
-        b = dynamic.run(z, prompt, seed=seed).clone()
-        assert torch.equal(a, b), seed
-        assert a[:, :p].tolist() == [prompt.tolist()] * 3
+    torch.manual_seed(0)
+    for seeds in ([1, 2, 3], [4, 4, 4], [1, 2, 3]):
+        for plan in (static, dynamic):
+            plan.state.seeds.copy_(torch.tensor(seeds))
+            plan.state.latent.copy_(
+                torch.randn(
+                    3, 7, tiny_base.space.dim, generator=torch.Generator().manual_seed(seeds[0])
+                )
+            )
+        a, b = _run(static), _run(dynamic)
+        assert torch.equal(a, b), seeds
 
 
 def test_token_values_are_the_critic_on_single_tokens(tiny_base):
@@ -209,10 +247,9 @@ def test_sampler_lm_decode_end_to_end(tiny_base, tiny_models):
     a = plan.run("The movie", seed=1)
     b = plan.run("The movie", seed=1)
     c = plan.run("The movie", seed=2)
-    p = len(tiny_base.space.encode("The movie"))
-    assert torch.equal(a.token_ids, b.token_ids) and not torch.equal(a.token_ids, c.token_ids)
-    assert a.token_ids[:, :p].tolist() == [tiny_base.space.encode("The movie")] * 2
-    assert a.steps == 4
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    assert a.prompt_ids == [tiny_base.space.encode("The movie")] * 2
+    assert a.steps == 4 and a.blocks == 1
 
 
 def test_lm_decode_needs_a_noisy_latent():

@@ -102,11 +102,16 @@ def test_default_sample_command_uses_the_demo_and_reads_as_text(capsys, default_
     assert summary["decode"] == "lm" and summary["guidance"] > 0
     prompt = default_base.space.encode("The movie was")
     for s in samples:
-        assert s["text"].startswith("The movie was") and len(s["token_ids"]) == summary["length"]
-        assert s["token_ids"][: len(prompt)] == prompt
+        assert s["text"] == "The movie was" + s["completion"]
+        assert 0 < len(s["completion_ids"]) <= summary["new_tokens"]
+        assert s["finished"] == (len(s["completion_ids"]) < summary["new_tokens"])
     # fluent: the base model's perplexity of the continuations is that of text, not salad
-    cont = torch.tensor([s["token_ids"][len(prompt) :] for s in samples])
-    nll = continuation_nll(default_base, prompt, cont)
+    nll = torch.cat(
+        [
+            continuation_nll(default_base, prompt, torch.tensor([s["completion_ids"]]))[0]
+            for s in samples
+        ]
+    )
     assert float(nll.mean().exp()) < 60
 
 

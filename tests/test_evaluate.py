@@ -108,8 +108,8 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
             str(prompts),
             "--num-samples",
             "3",
-            "--length",
-            "8",
+            "--new-tokens",
+            "6",
             "--steps",
             "3",
             "--baselines",
@@ -156,7 +156,7 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
                 str(tiny_pipeline),
                 "--base-model",
                 str(tiny_model_dir),
-                "--length",
+                "--new-tokens",
                 "8",
                 "--steps",
                 "2",
@@ -265,7 +265,8 @@ def test_best_of_n_keeps_the_best_by_the_score(tiny_base):
         return values
 
     ids, seconds = best_of_n_method(tiny_base, 3, 8, 4, score)("The movie", 0)
-    assert ids.shape == (3, 8) and seconds > 0
+    p = len(tiny_base.space.encode("The movie"))
+    assert ids.shape == (3, p + 8) and seconds > 0  # the prompt, then 8 new tokens
     values = seen[0].view(3, 4)  # 3 outputs, each the best of its own 4 draws
     got = torch.tensor([float(len(t)) for t in tiny_base.space.decode_batch(ids)])
     assert torch.equal(got, values.max(dim=1).values)

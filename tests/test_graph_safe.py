@@ -1,7 +1,8 @@
 """The planned loop is graph-safe (DESIGN §2), checked on the CPU and the meta device.
 
-After ``plan()``, :meth:`SamplerPlan.denoise` must create no tensor from host values,
-read nothing back to the host and touch no tensor off the plan's device:
+After ``plan()``, every block of the loop (:meth:`WindowDiffusion.denoise` and the LM
+decode's :meth:`DecodePlan.step`) must create no tensor from host values, read nothing
+back to the host and touch no tensor off the plan's device:
 :class:`fastdia.strict.GraphSafeMode` fails on any of these. The same loop on the
 ``meta`` device catches a tensor made without ``device=`` (it would land on the CPU).
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from fastdia import noise
-from fastdia.decode import DECODE_STEP, DecodeConfig, LMDecoder
+from fastdia.decode import DECODE_STEP, DecodeConfig
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
@@ -111,9 +112,15 @@ def test_noise_from_device_seed_matches_the_integer_seed():
     the same), with no factory op and no host read."""
     index = torch.arange(0, 4000, 7).view(4, -1)
     seed, step, shape = torch.tensor(123), torch.tensor(45), torch.empty(3, 5, 11)
+    seeds, vocab = torch.tensor([123, 9, 40]), torch.arange(20)
     with GraphSafeMode("cpu"):
         got = noise.randn_at(seed, step, index)
         like = noise.randn_like(seed, step, shape)
+        rows = noise.randn_rows(seeds, step, shape)
+        gumbel = noise.gumbel_rows(seeds, step, vocab)
+    for b, s in enumerate((123, 9, 40)):
+        assert torch.equal(rows[b], noise.randn(s, 45, 55).view(5, 11))
+        assert torch.equal(gumbel[b], noise.gumbel(s, 45, 20))
     assert torch.equal(got, noise.randn_at(123, 45, index))
     assert torch.equal(got.view(-1), noise.randn(123, 45, 4000)[index.view(-1)])
     assert torch.equal(like, noise.randn(123, 45, 165).view(3, 5, 11))
@@ -127,7 +134,8 @@ def test_reference_step_is_graph_safe_with_device_counters():
     kw = {"seq_len": 3, "critic": stack, "noise_kappa": 0.2, "return_h": True}
     coef = torch.tensor([[1.0, -0.2, 0.3, 0.5], [0.9, 0.1, 0.2, 0.4]])
     want, want_h = guided_step_reference(z, eps, coef, seed=5, step=2, guidance=1.5, **kw)
-    seed, step, lam = torch.tensor(5), torch.tensor(2), torch.tensor(1.5)
+    # one seed 5 for the batch means the per-row seeds [5, 6]
+    seed, step, lam = torch.tensor([5, 6]), torch.tensor(2), torch.tensor(1.5)
     out, h_out = torch.full_like(z, float("nan")), torch.full((2,), float("nan"))
     with GraphSafeMode("cpu"):
         got, h = guided_step_reference(
@@ -138,38 +146,42 @@ def test_reference_step_is_graph_safe_with_device_counters():
     torch.testing.assert_close(h, want_h, rtol=0, atol=0)
 
 
-def _mode(device: str, case: str) -> GraphSafeMode:
+def _mode(device: str, case: str, **extra) -> GraphSafeMode:
     """The strict mode for a case. A context critic computes its time features in the loop
     (fastdia.models.common.timestep_embedding: a constant frequency table from ``arange``,
     the same on every replay); factory ops are allowed there and nowhere else."""
     allowed = ("timestep_embedding",) if CASES[case][2] else ()
-    return GraphSafeMode(device, allow_factories_in=allowed)
+    allowed += tuple(extra.pop("allow_factories_in", ()))
+    return GraphSafeMode(device, allow_factories_in=allowed, **extra)
 
 
-@pytest.mark.parametrize("fixed_length", [False, True])
+ROWS = ["The movie was", None]  # a ragged batch: a prompt and none
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_planned_loop_is_graph_safe_on_cpu(tiny_base, case, fixed_length):
-    """No factory op, host read or foreign device in the loop; it gives what run() gives.
-
-    ``fixed_length`` is the variant a CUDA graph captures (prompt positions by the mask
-    alone); the eager one re-noises a prompt at its positions only."""
+def test_block_loop_is_graph_safe_on_cpu(tiny_base, case):
+    """Every block of the loop (the nearest decode: diffusion and rounding write the
+    tokens): no factory op, host read or foreign device; it gives what run() gives."""
     s = _sampler(tiny_base.space, case)
-    plan = s.plan(2, 8)
-    plan.fixed_length = fixed_length
-    plan.set_inputs(PROMPT, 3)
+    plan = s.plan(2, 3 * s.block_size, prompt_tokens=4)
+    rows = [s.encode(p) for p in ROWS]
+    plan.set_inputs(rows, [3, 4])
     with _mode("cpu", case) as mode:
-        plan.denoise()
+        for _ in range(3):
+            plan.diffusion.denoise()
     assert mode.ops  # the loop ran under the mode
-    ids, z = plan.ids.clone(), plan.z.clone()
-    out = plan.run(PROMPT, seed=3)
-    assert torch.equal(out.token_ids, ids) and torch.equal(out.z, z)
+    assert int(plan.state.generated) == 3 * s.block_size  # advanced on the device
+    cap = plan.prompt_cap
+    tokens, z = plan.state.tokens[:, cap:].clone(), plan.diffusion.z.clone()
+    out = plan.run(ROWS, seed=[3, 4])
+    assert torch.equal(out.tokens, tokens) and torch.equal(out.z, z)
     # the output owns its tensors: the next run reuses the plan's buffers
-    assert out.token_ids.data_ptr() != plan.ids.data_ptr()
-    # a new seed and a new prompt reach the loop through the buffers
-    plan.set_inputs("I", 4)
+    assert out.tokens.data_ptr() != plan.state.tokens.data_ptr()
+    # new seeds and prompts reach the loop through the buffers
+    plan.set_inputs([s.encode("I"), s.encode("I")], [5, 6])
     with _mode("cpu", case):
-        plan.denoise()
-    assert not torch.equal(plan.z, z)
+        plan.diffusion.denoise()
+    assert not torch.equal(plan.diffusion.z, z)
 
 
 def _to_meta(space, sampler_case: str) -> Sampler:
@@ -177,38 +189,17 @@ def _to_meta(space, sampler_case: str) -> Sampler:
     return _sampler(meta_space, sampler_case, device="meta")
 
 
-@pytest.mark.parametrize("fixed_length", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_planned_loop_runs_on_the_meta_device(tiny_base, case, fixed_length):
-    """Plan and loop with every tensor on ``meta``: one made without ``device=`` fails."""
-    plan = _to_meta(tiny_base.space, case).plan(2, 8)
-    plan.fixed_length = fixed_length
-    plan.set_inputs(PROMPT, 3)
+def test_block_loop_runs_on_the_meta_device(tiny_base, case):
+    """Plan and blocks with every tensor on ``meta``: one made without ``device=`` fails."""
+    s = _to_meta(tiny_base.space, case)
+    plan = s.plan(2, 2 * s.block_size, prompt_tokens=4)
+    assert plan.state.tokens.device.type == "meta"
     with _mode("meta", case):
-        plan.denoise()
-    assert plan.z.device.type == "meta" and plan.z.shape == (2, 8, tiny_base.space.dim)
-    assert plan.ids.device.type == "meta" and plan.ids.shape == (2, 8)
-
-
-def test_fixed_length_prompt_noise_equals_the_eager_draw(tiny_base):
-    """The captured variant draws the re-noised prompt's noise over all L positions with
-    the step op; the eager one at the prompt's positions only: the same numbers."""
-    plan = _sampler(tiny_base.space, "eps-noised-prompt").plan(2, 8)
-    eager = plan.run(PROMPT, seed=7)
-    plan.fixed_length = True
-    fixed = plan.run(PROMPT, seed=7)
-    assert torch.equal(eager.z, fixed.z) and torch.equal(eager.token_ids, fixed.token_ids)
-
-
-def test_lm_decode_plan_loop_is_graph_safe(tiny_base, tiny_models):
-    """With decode="lm" the diffusion loop stays graph-safe (the decode runs after it)."""
-    denoiser, critic = tiny_models
-    cfg = SamplerConfig(steps=3, guidance=1.0, decode="lm", stop_at=0.5, lm=DecodeConfig())
-    critics = [WeightedCritic("sentiment", critic)]
-    plan = Sampler(denoiser, tiny_base.space, critics, cfg, base_model=tiny_base).plan(2, 8)
-    plan.set_inputs(PROMPT, 1)
-    with GraphSafeMode("cpu"):
-        plan.denoise()
+        for _ in range(2):
+            plan.diffusion.denoise()
+    assert plan.diffusion.z.shape == (2, s.window, tiny_base.space.dim)
+    assert plan.diffusion.z.device.type == "meta" and plan.state.latent.device.type == "meta"
 
 
 # factory ops the LM decode step may run: transformers' constants (position ranges, mask
@@ -220,34 +211,42 @@ DECODE_CONSTANTS = {
 
 
 @pytest.mark.parametrize(("latent_weight", "once"), [(0.0, False), (0.5, True)])
-def test_lm_decode_step_is_graph_safe(tiny_base, tiny_models, latent_weight, once):
-    """The LM decode's per-token step with a static KV cache: no host read, nothing off
-    the device, no factory op outside the constants above; the counters advance on the
-    device."""
-    _, critic = tiny_models
-    cfg = DecodeConfig(latent_weight=latent_weight, tilt=1.0, tilt_once=once)
-    plan = LMDecoder(tiny_base, cfg, {}).plan(2, 8, 0.3, [(critic, 1.0)], 0.5)
-    assert plan.static
-    z = torch.randn(2, 8, tiny_base.space.dim)
-    prompt = torch.tensor(tiny_base.space.encode(PROMPT))
-    p = len(prompt)
-    plan._start_run(z, prompt, 3)
-    with GraphSafeMode("cpu", **DECODE_CONSTANTS):
-        for _ in range(p, 8):
-            plan.step()
-    assert plan.out_pos.tolist() == [8] and plan.cache_pos.tolist() == [7]
-    assert int(plan.noise_step) == DECODE_STEP + 8
+def test_lm_block_loop_is_graph_safe(tiny_base, tiny_models, latent_weight, once):
+    """The whole block loop with the LM decode after the prefill: each block's diffusion
+    and each token's decode step (static KV cache, ragged rows) run without a host read,
+    nothing off the device, no factory op outside the constants above; the counters
+    advance on the device, and the result is run()'s."""
+    denoiser, critic = tiny_models
+    lm = DecodeConfig(latent_weight=latent_weight, tilt=1.0, tilt_once=once)
+    cfg = SamplerConfig(steps=3, guidance=1.0, decode="lm", stop_at=0.5, lm=lm, block_size=4)
+    critics = [WeightedCritic("sentiment", critic)]
+    s = Sampler(denoiser, tiny_base.space, critics, cfg, base_model=tiny_base)
+    plan = s.plan(2, 12, prompt_tokens=4)
+    decode = plan.decode_plan
+    assert decode.static and (plan.diffusion is None) == (latent_weight == 0)
+    plan.set_inputs([s.encode(p) for p in ROWS], [3, 4])
+    decode.start()  # the prefill: eager, the prompts' lengths vary
+    with _mode("cpu", "clean-selfcond", **DECODE_CONSTANTS):
+        for _ in range(3):
+            if plan.diffusion is not None:
+                plan.diffusion.denoise()
+            for _ in range(4):
+                decode.step()
+    cap = plan.prompt_cap
+    assert decode.cache_pos.tolist() == [cap - 1 + 12] and plan.state.generated.tolist() == [12]
+    assert int(decode.noise_step) == DECODE_STEP + 12
+    tokens = plan.state.tokens[:, cap:].clone()
+    assert torch.equal(plan.run(ROWS, seed=[3, 4]).tokens, tokens)
     # the strict mode does see a step that reads a counter back to the host
     with pytest.raises(GraphSafetyError, match="host"), GraphSafeMode("cpu", **DECODE_CONSTANTS):
-        int(plan.out_pos)
+        int(plan.state.generated)
 
 
 def test_cuda_graph_option_is_inert_off_cuda(tiny_base, tiny_models):
     denoiser, _ = tiny_models
     for flag in (True, False):
         plan = Sampler(denoiser, tiny_base.space, [], SamplerConfig(steps=2, cuda_graph=flag))
-        assert not plan.plan(1, 4).graphed
-    assert SamplerConfig().cuda_graph is True
+        assert not plan.plan(1, 4).graphed and not plan.plan(1, 4).fixed_length
 
 
 def test_triton_wrapper_is_graph_safe_with_device_scalars(monkeypatch):
@@ -266,10 +265,12 @@ def test_triton_wrapper_is_graph_safe_with_device_scalars(monkeypatch):
     stack = TokenLocalStack(torch.ones(4, 5), torch.ones(4), torch.ones(4), torch.ones(()))
     coef = torch.ones(4)
     kw = {"seq_len": 3, "critic": stack, "out": torch.empty_like(z)}
-    seed, step, lam = torch.tensor(1), torch.tensor(2), torch.tensor(0.5)
+    seeds, step, lam = torch.tensor([1, 7]), torch.tensor(2), torch.tensor(0.5)
     with GraphSafeMode("cpu"):
-        kernels.guided_step(z, z, coef, seed=seed, step=step, guidance=lam, **kw)
+        kernels.guided_step(z, z, coef, seed=seeds, step=step, guidance=lam, **kw)
     with GraphSafeMode("cpu", raise_errors=False) as mode:
         kernels.guided_step(z, z, coef, seed=1, step=2, guidance=0.5, **kw)
     assert len(launches) == 2
-    assert sum("aten.full" in v for v in mode.violations) == 3
+    # one seed for the batch becomes per-row seeds (an arange), step and guidance a full each
+    assert sum("aten.full" in v for v in mode.violations) == 2
+    assert sum("aten.arange" in v for v in mode.violations) == 1

@@ -449,4 +449,4 @@ def test_cli_sample_with_triton_backend(tiny_model_dir, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     summary = lines[-1]["summary"]
     assert summary["backend"] == "triton" and summary["steps"] == 2
-    assert len(lines) == 2 and len(lines[0]["token_ids"]) == 8
+    assert len(lines) == 2 and len(lines[0]["completion_ids"]) <= 8

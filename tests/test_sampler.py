@@ -22,29 +22,33 @@ def test_same_seed_same_output_and_seeds_differ(tiny_base, tiny_models, sampler)
     a = s.sample(3, 12, prompt="The movie was", seed=5)
     b = s.sample(3, 12, prompt="The movie was", seed=5)
     c = s.sample(3, 12, prompt="The movie was", seed=6)
-    assert a.token_ids.shape == (3, 12) and a.token_ids.dtype == torch.int64
+    p = len(tiny_base.space.encode("The movie was"))
+    assert a.tokens.shape == (3, 12) and a.tokens.dtype == torch.int64
+    assert a.token_ids.shape == (3, p + 12) and torch.equal(a.token_ids[:, p:], a.tokens)
     assert torch.equal(a.token_ids, b.token_ids)
     assert torch.equal(a.z, b.z)
     assert not torch.equal(a.z, c.z)
     assert len(a.texts) == 3 and all(t.startswith("The movie was") for t in a.texts)
     assert set(a.critic_values) == {"sentiment"} and a.critic_values["sentiment"].shape == (3,)
-    assert a.steps == 6 and a.seconds > 0
+    assert a.steps == 6 and a.seconds > 0 and a.blocks == 1
 
 
 def test_plan_is_reusable_and_prompt_positions_are_exact(tiny_base, tiny_models):
-    s = _sampler(tiny_base, tiny_models, steps=5)
-    plan = s.plan(2, 16)
+    s = _sampler(tiny_base, tiny_models, steps=5, window=16, block_size=8)
     prompt = tiny_base.space.encode("I love this film")
+    plan = s.plan(2, 8, prompt_tokens=len(prompt))
     out1 = plan.run(prompt, seed=1)
     out2 = plan.run(None, seed=1)
     out3 = plan.run(prompt, seed=1)
     p = len(prompt)
-    assert out1.token_ids[:, :p].tolist() == [prompt, prompt]
-    assert torch.equal(out1.token_ids, out3.token_ids)
-    assert not torch.equal(out1.token_ids[:, :p], out2.token_ids[:, :p])
-    # the final state at prompt positions is the clean scaled embedding of the prompt
-    expected = tiny_base.space.embed(torch.tensor(prompt))
-    torch.testing.assert_close(out1.z[0, :p], expected)
+    assert out1.prompt_ids == [prompt, prompt] and out2.prompt_ids == [[], []]
+    assert torch.equal(out1.tokens, out3.tokens)
+    assert not torch.equal(out1.tokens, out2.tokens)
+    # the final state at the context positions is the clean scaled embedding of the prompt's
+    # last W - K = 8 tokens
+    c = min(p, 8)
+    expected = tiny_base.space.embed(torch.tensor(prompt[-c:]))
+    torch.testing.assert_close(out1.z[0, :c], expected)
 
 
 def test_initial_noise_and_first_step_follow_the_counter(tiny_base, tiny_models):
@@ -54,10 +58,12 @@ def test_initial_noise_and_first_step_follow_the_counter(tiny_base, tiny_models)
     from fastdia.schedules import coefficient_table
 
     denoiser, _ = tiny_models
-    s = Sampler(denoiser, tiny_base.space, [], SamplerConfig(sampler="ddim", steps=1))
+    config = SamplerConfig(sampler="ddim", steps=1, window=4, block_size=4)
+    s = Sampler(denoiser, tiny_base.space, [], config)
     out = s.sample(2, 4, seed=9)
     dim = tiny_base.space.dim
-    z_t = noise.randn(9, 0, 2 * 4 * dim).view(2, 4, dim)
+    # each row draws under its own seed (9 + row), its elements numbered from 0
+    z_t = torch.stack([noise.randn(9 + b, 0, 4 * dim).view(4, dim) for b in range(2)])
     a, b, _, _ = coefficient_table(denoiser.config.schedule, "ddim", 1).coef[0].tolist()
     with torch.no_grad():
         expected = a * z_t + b * denoiser(z_t, 1.0)
@@ -106,9 +112,11 @@ def test_context_critics_and_corrector_and_clamp_run(tiny_base, tiny_models):
 
 def test_clamped_final_state_is_made_of_embeddings(tiny_base, tiny_models):
     """Clamping at the last step with ddim: z_0 = x0 estimate = c E[ids]."""
-    s = _sampler(tiny_base, tiny_models, sampler="ddim", steps=4, clamp_from=4)
-    out = s.sample(2, 6, seed=0)
-    torch.testing.assert_close(out.z, tiny_base.space.embed(out.token_ids), rtol=0, atol=1e-3)
+    s = _sampler(tiny_base, tiny_models, sampler="ddim", steps=4, clamp_from=4, window=6)
+    assert s.block_size == 3  # half the window by default
+    out = s.sample(2, 3, seed=0)
+    # the whole window is clamped: its first K positions are the block's tokens
+    torch.testing.assert_close(out.z[:, :3], tiny_base.space.embed(out.tokens), rtol=0, atol=1e-3)
 
 
 def test_x0_prediction_denoiser(tiny_base):
@@ -120,8 +128,8 @@ def test_x0_prediction_denoiser(tiny_base):
             dim=tiny_base.space.dim, max_length=16, hidden=16, layers=1, heads=2, prediction="x0"
         )
     ).eval()
-    s = Sampler(den, tiny_base.space, [], SamplerConfig(sampler="ddim", steps=1))
-    out = s.sample(1, 5, seed=0)
+    s = Sampler(den, tiny_base.space, [], SamplerConfig(sampler="ddim", steps=1, window=5))
+    out = s.sample(1, 2, seed=0)
     # one ddim step from t=1 to clean data returns the x0 prediction itself
     with torch.no_grad():
         from fastdia import noise
@@ -132,12 +140,10 @@ def test_x0_prediction_denoiser(tiny_base):
 
 def test_bad_input(tiny_base, tiny_models):
     s = _sampler(tiny_base, tiny_models, steps=2)
-    with pytest.raises(ConfigError, match="--length > "):
-        s.sample(1, 3, prompt="The movie was great and the actors")
     with pytest.raises(ConfigError, match="prompt is empty"):
         s.sample(1, 8, prompt="  ")
     with pytest.raises(ConfigError, match="exceeds the denoiser's maximum of 32"):
-        s.sample(1, 33)
+        _sampler(tiny_base, tiny_models, steps=2, window=33)
     with pytest.raises(ConfigError, match="seed must be an integer"):
         s.sample(1, 8, seed=-1)
     for kw, msg in [

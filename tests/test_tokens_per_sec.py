@@ -74,7 +74,7 @@ def test_rows_plot_and_skips(tiny_model_dir, tmp_path, capsys):
         assert r["versions"]["torch"] and r["date"]
         if c["method"] == "fastdia":
             assert r["ms_per_step"] == pytest.approx(1e3 * r["seconds_median"] / 3)
-            assert r["token_ids_shape"] == [c["batch"], 8]
+            assert r["tokens_shape"] == [c["batch"], 8]
         else:
             assert r["ms_per_step"] is None
     assert [r["config"]["best_of"] for r in timed if r["config"]["method"] == "best_of_n"] == [2, 2]
@@ -128,6 +128,6 @@ def test_lm_decode_rows_time_the_default_sampling_path(tiny_model_dir, tmp_path)
         ("nearest", 2),
     ]
     for r in rows:
-        assert "error" not in r and r["token_ids_shape"] == [r["config"]["batch"], 8]
+        assert "error" not in r and r["tokens_shape"] == [r["config"]["batch"], 8]
         argv = shlex.split(r["command"])
         assert argv[argv.index("--decode") + 1] == r["config"]["decode"]

@@ -19,6 +19,7 @@ _EXPORTS = {
     "SamplerConfig": "fastdia.sampler",
     "SampleOutput": "fastdia.sampler",
     "WeightedCritic": "fastdia.sampler",
+    "sample_rows": "fastdia.sampler",
     "build_sampler": "fastdia.pipeline",
     "load_checkpoint": "fastdia.models.checkpoint",
     "save_checkpoint": "fastdia.models.checkpoint",

@@ -53,7 +53,7 @@ def add_parser(sub: Any) -> None:
         "--baselines",
         default="base,best-of-4,best-of-16,critic",
         help="comma-separated baseline rows: base (T = 1), base-TX (the base model at "
-        "temperature X, e.g. base-T0.8), best-of-N, critic (or 'none')",
+        "temperature X, e.g. base-T0.8), best-of-N, best-of-N-TX, critic (or 'none')",
     )
     p.add_argument(
         "--baseline-tilt",
@@ -88,15 +88,25 @@ _BOOL = {
 _SWITCHES = ("self_condition", "clean_prompt", "time_warp")
 
 
-def base_temperature(spec: str) -> float | None:
-    """The temperature of a ``base-TX`` baseline spec (``base-T0.8`` -> 0.8), else None."""
-    if not spec.startswith("base-T"):
-        return None
-    try:
-        value = float(spec[6:])
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value > 0 else None
+def parse_baseline(spec: str) -> tuple[str, int | None, float] | None:
+    """A baseline spec as ``(kind, n, temperature)``, or None when it is not one:
+    ``base`` / ``base-TX`` (the base model at temperature 1 / X), ``best-of-N`` /
+    ``best-of-N-TX`` (best of N such samples), ``critic`` (critic-weighted decoding)."""
+    head, sep, temp = spec.rpartition("-T")
+    if not sep:
+        head, temperature = spec, 1.0
+    else:
+        try:
+            temperature = float(temp)
+        except ValueError:
+            return None
+        if not math.isfinite(temperature) or temperature <= 0:
+            return None
+    if head in ("base", "critic"):
+        return (head, None, temperature) if head == "base" or not sep else None
+    if head.startswith("best-of-") and head[8:].isdigit() and int(head[8:]) >= 1:
+        return "best", int(head[8:]), temperature
+    return None
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -179,11 +189,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         built.append((name, settings, sampler_config(settings, **extra)))
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     for b in baselines:
-        if b not in ("base", "critic") and not (
-            (b.startswith("best-of-") and b[8:].isdigit()) or base_temperature(b) is not None
-        ):
+        if parse_baseline(b) is None:
             raise ConfigError(
-                f"unknown baseline {b!r}; known: base, base-TX (X > 0), best-of-N, critic, none"
+                f"unknown baseline {b!r}; known: base, base-TX (X > 0), best-of-N, "
+                "best-of-N-TX, critic, none"
             )
     sets = {
         Path(s).stem if Path(s).suffix else s: ev.prompt_set(s) for s in args.prompt_sets.split(",")
@@ -205,32 +214,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     methods: list[tuple[str, str, dict[str, Any], Any]] = []
     for b in baselines:
-        if b == "base":
+        kind, k, temp = parse_baseline(b)  # type: ignore[misc]
+        if kind == "base":
             methods.append(
                 (
-                    "base model",
+                    "base model" if b == "base" else f"base model T={temp:g}",
                     "baseline",
-                    {},
-                    ev.base_model_method(base, n, length, suppress=banned),
-                )
-            )
-        elif (temp := base_temperature(b)) is not None:
-            methods.append(
-                (
-                    f"base model T={temp:g}",
-                    "baseline",
-                    {"temperature": temp},
+                    {} if b == "base" else {"temperature": temp},
                     ev.base_model_method(base, n, length, temperature=temp, suppress=banned),
                 )
             )
-        elif b.startswith("best-of-"):
-            k = int(b[8:])
+        elif kind == "best":
             methods.append(
                 (
                     b,
                     "baseline",
-                    {"n": k},
-                    ev.best_of_n_method(base, n, length, k, score, suppress=banned),
+                    {"n": k} | ({} if temp == 1.0 and "-T" not in b else {"temperature": temp}),
+                    ev.best_of_n_method(
+                        base, n, length, k, score, temperature=temp, suppress=banned
+                    ),
                 )
             )
     samplers = []

@@ -226,9 +226,11 @@ def best_of_n_method(
     n: int,
     score: Callable[[list[str]], torch.Tensor],
     *,
+    temperature: float = 1.0,
     suppress: Sequence[int] = (),
 ) -> Method:
-    """Best of ``n`` base-model samples by ``score`` (the true reward), per output sample.
+    """Best of ``n`` base-model samples (``temperature``, top-p 0.95) by ``score`` (the
+    true reward), per output sample.
 
     The time includes writing all ``n * num_samples`` samples and scoring them.
     """
@@ -238,7 +240,12 @@ def best_of_n_method(
         start = time.perf_counter()
         prompt_ids = base.space.encode(prompt)
         ids = sample_continuations(
-            base, prompt_ids, n * num_samples, len(prompt_ids) + new_tokens, suppress=suppress
+            base,
+            prompt_ids,
+            n * num_samples,
+            len(prompt_ids) + new_tokens,
+            temperature=temperature,
+            suppress=suppress,
         )
         values = score(base.space.decode_batch(ids)).view(num_samples, n)
         best = values.argmax(dim=1) + torch.arange(num_samples) * n

@@ -336,7 +336,6 @@ class Sampler:
             op: registry.resolve_backend(config.backend, op, self.device) for op in ops.SAMPLER_OPS
         }
         self._plans: dict[tuple[int, int, int], SamplerPlan] = {}
-        self.base_model = base_model
         self.decoder: LMDecoder | None = None
         if config.decode == "lm":
             if base_model is None:
@@ -346,7 +345,8 @@ class Sampler:
                 )
             space.check_fingerprint(base_model.space.fingerprint, "the LM decode's base model")
             self.decoder = LMDecoder(base_model, config.lm, self.backends)
-        generation = getattr(base_model.model, "generation_config", None) if base_model else None
+        lm = self.decoder.base.model if self.decoder is not None else None  # loaded by the decode
+        generation = getattr(lm, "generation_config", None)
         self.special: SpecialTokens = special_tokens(
             space.tokenizer, generation, on_eos=config.on_eos
         )
@@ -398,7 +398,7 @@ class Sampler:
         prompt for every row, or a list of one per row)."""
         rows = self._prompt_rows(prompt, num_samples, chat)
         plan = self.plan(num_samples, new_tokens, prompt_tokens=max(len(r) for r in rows))
-        return plan.run(rows, seed=seed, new_tokens=new_tokens)
+        return plan.run(rows, seed=seed, new_tokens=new_tokens, chat=chat)
 
     def _prompt_rows(
         self, prompt: Prompt | Sequence[Prompt], rows: int, chat: bool
@@ -486,7 +486,7 @@ class SamplerPlan:
             if sampler.diffuses
             else None
         )
-        self.fixed_length = cfg.cuda_graph and device.type == "cuda"
+        self.captures = cfg.cuda_graph and device.type == "cuda"
         self.decode_plan: DecodePlan | None = None
         if sampler.decoder is not None:
             local = [
@@ -501,11 +501,15 @@ class SamplerPlan:
                 local,
                 cfg.lm.tilt * cfg.guidance / sampler.window,
                 banned,
-                graph=self.fixed_length,
+                graph=self.captures,
             )
         self._graph: torch.cuda.CUDAGraph | None = None
-        if self.fixed_length:
+        if self.captures:
             self._capture()
+
+    captures: bool
+    """Whether the plan captures its block diffusion and decode step as CUDA graphs (on a
+    CUDA device with ``SamplerConfig.cuda_graph``)."""
 
     @property
     def graphed(self) -> bool:

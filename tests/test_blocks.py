@@ -198,10 +198,11 @@ def test_demo_block_loop_reproduces_the_single_window_demo(default_base, decode)
     single-window sampler wrote (up to the first end token, where that sampler wrote on)."""
     import dataclasses
 
-    from fastdia.pipeline import build_sampler, sampler_config
+    from fastdia.pipeline import build_sampler, sampler_config, sampling_settings
 
     golden = GOLDEN["demo"][decode]
-    config = dataclasses.replace(sampler_config(golden["settings"]), block_size=32)
+    settings = sampling_settings(None, **golden["settings"])  # the stored ones over defaults
+    config = dataclasses.replace(sampler_config(settings), block_size=32)
     sampler = build_sampler(default_base, config, rewards=[("sentiment", 1.0)]).sampler
     stop = set(sampler.special.stop)
     for row in golden["rows"]:
@@ -225,6 +226,7 @@ def test_demo_chat_writes_the_assistants_reply_only(default_base):
         add_generation_prompt=True,
         tokenize=True,
     )
+    template = template["input_ids"] if hasattr(template, "keys") else template
     assert out.prompt_ids[0] == list(template)
     special = set(default_base.tokenizer.all_special_ids)
     for text, completion, ids in zip(out.texts, out.completions, out.completion_ids, strict=True):

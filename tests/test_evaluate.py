@@ -273,11 +273,16 @@ def test_best_of_n_keeps_the_best_by_the_score(tiny_base):
 
 
 def test_baseline_specs():
-    from fastdia.cli_eval import base_temperature
+    from fastdia.cli_eval import parse_baseline
 
-    assert base_temperature("base-T0.8") == 0.8 and base_temperature("base-T1") == 1.0
-    for bad in ("base", "base-T", "base-Tx", "base-T0", "base-T-1", "base-Tnan", "best-of-4"):
-        assert base_temperature(bad) is None, bad
+    assert parse_baseline("base") == ("base", None, 1.0)
+    assert parse_baseline("base-T0.8") == ("base", None, 0.8)
+    assert parse_baseline("best-of-4") == ("best", 4, 1.0)
+    assert parse_baseline("best-of-16-T0.8") == ("best", 16, 0.8)
+    assert parse_baseline("critic") == ("critic", None, 1.0)
+    bad = ("base-T", "base-Tx", "base-T0", "base-T-1", "base-Tnan", "best-of-0", "best-of-x")
+    for spec in (*bad, "critic-T0.8", "best", "magic"):
+        assert parse_baseline(spec) is None, spec
 
 
 def test_parse_variant_reads_each_kind_of_setting():

@@ -246,7 +246,7 @@ def test_cuda_graph_option_is_inert_off_cuda(tiny_base, tiny_models):
     denoiser, _ = tiny_models
     for flag in (True, False):
         plan = Sampler(denoiser, tiny_base.space, [], SamplerConfig(steps=2, cuda_graph=flag))
-        assert not plan.plan(1, 4).graphed and not plan.plan(1, 4).fixed_length
+        assert not plan.plan(1, 4).graphed and not plan.plan(1, 4).captures
 
 
 def test_triton_wrapper_is_graph_safe_with_device_scalars(monkeypatch):

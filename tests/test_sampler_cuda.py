@@ -62,6 +62,7 @@ def _backend_or_skip(backend: str) -> None:
 def _sampler(space, backend: str, device: str, *, graph: bool, context=False, **kw) -> Sampler:
     den_kw = kw.pop("den_kw", {})
     den, critics = _models(space, context=context, **den_kw)
+    kw = {"block_size": 4, **kw}  # several blocks per run: the graph replays once per block
     config = SamplerConfig(steps=6, backend=backend, cuda_graph=graph, **kw)
     return Sampler(den, _space_on(space, device), critics, config, device=device)
 
@@ -85,8 +86,8 @@ def test_graph_replay_equals_eager_and_follows_its_inputs(tiny_base, backend, se
     graphed = _sampler(space, backend, DEV, graph=True, den_kw=den_kw, **kw).plan(3, 12)
     eager = _sampler(space, backend, DEV, graph=False, den_kw=den_kw, **kw).plan(3, 12)
     assert graphed.graphed and not eager.graphed
-    eager.fixed_length = True  # the captured loop's code path, run eagerly
     a, b = graphed.run(PROMPT, seed=5), eager.run(PROMPT, seed=5)
+    assert a.blocks == 3
     assert torch.equal(a.token_ids, b.token_ids)
     torch.testing.assert_close(a.z, b.z, rtol=1e-5, atol=1e-5)
     p = len(space.encode(PROMPT))
@@ -107,7 +108,6 @@ def test_graph_with_a_context_critic(tiny_base):
     kw = {"guidance": 1.0, "context": True}
     graphed = _sampler(space, "reference", DEV, graph=True, **kw).plan(2, 10)
     eager = _sampler(space, "reference", DEV, graph=False, **kw).plan(2, 10)
-    eager.fixed_length = True
     a, b = graphed.run(PROMPT, seed=2), eager.run(PROMPT, seed=2)
     assert torch.equal(a.token_ids, b.token_ids)
     torch.testing.assert_close(a.z, b.z, rtol=1e-5, atol=1e-5)
@@ -120,28 +120,30 @@ def test_gpu_gives_the_cpu_tokens(tiny_base, backend):
     rounding = pytest.importorskip("fastdia.kernels.round_to_vocab")
     _backend_or_skip(backend)
     space = tiny_base.space
-    kw = {"guidance": 1.0, "sampler": "ddpm"}
-    cpu = _sampler(space, "reference", "cpu", graph=False, **kw).sample(4, 16, prompt=PROMPT)
-    gpu = _sampler(space, backend, DEV, graph=True, **kw).sample(4, 16, prompt=PROMPT)
+    # one block of the whole window: the tokens are the rounding of the final state
+    kw = {"guidance": 1.0, "sampler": "ddpm", "window": 16, "block_size": 16}
+    cpu = _sampler(space, "reference", "cpu", graph=False, **kw).sample(4, 16)
+    gpu = _sampler(space, backend, DEV, graph=True, **kw).sample(4, 16)
     torch.testing.assert_close(gpu.z.cpu(), cpu.z, rtol=1e-3, atol=1e-3)
     bias = space.rounding_bias("l2")
     differing, beyond = rounding.rounding_mismatches(
-        cpu.z, space.weight, bias, gpu.token_ids, cpu.token_ids, rel_tol=1e-3
+        cpu.z, space.weight, bias, gpu.tokens, cpu.tokens, rel_tol=1e-3
     )
     assert beyond == 0, f"{differing} tokens differ, {beyond} beyond a near tie"
 
 
-@pytest.mark.parametrize("fixed_length", [False, True])
-def test_planned_loop_on_the_gpu_is_graph_safe(tiny_base, fixed_length):
-    """The reference loop on CUDA under the strict mode: no host read, no factory op,
+def test_block_loop_on_the_gpu_is_graph_safe(tiny_base):
+    """The reference blocks on CUDA under the strict mode: no host read, no factory op,
     nothing off the device."""
-    plan = _sampler(tiny_base.space, "reference", DEV, graph=False, guidance=1.0).plan(2, 8)
-    plan.fixed_length = fixed_length
-    plan.set_inputs(PROMPT, 3)
+    s = _sampler(tiny_base.space, "reference", DEV, graph=False, guidance=1.0)
+    plan = s.plan(2, 8, prompt_tokens=4)
+    plan.set_inputs([s.encode(PROMPT), []], [3, 4])
     with GraphSafeMode(DEV):
-        plan.denoise()
+        plan.diffusion.denoise()
+        plan.diffusion.denoise()
     torch.cuda.synchronize()
-    assert plan.z.is_cuda and torch.isfinite(plan.z).all()
+    z = plan.diffusion.z
+    assert z.is_cuda and torch.isfinite(z).all()
 
 
 def test_graph_replay_is_faster_than_the_eager_loop_at_batch_one(tiny_base):
@@ -171,17 +173,28 @@ def test_lm_decode_graph_equals_eager(tiny_model_dir, backend):
     plans = {}
     for graph in (True, False):
         config = SamplerConfig(
-            steps=6, backend=backend, cuda_graph=graph, decode="lm", stop_at=0.5, lm=lm
+            steps=6,
+            backend=backend,
+            cuda_graph=graph,
+            decode="lm",
+            stop_at=0.5,
+            lm=lm,
+            block_size=4,
         )
         sampler = Sampler(den, base.space, critics, config, device=DEV, base_model=base)
         plans[graph] = sampler.plan(3, 12)
     graphed, eager = plans[True], plans[False]
     assert graphed.graphed and graphed.decode_plan.graphed and graphed.decode_plan.static
     assert not eager.decode_plan.graphed
-    eager.fixed_length = True
     a, b = graphed.run(PROMPT, seed=5), eager.run(PROMPT, seed=5)
     assert torch.equal(a.token_ids, b.token_ids)
     assert not torch.equal(graphed.run(PROMPT, seed=6).token_ids, a.token_ids)
     d = graphed.run("I love it", seed=5)
     assert torch.equal(d.token_ids, eager.run("I love it", seed=5).token_ids)
     assert torch.equal(graphed.run(PROMPT, seed=5).token_ids, a.token_ids)
+    # ragged prompts in one batch: each row as in its own batch, replayed
+    rows = [PROMPT, "I love it so much, it is a happy film", None]
+    mixed = graphed.run(rows, seed=[5, 6, 7])
+    for i, row in enumerate(rows):
+        alone = eager.run([row] * 3, seed=[5 + i] * 3)
+        assert torch.equal(alone.tokens[0], mixed.tokens[i])

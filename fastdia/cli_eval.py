@@ -6,12 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastdia.errors import ConfigError
 
 BASELINE_TILT = 0.5  # critic-weighted decoding's weight, as in the issue's measurement
+DEFAULT_BASELINES = (
+    "base@decode,best-of-4@decode,best-of-16@decode,base,best-of-4,best-of-16,"
+    "tilt-only,noise-latent"
+)
+DRAWS = 1000
+STANDARD_TOP_P = 0.95  # the base model's top-p in the rows not matched to the decode
 
 
 def add_parser(sub: Any) -> None:
@@ -51,15 +59,33 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--baselines",
-        default="base,best-of-4,best-of-16,critic",
-        help="comma-separated baseline rows: base (T = 1), base-TX (the base model at "
-        "temperature X, e.g. base-T0.8), best-of-N, best-of-N-TX, critic (or 'none')",
+        default=DEFAULT_BASELINES,
+        help="comma-separated baseline rows: base, best-of-N (the base model's own samples, "
+        "best of N by the true reward) at T = 1, top-p 0.95; with @decode at the decode's "
+        "temperature and top-p 1 (matched), with -TX[-PY] at temperature X and top-p Y; "
+        "tilt-only (the LM decode with its critic tilt and no diffusion, at the decode's "
+        "temperature); noise-latent (fastdia's decode reading pure noise instead of the "
+        "guided latent: an ablation); critic (plain critic-weighted decoding at T = 1, "
+        f"--baseline-tilt); or 'none' (default: {DEFAULT_BASELINES})",
     )
     p.add_argument(
         "--baseline-tilt",
         type=float,
         default=BASELINE_TILT,
-        help="critic-weighted decoding's weight on the critic's per-token values",
+        help="the critic row's weight on the critic's per-token values",
+    )
+    p.add_argument(
+        "--tilt-only-tilt",
+        type=float,
+        default=None,
+        help="the tilt-only row's tilt (default: the checkpoint's sampling.json "
+        "tilt_only_tilt, chosen on the tuning prompts, else the default's tilt)",
+    )
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=DRAWS,
+        help="bootstrap draws over prompts for the confidence intervals (95%%)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -84,29 +110,63 @@ _BOOL = {
     **{word: True for word in ("true", "1", "on", "yes")},
     **{word: False for word in ("false", "0", "off", "no")},
 }
-# the denoiser's training-time switches, which an eval variant may turn off at sampling time
-_SWITCHES = ("self_condition", "clean_prompt", "time_warp")
+# the denoiser's training-time switches, which an eval variant may turn off at sampling time,
+# and the noise-latent ablation
+_SWITCHES = ("self_condition", "clean_prompt", "time_warp", "noise_latent")
 
 
-def parse_baseline(spec: str) -> tuple[str, int | None, float] | None:
-    """A baseline spec as ``(kind, n, temperature)``, or None when it is not one:
-    ``base`` / ``base-TX`` (the base model at temperature 1 / X), ``best-of-N`` /
-    ``best-of-N-TX`` (best of N such samples), ``critic`` (critic-weighted decoding)."""
-    head, sep, temp = spec.rpartition("-T")
-    if not sep:
-        head, temperature = spec, 1.0
+@dataclass(frozen=True)
+class BaselineSpec:
+    """A parsed baseline row: ``kind`` (``base``, ``best``, ``tilt-only``, ``noise-latent``,
+    ``critic``), best-of ``n``, and for the base model's rows the temperature and top-p
+    (None: the decode's temperature and top-p 1, ``@decode``)."""
+
+    kind: str
+    n: int | None = None
+    temperature: float | None = 1.0
+    top_p: float = STANDARD_TOP_P
+
+    def at(self, decode_temperature: float) -> tuple[float, float]:
+        """``(temperature, top_p)`` with ``@decode`` resolved."""
+        if self.temperature is None:
+            return decode_temperature, 1.0
+        return self.temperature, self.top_p
+
+
+def _positive_number(text: str, upper: float = math.inf) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and 0 < value <= upper else None
+
+
+def parse_baseline(spec: str) -> BaselineSpec | None:
+    """A baseline spec (see ``--baselines``) as a :class:`BaselineSpec`, or None when it
+    is not one: ``base``, ``best-of-N``, either with ``@decode`` or ``-TX`` / ``-TX-PY``;
+    ``tilt-only``, ``noise-latent``, ``critic``."""
+    if spec in ("tilt-only", "noise-latent", "critic"):
+        return BaselineSpec(spec, temperature=None if spec != "critic" else 1.0)
+    head, decode = spec, False
+    if spec.endswith("@decode"):
+        head, decode = spec[: -len("@decode")], True
+    temperature, top_p = 1.0, STANDARD_TOP_P
+    if not decode and "-T" in head:
+        head, _, rest = head.partition("-T")
+        t_text, sep, p_text = rest.partition("-P")
+        t = _positive_number(t_text)
+        p = _positive_number(p_text, 1.0) if sep else top_p
+        if t is None or p is None:
+            return None
+        temperature, top_p = t, p
+    if head == "base":
+        n = None
+    elif head.startswith("best-of-") and head[8:].isdigit() and int(head[8:]) >= 1:
+        n = int(head[8:])
     else:
-        try:
-            temperature = float(temp)
-        except ValueError:
-            return None
-        if not math.isfinite(temperature) or temperature <= 0:
-            return None
-    if head in ("base", "critic"):
-        return (head, None, temperature) if head == "base" or not sep else None
-    if head.startswith("best-of-") and head[8:].isdigit() and int(head[8:]) >= 1:
-        return "best", int(head[8:]), temperature
-    return None
+        return None
+    kind = "base" if n is None else "best"
+    return BaselineSpec(kind, n, None if decode else temperature, top_p)
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -150,12 +210,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastdia.base_model import load_base_model
     from fastdia.cli_options import sampling_overrides
     from fastdia.device import default_device
+    from fastdia.models.checkpoint import sampling_defaults
     from fastdia.pipeline import (
         build_sampler,
         resolve_checkpoint,
         sampler_config,
         sampling_settings,
     )
+    from fastdia.prompts import special_tokens
     from fastdia.rewards import build_rewards
 
     # cheap checks first
@@ -183,17 +245,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for text in args.variant:
         name, changes = parse_variant(text)
         configs.append((f"fastdia {name}", default | changes))
-    built = []
-    for name, settings in configs:
-        extra = {k: settings[k] for k in _SWITCHES if k in settings}
-        built.append((name, settings, sampler_config(settings, **extra)))
-    baselines = [] if args.baselines == "none" else args.baselines.split(",")
-    for b in baselines:
-        if parse_baseline(b) is None:
+    for _, settings in configs:  # every setting checked before anything loads
+        sampler_config(settings, **{k: settings[k] for k in _SWITCHES if k in settings})
+    specs = [] if args.baselines == "none" else args.baselines.split(",")
+    parsed = []
+    for b in specs:
+        spec = parse_baseline(b.strip())
+        if spec is None:
             raise ConfigError(
-                f"unknown baseline {b!r}; known: base, base-TX (X > 0), best-of-N, "
-                "best-of-N-TX, critic, none"
+                f"unknown baseline {b!r}; known: base, best-of-N (each with @decode, -TX or "
+                "-TX-PY), tilt-only, noise-latent, critic, none"
             )
+        if spec.kind in ("tilt-only", "noise-latent") and default["decode"] != "lm":
+            print(
+                f"fastdia eval: the {spec.kind} row is an ablation of the LM decode and this "
+                "default decodes nearest: it is left out",
+                file=sys.stderr,
+            )
+            continue
+        parsed.append(spec)
+    if args.draws < 1:
+        raise ConfigError(f"--draws must be >= 1, got {args.draws}")
+    tilt_only = args.tilt_only_tilt
+    if tilt_only is None:
+        tilt_only = sampling_defaults(checkpoint).get("tilt_only_tilt", default["tilt"])
+    if not math.isfinite(tilt_only) or tilt_only < 0:
+        raise ConfigError(f"--tilt-only-tilt must be a finite number >= 0, got {tilt_only}")
     sets = {
         Path(s).stem if Path(s).suffix else s: ev.prompt_set(s) for s in args.prompt_sets.split(",")
     }
@@ -201,88 +278,105 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = load_base_model(args.base_model, device=device)
     weights = list(zip(guide.names, guide.weights, strict=True))
     n, length = args.num_samples, args.new_tokens
-    from fastdia.prompts import special_tokens
-
     banned = special_tokens(
         base.tokenizer, getattr(base.model, "generation_config", None), on_eos="mask"
     ).banned
+    t_decode = default["lm_temperature"]
 
     def score(texts: list[str]) -> Any:
         """The true guiding reward (weighted), by which best-of-N picks."""
         values = guide(texts)
         return sum(w * values[k] for k, w in weights)
 
-    methods: list[tuple[str, str, dict[str, Any], Any]] = []
-    for b in baselines:
-        kind, k, temp = parse_baseline(b)  # type: ignore[misc]
-        if kind == "base":
-            methods.append(
-                (
-                    "base model" if b == "base" else f"base model T={temp:g}",
-                    "baseline",
-                    {} if b == "base" else {"temperature": temp},
-                    ev.base_model_method(base, n, length, temperature=temp, suppress=banned),
-                )
-            )
-        elif kind == "best":
-            methods.append(
-                (
-                    b,
-                    "baseline",
-                    {"n": k} | ({} if temp == 1.0 and "-T" not in b else {"temperature": temp}),
-                    ev.best_of_n_method(
-                        base, n, length, k, score, temperature=temp, suppress=banned
-                    ),
-                )
-            )
-    samplers = []
-    for name, settings, config in built:
-        assembly = build_sampler(
+    def fastdia_sampler(settings: dict[str, Any]) -> Any:
+        extra = {k: settings[k] for k in _SWITCHES if k in settings}
+        config = sampler_config(settings, **extra)
+        return build_sampler(
             base, config, rewards=weights, checkpoint=checkpoint, device=device
-        )
-        samplers.append((name, settings, assembly))
-    if "critic" in baselines:
-        # the base model (T = 1) with beta = --baseline-tilt x the critics' per-token values
-        # as a logit bias: the sampler with the latent weight 0 runs no diffusion
-        window = samplers[0][2].sampler.window
-        lam = default["guidance"] or 1.0
-        critic_settings = default | {
-            "guidance": lam,
-            "decode": "lm",
-            "latent_weight": 0.0,
-            "lm_temperature": 1.0,
-            "tilt_once": False,
-            "tilt": args.baseline_tilt * window / lam,
-        }
-        critic_sampler = build_sampler(
-            base,
-            sampler_config(critic_settings),
-            rewards=weights,
-            checkpoint=checkpoint,
-            device=device,
         ).sampler
-        methods.append(
-            (
-                f"critic-weighted decoding (tilt {args.baseline_tilt:g})",
-                "baseline",
-                {"tilt": args.baseline_tilt},
-                ev.sampler_method(critic_sampler, n, length),
+
+    methods: list[tuple[str, str, dict[str, Any], Any]] = []
+    for spec in parsed:
+        temp, top_p = spec.at(t_decode)
+        common = {"new_tokens": length, "num_samples": n}
+        if spec.kind in ("base", "best"):
+            kw = {"temperature": temp, "top_p": top_p, "suppress": banned}
+            label = f"T={temp:g}, top-p {top_p:g}"
+            if spec.kind == "base":
+                method = ev.base_model_method(base, n, length, **kw)
+                name = f"base model ({label})"
+            else:
+                method = ev.best_of_n_method(base, n, length, spec.n, score, **kw)
+                name = f"best-of-{spec.n} ({label})"
+            settings = {"temperature": temp, "top_p": top_p, "n": spec.n} | common
+            methods.append((name, "baseline", settings, method))
+        elif spec.kind == "tilt-only":
+            # the same LM decode with the latent term removed: no diffusion runs
+            settings = default | {"latent_weight": 0.0, "tilt": tilt_only}
+            name = f"tilt-only decode (T={temp:g}, tilt {tilt_only:g})"
+            methods.append(
+                (
+                    name,
+                    "baseline",
+                    settings,
+                    ev.sampler_method(fastdia_sampler(settings), n, length),
+                )
             )
+        elif spec.kind == "noise-latent":
+            settings = default | {"noise_latent": True}
+            name = "fastdia, pure-noise latent (ablation)"
+            methods.append(
+                (
+                    name,
+                    "ablation",
+                    settings,
+                    ev.sampler_method(fastdia_sampler(settings), n, length),
+                )
+            )
+        else:  # critic: the base model (T = 1) with beta = --baseline-tilt x the critics'
+            # per-token values as a logit bias, no tilt-once, no diffusion
+            lam = default["guidance"] or 1.0
+            window = fastdia_sampler(default).window
+            settings = default | {
+                "guidance": lam,
+                "decode": "lm",
+                "latent_weight": 0.0,
+                "lm_temperature": 1.0,
+                "tilt_once": False,
+                "tilt": args.baseline_tilt * window / lam,
+            }
+            name = f"critic-weighted decoding (T=1, beta {args.baseline_tilt:g})"
+            methods.append(
+                (
+                    name,
+                    "baseline",
+                    settings,
+                    ev.sampler_method(fastdia_sampler(settings), n, length),
+                )
+            )
+    for name, settings in configs:
+        methods.append(
+            (name, "fastdia", settings, ev.sampler_method(fastdia_sampler(settings), n, length))
         )
-    for name, settings, assembly in samplers:
-        methods.append((name, "fastdia", settings, ev.sampler_method(assembly.sampler, n, length)))
 
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "func"}
-        | {"checkpoint": str(checkpoint), "default_settings": default, "prompts": sets},
+        | {
+            "checkpoint": str(checkpoint),
+            "default_settings": default,
+            "tilt_only_tilt": tilt_only,
+            "prompts": sets,
+        },
         "sets": {},
     }
     for set_name, prompts in sets.items():
-        rows = []
+        rows, samples = [], []
         for name, kind, settings, method in methods:
-            row = ev.evaluate_method(base, method, prompts, report, seed=args.seed)
+            row, per_sample = ev.evaluate_method(base, method, prompts, report, seed=args.seed)
             rows.append({"name": name, "kind": kind, "settings": settings, **row})
+            samples.append(per_sample)
             _print_row(set_name, rows[-1])
+        ev.add_intervals(rows, samples, draws=args.draws, seed=args.seed)
         result["sets"][set_name] = rows
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     Path(args.out).with_suffix(".md").write_text(ev.markdown_table(result, report.names[0]))

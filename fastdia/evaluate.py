@@ -41,9 +41,11 @@ from typing import Any
 
 import torch
 
+from fastdia import stats
 from fastdia.base_model import BaseModel
 from fastdia.data import sample_continuations
 from fastdia.errors import ConfigError
+from fastdia.stats import RowSamples
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +131,15 @@ def summarise(
     reward: Callable[[list[str]], dict[str, torch.Tensor]],
     batches: list[Batch],
     seconds: float,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], RowSamples]:
     """The metrics of a row (see the module docstring); ``seconds`` spent writing and
-    scoring the samples."""
+    scoring the samples. Also the row's per-sample values, for confidence intervals."""
     texts = [t for b in batches for t in base.space.decode_batch(b.ids)]
     generated = [row[len(b.prompt) :].tolist() for b in batches for row in b.ids]
     n_tokens = sum(len(g) for g in generated)
     own = [continuation_nll(base, b.prompt, b.ids[:, len(b.prompt) :]) for b in batches]
     nll_own = torch.cat([x.flatten() for x in own])
+    degenerate = [is_degenerate(g) for g in generated]
     gap = None
     if len(batches) > 1:
         other = [
@@ -154,17 +157,27 @@ def summarise(
         if name == "sentiment":
             entry["positive_frac"] = (v > POSITIVE).double().mean().item()
         rewards[name] = entry
-    return {
+    row = {
         "num_samples": len(texts),
         "rewards": rewards,
         "perplexity": math.exp(nll_own.double().mean().item()),
         "distinct_1": distinct_n(generated, 1),
         "distinct_2": distinct_n(generated, 2),
-        "degenerate_frac": sum(map(is_degenerate, generated)) / len(generated),
+        "degenerate_frac": sum(degenerate) / len(generated),
         "prompt_gap": gap,
         "seconds_per_100_tokens": 100 * seconds / n_tokens,
         "examples": texts[:4],
     }
+    sentiment = values.get("sentiment")
+    samples = RowSamples.build(
+        prompt=[i for i, b in enumerate(batches) for _ in range(b.ids.shape[0])],
+        positive=None if sentiment is None else (sentiment > POSITIVE).double().tolist(),
+        nll=[float(x.double().sum()) for o in own for x in o],
+        tokens=[int(x.numel()) for o in own for x in o],
+        degenerate=degenerate,
+        generated=generated,
+    )
+    return row, samples
 
 
 Method = Callable[[str, int], tuple[torch.Tensor, float]]
@@ -178,8 +191,9 @@ def evaluate_method(
     reward: Callable[[list[str]], dict[str, torch.Tensor]],
     *,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Run ``method`` on every prompt and summarise (scoring time included)."""
+) -> tuple[dict[str, Any], RowSamples]:
+    """Run ``method`` on every prompt and summarise (scoring time included): the row's
+    metrics and its per-sample values (:func:`summarise`)."""
     batches, seconds = [], 0.0
     for i, prompt in enumerate(prompts):
         ids, sec = method(prompt, seed + 1000 * i)  # disjoint per-row seeds across prompts
@@ -191,16 +205,47 @@ def evaluate_method(
     return summarise(base, lambda texts: values, batches, seconds)
 
 
+def add_intervals(
+    rows: list[dict[str, Any]], samples: list[RowSamples], *, draws: int, seed: int = 0
+) -> None:
+    """Add to every row of a prompt set its 95% intervals (``row["ci"]``: metric ->
+    ``[lo, hi]``, a paired cluster bootstrap over prompts, :mod:`fastdia.stats`), and to
+    every fastdia row the rows that dominate it on those intervals (``dominated_by``),
+    to every other row the fastdia rows it dominates (``dominates``)."""
+    prompts = max(s.prompts for s in samples)
+    picks = stats.resample_prompts(prompts, draws, seed)
+    reps = [stats.replicates(s, picks) for s in samples]
+    for row, rep in zip(rows, reps, strict=True):
+        row["ci"] = stats.intervals(rep)
+        row["ci_draws"] = draws
+    for i, row in enumerate(rows):
+        if row["kind"] != "fastdia":
+            continue
+        row["dominated_by"] = []
+        for j, other in enumerate(rows):
+            if j == i:
+                continue
+            if stats.dominates(
+                reps[j],
+                reps[i],
+                other["seconds_per_100_tokens"],
+                row["seconds_per_100_tokens"],
+            ):
+                row["dominated_by"].append(other["name"])
+                other.setdefault("dominates", []).append(row["name"])
+
+
 def base_model_method(
     base: BaseModel,
     num_samples: int,
     new_tokens: int,
     *,
     temperature: float = 1.0,
+    top_p: float = 0.95,
     suppress: Sequence[int] = (),
 ) -> Method:
-    """The base model's own samples: ``temperature`` (1 by default), top-p 0.95, the
-    ``suppress`` ids never drawn."""
+    """The base model's own samples at ``temperature`` and ``top_p``, the ``suppress`` ids
+    never drawn."""
 
     def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
         torch.manual_seed(seed)
@@ -212,6 +257,7 @@ def base_model_method(
             num_samples,
             len(ids) + new_tokens,
             temperature=temperature,
+            top_p=top_p,
             suppress=suppress,
         )
         return out, time.perf_counter() - start
@@ -227,9 +273,10 @@ def best_of_n_method(
     score: Callable[[list[str]], torch.Tensor],
     *,
     temperature: float = 1.0,
+    top_p: float = 0.95,
     suppress: Sequence[int] = (),
 ) -> Method:
-    """Best of ``n`` base-model samples (``temperature``, top-p 0.95) by ``score`` (the
+    """Best of ``n`` base-model samples (``temperature``, ``top_p``) by ``score`` (the
     true reward), per output sample.
 
     The time includes writing all ``n * num_samples`` samples and scoring them.
@@ -245,6 +292,7 @@ def best_of_n_method(
             n * num_samples,
             len(prompt_ids) + new_tokens,
             temperature=temperature,
+            top_p=top_p,
             suppress=suppress,
         )
         values = score(base.space.decode_batch(ids)).view(num_samples, n)
@@ -265,26 +313,50 @@ def sampler_method(sampler: Any, num_samples: int, new_tokens: int) -> Method:
     return run
 
 
+def _ci(row: dict[str, Any], metric: str, fmt: str) -> str:
+    lo_hi = row.get("ci", {}).get(metric)
+    return "" if lo_hi is None else f" [{format(lo_hi[0], fmt)}, {format(lo_hi[1], fmt)}]"
+
+
 def markdown_table(result: dict[str, Any], reward_name: str) -> str:
-    """The rows of every prompt set as one Markdown table (what the model card shows)."""
+    """The rows of every prompt set as one Markdown table (what the model card shows), with
+    95% bootstrap intervals, then which rows dominate which fastdia rows."""
     head = (
         f"| prompts | row | positive | {reward_name} | perplexity | distinct-2 | degenerate "
         "| prompt gap | s / 100 tok |\n|---|---|---|---|---|---|---|---|---|\n"
     )
-    lines = []
+    lines, notes = [], []
     for set_name, rows in result["sets"].items():
         for row in rows:
             entry = row["rewards"][reward_name]
             pos = entry.get("positive_frac")
             gap = row["prompt_gap"]
+            positive = "n/a" if pos is None else f"{pos:.0%}" + _ci(row, "positive_frac", ".0%")
             lines.append(
-                f"| {set_name} | {row['name']} | "
-                f"{'n/a' if pos is None else f'{pos:.0%}'} | {entry['mean']:+.3f} | "
-                f"{row['perplexity']:.1f} | {row['distinct_2']:.2f} | "
+                f"| {set_name} | {row['name']} | {positive} | {entry['mean']:+.3f} | "
+                f"{row['perplexity']:.1f}{_ci(row, 'perplexity', '.1f')} | "
+                f"{row['distinct_2']:.2f}{_ci(row, 'distinct_2', '.2f')} | "
                 f"{row['degenerate_frac']:.0%} | {'n/a' if gap is None else f'{gap:.2f}'} | "
                 f"{row['seconds_per_100_tokens']:.2f} |"
             )
-    return head + "\n".join(lines) + "\n"
+            if "dominated_by" in row:
+                by = ", ".join(row["dominated_by"]) or "no row"
+                notes.append(f"- {set_name}: **{row['name']}** is dominated by {by}")
+    table = head + "\n".join(lines) + "\n"
+    if notes:
+        table += (
+            "\nDominance (not significantly worse on positive rate, perplexity, distinct-2 "
+            "and degenerate fraction, 95% paired bootstrap over prompts, nor slower; better "
+            "on one):\n\n" + "\n".join(notes) + "\n"
+        )
+    return table
+
+
+def _err(value: float, lo_hi: list[float] | None) -> list[list[float]] | None:
+    """An interval as matplotlib's asymmetric error ``[[below], [above]]``."""
+    if lo_hi is None:
+        return None
+    return [[max(value - lo_hi[0], 0.0)], [max(lo_hi[1] - value, 0.0)]]
 
 
 def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
@@ -301,8 +373,17 @@ def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
             entry = row["rewards"][reward_name]
             y = entry.get("positive_frac", entry["mean"])
             kind = row.get("kind", "fastdia")
-            style = {"baseline": ("s", "tab:green"), "fastdia": ("o", "tab:blue")}[kind]
-            ax.plot([row["perplexity"]], [y], style[0], color=style[1], ms=7)
+            marker, color = {
+                "baseline": ("s", "tab:green"),
+                "ablation": ("^", "tab:gray"),
+                "fastdia": ("o", "tab:blue"),
+            }[kind]
+            ci = row.get("ci", {})
+            xerr = _err(row["perplexity"], ci.get("perplexity"))
+            yerr = _err(y, ci.get("positive_frac")) if "positive_frac" in entry else None
+            ax.errorbar(
+                [row["perplexity"]], [y], xerr=xerr, yerr=yerr, fmt=marker, color=color, ms=7
+            )
             ax.annotate(
                 row["name"],
                 (row["perplexity"], y),
@@ -314,7 +395,7 @@ def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
         ax.set_xlabel("base-model perplexity of the continuation (log scale)")
         label = "positive fraction" if reward_name == "sentiment" else f"mean {reward_name}"
         ax.set_ylabel(f"{label} (true reward)")
-        ax.set_title(f"{name} prompts (squares: baselines, circles: fastdia)")
+        ax.set_title(f"{name} (squares: baselines, circles: fastdia; 95% intervals)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -97,6 +97,8 @@ class SamplerConfig:
             its ``max_length``, what it was trained on).
         on_eos: ``"stop"`` (a row ends at its first end-of-text / end-of-turn token) or
             ``"mask"`` (those tokens are never drawn); see :mod:`fastdia.prompts`.
+        noise_latent: an ablation: no diffusion runs, the decode reads pure noise (each
+            block's ``z_T``) where the guided latent would be.
     """
 
     sampler: str = "dia"
@@ -120,12 +122,15 @@ class SamplerConfig:
     block_size: int | None = None
     window: int | None = None
     on_eos: str = "stop"
+    noise_latent: bool = False
 
     def __post_init__(self) -> None:
         check_choice(self.sampler, SAMPLERS, "sampler")
         check_choice(self.decode, DECODES, "decode")
         check_stop(self.stop_at)
         check_positive(self.score_temperature, "score_temperature")
+        if self.noise_latent and self.decode != "lm":
+            raise ConfigError("noise_latent is an ablation of the LM decode: use decode='lm'")
         if self.decode == "lm" and self.lm.latent_weight and self.stop_at == 0:
             raise ConfigError(
                 "--decode lm reads the latent at a noise level: give a stop level t* in "
@@ -519,7 +524,9 @@ class SamplerPlan:
     @property
     def steps(self) -> int:
         """Diffusion table rows per block (0 when no diffusion runs)."""
-        return len(self.diffusion.table) if self.diffusion is not None else 0
+        if self.diffusion is None or self.sampler.config.noise_latent:
+            return 0
+        return len(self.diffusion.table)
 
     # ---- inputs -------------------------------------------------------------------------
     def set_inputs(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> None:

@@ -315,12 +315,17 @@ class WindowDiffusion:
         Reads the token buffer, the generated count and the seeds; leaves the final state
         in :attr:`z`, the x0 estimate in ``x0``, and the block's latent in
         ``state.latent``; with the nearest decode, writes the block's tokens into
-        ``state.tokens`` and advances ``state.generated`` by ``K``.
+        ``state.tokens`` and advances ``state.generated`` by ``K``. With
+        ``SamplerConfig.noise_latent`` (an ablation) the latent is the block's initial
+        noise ``z_T`` and no step runs.
         """
         cfg, space, st = self.sampler.config, self.sampler.space, self.state
         dim = space.dim
         self._layout()
         z = self._noise(0, self._bufs[0])
+        if cfg.noise_latent:  # the ablation: the block's z_T stands in for the latent
+            torch.gather(z, 1, self.block_pos[:, :, None].expand(-1, -1, dim), out=st.latent)
+            return
         if self._need_x0:
             self.x0.zero_()
         self._write_context(z, 0, self._rows[0][SQRT_ABAR], self._rows[0][SQRT_1M_ABAR])

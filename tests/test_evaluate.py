@@ -112,8 +112,18 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
             "6",
             "--steps",
             "3",
+            "--decode",
+            "lm",
+            "--stop-at",
+            "0.9",
+            "--tilt",
+            "0.5",
+            "--lm-temperature",
+            "0.7",
             "--baselines",
-            "base,base-T0.8,best-of-2,critic",
+            "base,base-T0.8,best-of-2@decode,tilt-only,noise-latent,critic",
+            "--draws",
+            "50",
             "--variant",
             "lm:decode=lm,stop_at=0.9,tilt=0.5,tilt_once=true",
             "--out",
@@ -125,28 +135,47 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
     rows = result["sets"]["prompts"]
     names = [r["name"] for r in rows]
     assert names == [
-        "base model",
-        "base model T=0.8",
-        "best-of-2",
-        "critic-weighted decoding (tilt 0.5)",
+        "base model (T=1, top-p 0.95)",
+        "base model (T=0.8, top-p 0.95)",
+        "best-of-2 (T=0.7, top-p 1)",  # @decode: the decode's temperature, top-p 1
+        "tilt-only decode (T=0.7, tilt 0.5)",
+        "fastdia, pure-noise latent (ablation)",
+        "critic-weighted decoding (T=1, beta 0.5)",
         "fastdia lambda=0",
         "fastdia lambda=2",
         "fastdia lm",
     ]
+    assert [r["kind"] for r in rows] == ["baseline"] * 4 + ["ablation", "baseline"] + [
+        "fastdia"
+    ] * 3
+    assert rows[2]["settings"] == {
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "n": 2,
+        "new_tokens": 6,
+        "num_samples": 3,
+    }
+    assert rows[3]["settings"]["latent_weight"] == 0.0
+    assert rows[4]["settings"]["noise_latent"] is True
     for row in rows:
         assert row["num_samples"] == 6
+        lo, hi = row["ci"]["perplexity"]
+        assert lo <= row["perplexity"] <= hi and row["ci_draws"] == 50
+        if row["kind"] == "fastdia":
+            assert isinstance(row["dominated_by"], list)
         assert set(row["rewards"]) == {"sentiment", "nontoxic", "total"}
         assert row["perplexity"] > 1 and 0 < row["distinct_1"] <= 1
         assert 0 <= row["rewards"]["sentiment"]["positive_frac"] <= 1
         assert 0 <= row["degenerate_frac"] <= 1 and row["prompt_gap"] is not None
     assert rows[-1]["settings"]["decode"] == "lm" and rows[-1]["settings"]["stop_at"] == 0.9
     assert rows[-1]["settings"]["tilt_once"] is True
-    assert rows[1]["settings"] == {"temperature": 0.8}
+    assert rows[1]["settings"]["temperature"] == 0.8
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fastdia lambda=2" in capsys.readouterr().out
     table = out.with_suffix(".md").read_text().splitlines()
-    assert len(table) == 2 + len(rows) and table[2].startswith("| prompts | base model |")
+    assert table[2].startswith("| prompts | base model (T=1, top-p 0.95) |")
+    assert "Dominance" in out.with_suffix(".md").read_text()
     # the trained checkpoint also drives `fastdia sample`
     assert (
         main(
@@ -242,7 +271,7 @@ def test_prompt_gap_and_nll_by_hand(tiny_base):
     def reward(texts):
         return {"sentiment": torch.linspace(-0.5, 0.5, len(texts))}
 
-    row = summarise(tiny_base, reward, batches, seconds=0.8)
+    row, samples = summarise(tiny_base, reward, batches, seconds=0.8)
     own = nll(p1, c1[0].tolist()) * 2 + nll(p2, c2[0].tolist()) * 2
     other = nll(p2, c1[0].tolist()) * 2 + nll(p1, c2[0].tolist()) * 2
     assert row["prompt_gap"] == pytest.approx(
@@ -252,6 +281,18 @@ def test_prompt_gap_and_nll_by_hand(tiny_base):
     assert row["seconds_per_100_tokens"] == pytest.approx(100 * 0.8 / 16)
     assert row["rewards"]["sentiment"]["positive_frac"] == 0.5  # 0.1667, 0.5 of 4
     assert row["degenerate_frac"] == 0.0 and row["num_samples"] == 4
+    # the per-sample values behind the intervals
+    assert samples.prompt.tolist() == [0, 0, 1, 1] and samples.tokens.tolist() == [4] * 4
+    assert samples.positive.tolist() == [0.0, 0.0, 1.0, 1.0]  # -0.5, -0.17 | 0.17, 0.5
+    torch.testing.assert_close(
+        samples.nll,
+        torch.tensor(
+            [sum(nll(p1, c1[0].tolist()))] * 2 + [sum(nll(p2, c2[0].tolist()))] * 2,
+            dtype=torch.float64,
+        ),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_best_of_n_keeps_the_best_by_the_score(tiny_base):
@@ -273,15 +314,20 @@ def test_best_of_n_keeps_the_best_by_the_score(tiny_base):
 
 
 def test_baseline_specs():
-    from fastdia.cli_eval import parse_baseline
+    from fastdia.cli_eval import BaselineSpec, parse_baseline
 
-    assert parse_baseline("base") == ("base", None, 1.0)
-    assert parse_baseline("base-T0.8") == ("base", None, 0.8)
-    assert parse_baseline("best-of-4") == ("best", 4, 1.0)
-    assert parse_baseline("best-of-16-T0.8") == ("best", 16, 0.8)
-    assert parse_baseline("critic") == ("critic", None, 1.0)
+    assert parse_baseline("base") == BaselineSpec("base", None, 1.0, 0.95)
+    assert parse_baseline("base-T0.8") == BaselineSpec("base", None, 0.8, 0.95)
+    assert parse_baseline("base-T0.7-P0.9") == BaselineSpec("base", None, 0.7, 0.9)
+    assert parse_baseline("best-of-4") == BaselineSpec("best", 4, 1.0, 0.95)
+    assert parse_baseline("best-of-16-T0.8-P1") == BaselineSpec("best", 16, 0.8, 1.0)
+    decode = parse_baseline("best-of-16@decode")
+    assert decode == BaselineSpec("best", 16, None, 0.95) and decode.at(0.8) == (0.8, 1.0)
+    assert parse_baseline("critic") == BaselineSpec("critic", None, 1.0, 0.95)
+    assert parse_baseline("tilt-only").at(0.7) == (0.7, 1.0)
+    assert parse_baseline("noise-latent").kind == "noise-latent"
     bad = ("base-T", "base-Tx", "base-T0", "base-T-1", "base-Tnan", "best-of-0", "best-of-x")
-    for spec in (*bad, "critic-T0.8", "best", "magic"):
+    for spec in (*bad, "base-T1-P1.5", "base-T1-P0", "critic-T0.8", "best", "magic", "x@decode"):
         assert parse_baseline(spec) is None, spec
 
 
@@ -307,3 +353,70 @@ def test_parse_variant_reads_each_kind_of_setting():
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_variant(bad)
+
+
+def test_baseline_rows_run_with_the_settings_they_report(
+    tmp_path, tiny_model_dir, tiny_base, monkeypatch
+):
+    """The base model's rows call the sampler with the temperature, top-p, N and length
+    their settings report (best-of-N draws N per output sample)."""
+    import fastdia.evaluate as ev
+    from fastdia.models.checkpoint import save_checkpoint
+    from fastdia.models.critic import CriticConfig, build_critic
+    from fastdia.models.denoiser import Denoiser, DenoiserConfig
+
+    dim = tiny_base.space.dim
+    den = Denoiser(DenoiserConfig(dim=dim, max_length=16, hidden=16, layers=1, heads=2))
+    critics = [build_critic(CriticConfig(dim=dim, hidden=8, reward=r)) for r in ("sentiment",)]
+    save_checkpoint(tmp_path / "ckpt", den, critics, space=tiny_base.space, base_model="tiny")
+
+    calls = []
+    real = ev.sample_continuations
+
+    def record(base, prompt_ids, n, length, **kw):
+        calls.append({"n": n, "new": length - len(prompt_ids), **kw})
+        return real(base, prompt_ids, n, length, **kw)
+
+    monkeypatch.setattr(ev, "sample_continuations", record)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The movie\n")
+    out = tmp_path / "e.json"
+    code = main(
+        [
+            "eval",
+            "--base-model",
+            str(tiny_model_dir),
+            "--prompt-sets",
+            str(prompts),
+            "--num-samples",
+            "2",
+            "--new-tokens",
+            "5",
+            "--steps",
+            "2",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--rewards",
+            "sentiment",
+            "--lm-temperature",
+            "0.6",
+            "--baselines",
+            "base@decode,best-of-3-T0.5-P0.8,base",
+            "--draws",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())["sets"]["p"][:3]
+    assert len(calls) == 3
+    for row, call in zip(rows, calls, strict=True):
+        s = row["settings"]
+        assert call["temperature"] == s["temperature"] and call["top_p"] == s["top_p"]
+        assert call["n"] == 2 * (s["n"] or 1) and call["new"] == s["new_tokens"] == 5
+    assert [(r["settings"]["temperature"], r["settings"]["top_p"]) for r in rows] == [
+        (0.6, 1.0),
+        (0.5, 0.8),
+        (1.0, 0.95),
+    ]

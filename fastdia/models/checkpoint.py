@@ -181,6 +181,12 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
 name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""
 
 
+EVAL_KEYS: dict[str, SamplingKey] = {
+    "tilt_only_tilt": SamplingKey(0.0, "a finite number >= 0"),
+}
+"""Keys of ``sampling.json`` that only ``fastdia eval`` reads: the settings of its baselines
+(``tilt_only_tilt``: the tilt of the tilt-only decode, chosen on the tuning prompts)."""
+
 NOTE_KEYS = ("why",)  # free-text keys of sampling.json (explanations, not settings)
 
 
@@ -188,7 +194,8 @@ def sampling_defaults(folder: str | Path) -> dict[str, Any]:
     """The sampling settings ``folder/sampling.json`` recommends (``{}`` without one).
 
     The file is a JSON object whose keys are among :data:`SAMPLING_KEYS` (each of the
-    ``fastdia sample`` option of the same name) or :data:`NOTE_KEYS` (text); values are
+    ``fastdia sample`` option of the same name), :data:`EVAL_KEYS` (``fastdia eval``'s
+    baselines) or :data:`NOTE_KEYS` (text); values are
     checked for type here and for range when the sampler's config is built.
 
     Raises:
@@ -204,13 +211,14 @@ def sampling_defaults(folder: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} must hold a JSON object; fix or delete it")
     notes = {k: values.pop(k) for k in NOTE_KEYS if isinstance(values.get(k), str)}
-    unknown = sorted(set(values) - set(SAMPLING_KEYS))
+    known = SAMPLING_KEYS | EVAL_KEYS
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise CheckpointError(
-            f"{path} has unknown keys {', '.join(unknown)}; known: {', '.join(SAMPLING_KEYS)}"
+            f"{path} has unknown keys {', '.join(unknown)}; known: {', '.join(known)}"
         )
     for key, value in values.items():
-        default, rule = SAMPLING_KEYS[key]
+        default, rule = known[key]
         if isinstance(default, (bool, str)):
             ok = isinstance(value, type(default))
         elif isinstance(default, int):

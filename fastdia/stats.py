@@ -1,0 +1,174 @@
+"""Confidence intervals for eval rows and the comparisons decided on them.
+
+Every row of ``fastdia eval`` writes ``n`` samples for each of the same ``P`` prompts, so
+rows are compared with a *paired cluster bootstrap over prompts*: one draw picks ``P``
+prompts with replacement, and every row's metric is recomputed on the samples of those
+prompts (:func:`resample_prompts`, :func:`replicates`). The same draws serve every row, so
+the difference of two rows' metrics has its own bootstrap distribution (paired: prompt
+difficulty cancels). Intervals are percentile intervals (95% by default).
+
+Metrics (:data:`METRICS`): ``positive_frac`` (share of samples the judge calls positive),
+``perplexity`` (``exp`` of the summed NLL over the summed token count), ``distinct_2``
+(distinct bigrams of the pooled continuations over their count) and ``degenerate_frac``.
+
+A row *dominates* another when it is not significantly worse on any metric (the paired
+difference's interval reaches its side of zero) and significantly better on at least one
+(the interval excludes zero on its side); seconds per 100 tokens, a single timing, compare
+as plain numbers (:func:`dominates`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fastdia.errors import ConfigError
+
+METRICS: dict[str, bool] = {
+    "positive_frac": True,
+    "perplexity": False,
+    "distinct_2": True,
+    "degenerate_frac": False,
+}
+"""Metric name -> whether higher is better."""
+
+DRAWS = 1000
+LEVEL = 0.95
+
+
+@dataclass
+class RowSamples:
+    """One eval row's per-sample values, grouped by prompt.
+
+    Attributes:
+        prompt: ``[n]`` int64, the prompt index of each sample (``0 .. P - 1``).
+        positive: ``[n]`` float64, 1 where the judge calls a sample positive (None: the
+            row has no positive rate).
+        nll: ``[n]`` float64, each sample's summed token NLL.
+        tokens: ``[n]`` int64, each sample's scored tokens.
+        degenerate: ``[n]`` float64, 1 for a degenerate sample.
+        bigrams: each sample's set of distinct bigrams and its bigram count.
+    """
+
+    prompt: torch.Tensor
+    positive: torch.Tensor | None
+    nll: torch.Tensor
+    tokens: torch.Tensor
+    degenerate: torch.Tensor
+    bigrams: list[tuple[frozenset, int]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        prompt: Sequence[int],
+        positive: Sequence[float] | None,
+        nll: Sequence[float],
+        tokens: Sequence[int],
+        degenerate: Sequence[bool],
+        generated: Sequence[Sequence[int]],
+    ) -> RowSamples:
+        grams = []
+        for seq in generated:
+            pairs = [tuple(seq[i : i + 2]) for i in range(len(seq) - 1)]
+            grams.append((frozenset(pairs), len(pairs)))
+        return cls(
+            torch.tensor(list(prompt), dtype=torch.int64),
+            None if positive is None else torch.tensor(list(positive), dtype=torch.float64),
+            torch.tensor(list(nll), dtype=torch.float64),
+            torch.tensor(list(tokens), dtype=torch.int64),
+            torch.tensor([float(d) for d in degenerate], dtype=torch.float64),
+            grams,
+        )
+
+    @property
+    def prompts(self) -> int:
+        return int(self.prompt.max()) + 1 if len(self.prompt) else 0
+
+
+def resample_prompts(prompts: int, draws: int = DRAWS, seed: int = 0) -> torch.Tensor:
+    """``[draws, prompts]`` int64 prompt indices drawn with replacement (row 0 is the
+    identity: the point estimate)."""
+    if prompts < 1 or draws < 1:
+        raise ConfigError(f"need at least one prompt and one draw, got {prompts}, {draws}")
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(prompts, (draws, prompts), generator=gen)
+    picks[0] = torch.arange(prompts)
+    return picks
+
+
+def replicates(row: RowSamples, picks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each metric of ``row`` on every draw of ``picks`` ``[D, P]``: name -> ``[D]``
+    float64 (entry 0: on all prompts once)."""
+    prompts = max(row.prompts, int(picks.max()) + 1)
+    # how often each prompt is drawn, and each sample's weight in a draw
+    counts = torch.zeros(picks.shape[0], prompts, dtype=torch.float64)
+    counts.scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float64))
+    weight = counts[:, row.prompt]  # [D, n]
+    out: dict[str, torch.Tensor] = {}
+    total = weight.sum(dim=1)
+    if row.positive is not None:
+        out["positive_frac"] = (weight @ row.positive) / total
+    out["perplexity"] = torch.exp((weight @ row.nll) / (weight @ row.tokens.double()))
+    out["degenerate_frac"] = (weight @ row.degenerate) / total
+    by_prompt: dict[int, list[int]] = {}
+    for i, p in enumerate(row.prompt.tolist()):
+        by_prompt.setdefault(p, []).append(i)
+    distinct = torch.empty(picks.shape[0], dtype=torch.float64)
+    for d, draw in enumerate(picks.tolist()):
+        seen: set = set()
+        grams = 0
+        for p in draw:
+            for i in by_prompt.get(p, ()):
+                seen |= row.bigrams[i][0]
+                grams += row.bigrams[i][1]
+        distinct[d] = len(seen) / grams if grams else 0.0
+    out["distinct_2"] = distinct
+    return out
+
+
+def interval(values: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``values`` ``[D]`` at ``level``."""
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(values.double(), q)
+    return float(lo), float(hi)
+
+
+def intervals(reps: dict[str, torch.Tensor], level: float = LEVEL) -> dict[str, list[float]]:
+    """``{metric: [lo, hi]}`` for every metric of :func:`replicates`."""
+    return {k: list(interval(v, level)) for k, v in reps.items()}
+
+
+def compare(a: torch.Tensor, b: torch.Tensor, higher_is_better: bool, level: float = LEVEL) -> int:
+    """Paired comparison of two rows' replicates ``[D]``: +1 when ``a`` is significantly
+    better (the interval of ``a - b`` excludes 0 on ``a``'s side), -1 when significantly
+    worse, 0 otherwise."""
+    lo, hi = interval(a - b, level)
+    if not higher_is_better:
+        lo, hi = -hi, -lo
+    if lo > 0:
+        return 1
+    if hi < 0:
+        return -1
+    return 0
+
+
+def dominates(
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    seconds_a: float,
+    seconds_b: float,
+    level: float = LEVEL,
+) -> bool:
+    """Whether row ``a`` dominates row ``b``: on every metric both have, not significantly
+    worse, and no slower (seconds per 100 tokens); significantly better on one metric, or
+    faster."""
+    verdicts = [
+        compare(a[name], b[name], better, level)
+        for name, better in METRICS.items()
+        if name in a and name in b
+    ]
+    if any(v < 0 for v in verdicts) or seconds_a > seconds_b:
+        return False
+    return any(v > 0 for v in verdicts) or seconds_a < seconds_b

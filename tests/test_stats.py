@@ -1,0 +1,83 @@
+"""Bootstrap intervals and dominance (fastdia.stats) against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastdia.errors import ConfigError
+from fastdia.stats import (
+    RowSamples,
+    compare,
+    dominates,
+    interval,
+    replicates,
+    resample_prompts,
+)
+
+
+def _row() -> RowSamples:
+    # prompt 0: two samples, prompt 1: one sample
+    return RowSamples.build(
+        prompt=[0, 0, 1],
+        positive=[1.0, 0.0, 1.0],
+        nll=[4.0, 2.0, 6.0],
+        tokens=[2, 2, 3],
+        degenerate=[False, True, False],
+        generated=[[1, 2, 3], [1, 2, 1], [5, 5, 5, 6]],
+    )
+
+
+def test_replicates_by_hand():
+    picks = torch.tensor([[0, 1], [0, 0], [1, 1]])
+    reps = replicates(_row(), picks)
+    # draw 0: every sample once
+    assert reps["positive_frac"][0].item() == pytest.approx(2 / 3)
+    assert reps["perplexity"][0].item() == pytest.approx(math.exp(12 / 7))
+    assert reps["degenerate_frac"][0].item() == pytest.approx(1 / 3)
+    # bigrams: (1,2),(2,3) | (1,2),(2,1) | (5,5),(5,5),(5,6): 5 distinct of 7
+    assert reps["distinct_2"][0].item() == pytest.approx(5 / 7)
+    # draw 1: prompt 0 twice -> its two samples twice each
+    assert reps["positive_frac"][1].item() == pytest.approx(0.5)
+    assert reps["perplexity"][1].item() == pytest.approx(math.exp(12 / 8))
+    assert reps["degenerate_frac"][1].item() == pytest.approx(0.5)
+    assert reps["distinct_2"][1].item() == pytest.approx(3 / 8)  # (1,2),(2,3),(2,1) of 8
+    # draw 2: prompt 1 twice
+    assert reps["positive_frac"][2].item() == 1.0
+    assert reps["perplexity"][2].item() == pytest.approx(math.exp(12 / 6))
+    assert reps["distinct_2"][2].item() == pytest.approx(2 / 6)
+
+
+def test_resample_prompts_keeps_the_point_estimate_first():
+    picks = resample_prompts(5, draws=200, seed=3)
+    assert picks.shape == (200, 5) and picks[0].tolist() == [0, 1, 2, 3, 4]
+    assert 0 <= int(picks.min()) and int(picks.max()) <= 4
+    assert torch.equal(picks, resample_prompts(5, draws=200, seed=3))
+    with pytest.raises(ConfigError):
+        resample_prompts(0)
+
+
+def test_interval_is_the_percentile_interval():
+    lo, hi = interval(torch.arange(1001, dtype=torch.float64))
+    assert (lo, hi) == pytest.approx((25.0, 975.0))
+
+
+def test_compare_and_dominates_by_hand():
+    base = torch.zeros(100)
+    clearly_more = base + torch.linspace(0.1, 0.3, 100)  # a - b in [0.1, 0.3]: better
+    unclear = base + torch.linspace(-0.1, 0.1, 100)  # straddles 0: a tie
+    assert compare(clearly_more, base, higher_is_better=True) == 1
+    assert compare(clearly_more, base, higher_is_better=False) == -1
+    assert compare(unclear, base, higher_is_better=True) == 0
+    a = {"positive_frac": clearly_more, "perplexity": unclear}
+    b = {"positive_frac": base, "perplexity": base}
+    assert dominates(a, b, 1.0, 1.0)  # better on one, tied on the other, as fast
+    assert not dominates(a, b, 2.0, 1.0)  # but slower
+    assert not dominates(b, a, 1.0, 1.0)  # worse on one
+    ties = {"positive_frac": unclear, "perplexity": unclear}
+    assert not dominates(ties, b, 1.0, 1.0)  # tied everywhere, as fast: no
+    assert dominates(ties, b, 0.5, 1.0)  # tied everywhere and faster: yes
+    worse_ppl = {"positive_frac": clearly_more, "perplexity": clearly_more}  # higher ppl
+    assert not dominates(worse_ppl, b, 0.5, 1.0)

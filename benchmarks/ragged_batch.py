@@ -30,20 +30,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.common import RESULTS
+from benchmarks.tokens_per_sec import time_runs
 from fastdia.profile import environment
 
 log = logging.getLogger("ragged_batch")
 
 
 def _median_seconds(run, repeats: int) -> float:
-    run()  # warm-up (plan)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall seconds of ``run()`` after a warm-up (:func:`time_runs`)."""
+    seconds, _ = time_runs(lambda seed: run(), torch.device("cpu"), repeats)
+    return statistics.median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "ragged_batch_cpu.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-
-    import torch
 
     from fastdia.base_model import load_base_model
     from fastdia.evaluate import prompt_set

@@ -45,8 +45,13 @@ def main() -> None:
     base = load_base_model(args.base_model)
     denoiser, critics = random_models(base, ["sentiment"], length=args.length)
     weighted = [WeightedCritic("sentiment", critics["sentiment"], 1.0)]
-    sampler = Sampler(denoiser, base.space, weighted, SamplerConfig(steps=args.steps, guidance=1.0))
+    # one block of the whole window: --length new tokens after the prompt
+    config = SamplerConfig(
+        steps=args.steps, guidance=1.0, window=args.length, block_size=args.length
+    )
+    sampler = Sampler(denoiser, base.space, weighted, config)
     plan = sampler.plan(args.batch, args.length)
+    diffusion = plan.diffusion
     b, length, d = args.batch, args.length, base.space.dim
 
     run_s = _time(lambda: plan.run("The movie was", seed=0), max(1, args.repeats // 2))
@@ -58,18 +63,18 @@ def main() -> None:
                 lambda: ops.guided_step(
                     z.view(-1, d),
                     z.view(-1, d),
-                    plan.table.coef[0],
+                    diffusion.table.coef[0],
                     seq_len=length,
                     seed=0,
                     step=1,
-                    guidance=plan.guidance,
-                    critic=plan.stack.row(0),
+                    guidance=diffusion.guidance,
+                    critic=diffusion.stack.row(0),
                 ),
                 args.repeats * 4,
             ),
             "philox_noise_only": _time(lambda: noise.randn(0, 1, z.numel()), args.repeats * 4),
             "round_to_vocab_final": _time(
-                lambda: ops.round_to_vocab(z, base.space.weight, plan.bias), args.repeats
+                lambda: ops.round_to_vocab(z, base.space.weight, diffusion.bias), args.repeats
             ),
         }
     result = {
@@ -85,7 +90,7 @@ def main() -> None:
             "params": sum(p.numel() for p in denoiser.parameters()),
         },
         "run_s": run_s,
-        "per_step_s": run_s / len(plan.table),
+        "per_step_s": run_s / len(diffusion.table),
         "parts_s": parts,
         "tokens_per_s": b * length / run_s,
     }

@@ -19,13 +19,21 @@ prompts of the set:
   prompt of the set (the next one, cyclically) minus after its own: how much the
   continuation follows its prompt (0: not at all);
 * ``seconds_per_100_tokens``: wall time of writing the samples *and scoring them with the
-  true reward* (best-of-N scores N times as many), per 100 generated tokens.
+  true reward* (best-of-N scores N times as many), per 100 generated tokens;
+* ``ci``: 95% intervals of the positive rate, perplexity, distinct-2 and degenerate
+  fraction (a paired cluster bootstrap over prompts, :mod:`fastdia.stats`), and for every
+  fastdia row the rows that dominate it on those intervals (:func:`add_intervals`).
 
-Methods: the base model's own samples (temperature 1, top-p 0.95); best-of-N of those by
-the true guiding reward; critic-weighted decoding of the base model (the critic's
-per-token values as a logit bias: fastdia's sampler with the latent weight 0, which runs
-no diffusion); and fastdia's sampler, one row per configuration. Results are written as
-JSON and drawn as a PNG of positive rate against perplexity.
+Methods (``fastdia eval --baselines``): the base model's own samples and best-of-N of them
+by the true guiding reward, at the decode's temperature with top-p 1 (matched to fastdia's
+decode) and at temperature 1, top-p 0.95; the tilt-only decode (fastdia's LM decode with
+its per-token critic tilt and no latent: the sampler with latent weight 0 runs no
+diffusion, FUDGE / PPLM-BoW style weighted decoding); the pure-noise latent ablation (the
+decode reading each block's initial noise instead of the guided latent); plain
+critic-weighted decoding at T = 1; and fastdia's sampler, one row per configuration. Every
+row uses the same prompts, new-token count and seeds (prompt ``i``'s samples take the
+seeds ``seed + 1000 i + j``). Results are written as JSON, a Markdown table and a PNG of
+positive rate against perplexity.
 """
 
 from __future__ import annotations

@@ -357,6 +357,13 @@ class Sampler:
         )
 
     @property
+    def local_critics(self) -> list[tuple[TokenLocalCritic, float]]:
+        """The token-local critics with their weights (the fused stack, the decode's tilt)."""
+        return [
+            (c.module, c.weight) for c in self.critics if isinstance(c.module, TokenLocalCritic)
+        ]
+
+    @property
     def diffuses(self) -> bool:
         """Whether a run diffuses at all: not for an LM decode that ignores the latent."""
         return self.config.decode == "nearest" or bool(self.config.lm.latent_weight)
@@ -494,16 +501,11 @@ class SamplerPlan:
         self.captures = cfg.cuda_graph and device.type == "cuda"
         self.decode_plan: DecodePlan | None = None
         if sampler.decoder is not None:
-            local = [
-                (c.module, c.weight)
-                for c in sampler.critics
-                if isinstance(c.module, TokenLocalCritic)
-            ]
             abar = self.diffusion.abar_stop if self.diffusion is not None else 0.0
             self.decode_plan = sampler.decoder.plan(
                 self.state,
                 abar,
-                local,
+                sampler.local_critics,
                 cfg.lm.tilt * cfg.guidance / sampler.window,
                 banned,
                 graph=self.captures,

@@ -177,10 +177,7 @@ class WindowDiffusion:
                 sab, s1m = self._rows[r][SQRT_ABAR], self._rows[r][SQRT_1M_ABAR]
                 coef[r, 0], coef[r, 1] = a + b / s1m, -b * sab / s1m
         self.coef = coef.float().to(device)  # [R, 4] float32
-        local = [
-            (c.module, c.weight) for c in sampler.critics if isinstance(c.module, TokenLocalCritic)
-        ]
-        self.local_critics = local
+        local = sampler.local_critics
         self.stack = ops.TokenLocalStack.merge(local, self.table.t) if local else None
         self.context = [c for c in sampler.critics if not isinstance(c.module, TokenLocalCritic)]
         bias = space.rounding_bias(cfg.rounding)

@@ -11,8 +11,9 @@ prompts of the set:
   compound > 0.05);
 * ``perplexity``: the base model's perplexity of the generated tokens given the prompt,
   ``exp(mean token NLL)`` over all generated tokens;
-* ``distinct_1``/``distinct_2``: distinct token uni-/bigrams over all generated tokens
-  divided by their count;
+* ``distinct_1``/``distinct_2``: per prompt, the distinct token uni-/bigrams of its
+  samples' continuations divided by their count, averaged over prompts (the DExperts
+  protocol);
 * ``degenerate_frac``: the fraction of samples whose continuation is degenerate (fewer
   than 60% of its bigrams distinct, or one token filling more than a quarter of it);
 * ``prompt_gap``: the base model's mean NLL per token of a continuation after another
@@ -53,7 +54,7 @@ from fastdia import stats
 from fastdia.base_model import BaseModel
 from fastdia.data import sample_continuations
 from fastdia.errors import ConfigError
-from fastdia.stats import RowSamples
+from fastdia.stats import RowSamples, distinct_by_prompt
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,6 @@ def prompt_set(name: str) -> list[str]:
     if not prompts:
         raise ConfigError(f"prompt file {path} holds no prompts")
     return prompts
-
-
-def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
-    """Distinct n-grams over all ``sequences`` divided by the number of n-grams (0 if none)."""
-    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 @torch.no_grad()
@@ -148,6 +143,7 @@ def summarise(
     own = [continuation_nll(base, b.prompt, b.ids[:, len(b.prompt) :]) for b in batches]
     nll_own = torch.cat([x.flatten() for x in own])
     degenerate = [is_degenerate(g) for g in generated]
+    prompt_of = [i for i, b in enumerate(batches) for _ in range(b.ids.shape[0])]
     gap = None
     if len(batches) > 1:
         other = [
@@ -169,8 +165,8 @@ def summarise(
         "num_samples": len(texts),
         "rewards": rewards,
         "perplexity": math.exp(nll_own.double().mean().item()),
-        "distinct_1": distinct_n(generated, 1),
-        "distinct_2": distinct_n(generated, 2),
+        "distinct_1": distinct_by_prompt(prompt_of, generated, 1),
+        "distinct_2": distinct_by_prompt(prompt_of, generated, 2),
         "degenerate_frac": sum(degenerate) / len(generated),
         "prompt_gap": gap,
         "seconds_per_100_tokens": 100 * seconds / n_tokens,
@@ -178,7 +174,7 @@ def summarise(
     }
     sentiment = values.get("sentiment")
     samples = RowSamples.build(
-        prompt=[i for i, b in enumerate(batches) for _ in range(b.ids.shape[0])],
+        prompt=prompt_of,
         positive=None if sentiment is None else (sentiment > POSITIVE).double().tolist(),
         nll=[float(x.double().sum()) for o in own for x in o],
         tokens=[int(x.numel()) for o in own for x in o],

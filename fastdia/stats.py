@@ -9,7 +9,9 @@ difficulty cancels). Intervals are percentile intervals (95% by default).
 
 Metrics (:data:`METRICS`): ``positive_frac`` (share of samples the judge calls positive),
 ``perplexity`` (``exp`` of the summed NLL over the summed token count), ``distinct_2``
-(distinct bigrams of the pooled continuations over their count) and ``degenerate_frac``.
+(per prompt, the distinct bigrams of its samples' continuations over their count, averaged
+over prompts: the DExperts protocol, and a statistic a prompt drawn twice does not bias)
+and ``degenerate_frac``.
 
 A row *dominates* another when it is not significantly worse on any metric (the paired
 difference's interval reaches its side of zero) and significantly better on at least one
@@ -20,7 +22,7 @@ as plain numbers (:func:`dominates`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +51,7 @@ class RowSamples:
         nll: ``[n]`` float64, each sample's summed token NLL.
         tokens: ``[n]`` int64, each sample's scored tokens.
         degenerate: ``[n]`` float64, 1 for a degenerate sample.
-        bigrams: each sample's set of distinct bigrams and its bigram count.
+        distinct_2: ``[P]`` float64, each prompt's distinct-2 over its samples.
     """
 
     prompt: torch.Tensor
@@ -57,7 +59,7 @@ class RowSamples:
     nll: torch.Tensor
     tokens: torch.Tensor
     degenerate: torch.Tensor
-    bigrams: list[tuple[frozenset, int]] = field(default_factory=list)
+    distinct_2: torch.Tensor
 
     @classmethod
     def build(
@@ -69,22 +71,36 @@ class RowSamples:
         degenerate: Sequence[bool],
         generated: Sequence[Sequence[int]],
     ) -> RowSamples:
-        grams = []
-        for seq in generated:
-            pairs = [tuple(seq[i : i + 2]) for i in range(len(seq) - 1)]
-            grams.append((frozenset(pairs), len(pairs)))
+        prompts = max(prompt) + 1 if len(prompt) else 0
+        by_prompt: list[list[Sequence[int]]] = [[] for _ in range(prompts)]
+        for p, seq in zip(prompt, generated, strict=True):
+            by_prompt[p].append(seq)
         return cls(
             torch.tensor(list(prompt), dtype=torch.int64),
             None if positive is None else torch.tensor(list(positive), dtype=torch.float64),
             torch.tensor(list(nll), dtype=torch.float64),
             torch.tensor(list(tokens), dtype=torch.int64),
             torch.tensor([float(d) for d in degenerate], dtype=torch.float64),
-            grams,
+            torch.tensor([distinct_n(seqs, 2) for seqs in by_prompt], dtype=torch.float64),
         )
 
     @property
     def prompts(self) -> int:
-        return int(self.prompt.max()) + 1 if len(self.prompt) else 0
+        return len(self.distinct_2)
+
+
+def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct n-grams over all ``sequences`` divided by the number of n-grams (0 if none)."""
+    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_by_prompt(prompt: Sequence[int], generated: Sequence[Sequence[int]], n: int) -> float:
+    """:func:`distinct_n` of each prompt's samples, averaged over prompts."""
+    groups: dict[int, list[Sequence[int]]] = {}
+    for p, seq in zip(prompt, generated, strict=True):
+        groups.setdefault(p, []).append(seq)
+    return sum(distinct_n(g, n) for g in groups.values()) / len(groups) if groups else 0.0
 
 
 def resample_prompts(prompts: int, draws: int = DRAWS, seed: int = 0) -> torch.Tensor:
@@ -112,19 +128,9 @@ def replicates(row: RowSamples, picks: torch.Tensor) -> dict[str, torch.Tensor]:
         out["positive_frac"] = (weight @ row.positive) / total
     out["perplexity"] = torch.exp((weight @ row.nll) / (weight @ row.tokens.double()))
     out["degenerate_frac"] = (weight @ row.degenerate) / total
-    by_prompt: dict[int, list[int]] = {}
-    for i, p in enumerate(row.prompt.tolist()):
-        by_prompt.setdefault(p, []).append(i)
-    distinct = torch.empty(picks.shape[0], dtype=torch.float64)
-    for d, draw in enumerate(picks.tolist()):
-        seen: set = set()
-        grams = 0
-        for p in draw:
-            for i in by_prompt.get(p, ()):
-                seen |= row.bigrams[i][0]
-                grams += row.bigrams[i][1]
-        distinct[d] = len(seen) / grams if grams else 0.0
-    out["distinct_2"] = distinct
+    per_prompt = torch.zeros(prompts, dtype=torch.float64)
+    per_prompt[: row.prompts] = row.distinct_2
+    out["distinct_2"] = (counts @ per_prompt) / counts.sum(dim=1)
     return out
 
 

@@ -12,16 +12,7 @@ from tiny import CORPUS
 from fastdia.cli import main
 from fastdia.cli_eval import parse_variant
 from fastdia.errors import ConfigError
-from fastdia.evaluate import distinct_n, perplexity, token_nll
-
-
-def test_distinct_n_by_hand():
-    seqs = [[1, 2, 3, 1, 2], [1, 2, 4]]
-    # unigrams: 1,2,3,1,2,1,2,4 -> 4 distinct of 8
-    assert distinct_n(seqs, 1) == pytest.approx(4 / 8)
-    # bigrams: (1,2),(2,3),(3,1),(1,2),(1,2),(2,4) -> 4 distinct of 6
-    assert distinct_n(seqs, 2) == pytest.approx(4 / 6)
-    assert distinct_n([[5]], 2) == 0.0
+from fastdia.evaluate import perplexity, token_nll
 
 
 def test_perplexity_by_hand(tiny_base):

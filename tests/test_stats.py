@@ -11,6 +11,8 @@ from fastdia.errors import ConfigError
 from fastdia.stats import (
     RowSamples,
     compare,
+    distinct_by_prompt,
+    distinct_n,
     dominates,
     interval,
     replicates,
@@ -37,17 +39,29 @@ def test_replicates_by_hand():
     assert reps["positive_frac"][0].item() == pytest.approx(2 / 3)
     assert reps["perplexity"][0].item() == pytest.approx(math.exp(12 / 7))
     assert reps["degenerate_frac"][0].item() == pytest.approx(1 / 3)
-    # bigrams: (1,2),(2,3) | (1,2),(2,1) | (5,5),(5,5),(5,6): 5 distinct of 7
-    assert reps["distinct_2"][0].item() == pytest.approx(5 / 7)
+    # distinct-2 per prompt: (1,2),(2,3),(1,2),(2,1): 3 of 4 | (5,5),(5,5),(5,6): 2 of 3
+    assert reps["distinct_2"][0].item() == pytest.approx((3 / 4 + 2 / 3) / 2)
     # draw 1: prompt 0 twice -> its two samples twice each
     assert reps["positive_frac"][1].item() == pytest.approx(0.5)
     assert reps["perplexity"][1].item() == pytest.approx(math.exp(12 / 8))
     assert reps["degenerate_frac"][1].item() == pytest.approx(0.5)
-    assert reps["distinct_2"][1].item() == pytest.approx(3 / 8)  # (1,2),(2,3),(2,1) of 8
+    assert reps["distinct_2"][1].item() == pytest.approx(3 / 4)  # a prompt twice: no bias
     # draw 2: prompt 1 twice
     assert reps["positive_frac"][2].item() == 1.0
     assert reps["perplexity"][2].item() == pytest.approx(math.exp(12 / 6))
-    assert reps["distinct_2"][2].item() == pytest.approx(2 / 6)
+    assert reps["distinct_2"][2].item() == pytest.approx(2 / 3)
+
+
+def test_distinct_n_by_hand():
+    seqs = [[1, 2, 3, 1], [1, 2, 4, 4]]
+    assert distinct_n(seqs, 1) == pytest.approx(4 / 8)
+    # bigrams (1,2),(2,3),(3,1) | (1,2),(2,4),(4,4): 5 distinct of 6
+    assert distinct_n(seqs, 2) == pytest.approx(5 / 6)
+    assert distinct_n([[5]], 2) == 0.0
+    # per prompt, then averaged: prompt 0 has both, prompt 1 a repeat
+    assert distinct_by_prompt([0, 0, 1], [*seqs, [7, 7, 7]], 2) == pytest.approx(
+        (5 / 6 + 1 / 2) / 2
+    )
 
 
 def test_resample_prompts_keeps_the_point_estimate_first():

@@ -87,19 +87,20 @@ def _require(module: str, install: str) -> None:
         )
 
 
-def _materialise_default(target: Path) -> None:
-    """Dequantise the GGUF default once and save it as safetensors under ``target``."""
+def materialise_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF model (``folder / gguf_file``) once and save it with its tokenizer
+    as safetensors under ``target`` (written to a temporary folder, then renamed: a crash
+    leaves no half cache; a concurrent process that finished first wins)."""
     _require("gguf", "pip install gguf")
     _require("accelerate", "pip install accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = _smollm2_folder()
-    log.info("dequantising %s once (about 20 s); cached at %s", _SMOLLM2_GGUF, target)
+    log.info("dequantising %s once; cached at %s", gguf_file, target)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -109,7 +110,7 @@ def _materialise_default(target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "fastdia_cache.json").write_text(
-            json.dumps({"source": _SMOLLM2_GGUF, "version": _CACHE_VERSION})
+            json.dumps({"source": gguf_file, "version": _CACHE_VERSION})
         )
         if target.exists():  # a concurrent process finished first
             shutil.rmtree(tmp)
@@ -126,7 +127,7 @@ def _resolve(name_or_path: str) -> tuple[str | Path, bool]:
     if name_or_path == DEFAULT_BASE_MODEL:
         target = cache_root() / "base-models" / f"{DEFAULT_BASE_MODEL}-v{_CACHE_VERSION}"
         if not (target / "fastdia_cache.json").is_file():
-            _materialise_default(target)
+            materialise_gguf(_smollm2_folder(), _SMOLLM2_GGUF, target)
         return target, True
     path = Path(name_or_path).expanduser()
     if path.exists():

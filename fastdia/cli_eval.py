@@ -19,6 +19,7 @@ DEFAULT_BASELINES = (
     "tilt-only,noise-latent"
 )
 DRAWS = 1000
+DEFAULT_JUDGES = "gemma3-270m,afinn"
 STANDARD_TOP_P = 0.95  # the base model's top-p in the rows not matched to the decode
 
 
@@ -80,6 +81,14 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="the tilt-only row's tilt (default: the checkpoint's sampling.json "
         "tilt_only_tilt, chosen on the tuning prompts, else the default's tilt)",
+    )
+    p.add_argument(
+        "--judges",
+        default=DEFAULT_JUDGES,
+        help="independent judges, comma-separated: gemma3-270m (perplexity under Gemma 3 "
+        "270M, another family than the base model), lm:PATH (any causal LM folder), afinn "
+        "(the AFINN sentiment lexicon: positive rate and reward hacking beside the reward), "
+        f"or none (default: {DEFAULT_JUDGES})",
     )
     p.add_argument(
         "--draws",
@@ -210,6 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastdia.base_model import load_base_model
     from fastdia.cli_options import sampling_overrides
     from fastdia.device import default_device
+    from fastdia.judges import load_judges, parse_judges
     from fastdia.models.checkpoint import sampling_defaults
     from fastdia.pipeline import (
         build_sampler,
@@ -266,6 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         parsed.append(spec)
     if args.draws < 1:
         raise ConfigError(f"--draws must be >= 1, got {args.draws}")
+    judge_specs = parse_judges(args.judges)
     tilt_only = args.tilt_only_tilt
     if tilt_only is None:
         tilt_only = sampling_defaults(checkpoint).get("tilt_only_tilt", default["tilt"])
@@ -276,6 +287,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     device = default_device(args.device)
     base = load_base_model(args.base_model, device=device)
+    judges = load_judges(judge_specs, device)
     weights = list(zip(guide.names, guide.weights, strict=True))
     n, length = args.num_samples, args.new_tokens
     banned = special_tokens(
@@ -372,7 +384,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for set_name, prompts in sets.items():
         rows, samples = [], []
         for name, kind, settings, method in methods:
-            row, per_sample = ev.evaluate_method(base, method, prompts, report, seed=args.seed)
+            row, per_sample = ev.evaluate_method(
+                base, method, prompts, report, seed=args.seed, judges=judges
+            )
             rows.append({"name": name, "kind": kind, "settings": settings, **row})
             samples.append(per_sample)
             _print_row(set_name, rows[-1])
@@ -391,9 +405,13 @@ def _print_row(set_name: str, row: dict[str, Any]) -> None:
         for k, v in row["rewards"].items()
     )
     gap = "n/a" if row["prompt_gap"] is None else f"{row['prompt_gap']:.2f}"
+    judged = " ".join(
+        f"{name}:" + ",".join(f"{k}={v:.3g}" for k, v in values.items())
+        for name, values in row.get("judges", {}).items()
+    )
     print(
         f"[{set_name}] {row['name']:<40} ppl={row['perplexity']:8.1f} "
         f"d2={row['distinct_2']:.2f} degen={row['degenerate_frac']:.0%} gap={gap} "
-        f"s/100tok={row['seconds_per_100_tokens']:.2f}  {rw}",
+        f"s/100tok={row['seconds_per_100_tokens']:.2f}  {rw}  {judged}",
         flush=True,
     )

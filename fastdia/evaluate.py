@@ -123,10 +123,11 @@ def continuation_nll(base: BaseModel, prompt: Sequence[int], cont: torch.Tensor)
 
 @dataclass
 class Batch:
-    """One prompt's samples: ``ids [n, L]`` (prompt included) and the prompt's ids."""
+    """One prompt's samples: ``ids [n, L]`` (prompt included), the prompt's ids and text."""
 
     ids: torch.Tensor
     prompt: list[int]
+    text: str | None = None
 
 
 def summarise(
@@ -134,9 +135,11 @@ def summarise(
     reward: Callable[[list[str]], dict[str, torch.Tensor]],
     batches: list[Batch],
     seconds: float,
+    judges: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], RowSamples]:
     """The metrics of a row (see the module docstring); ``seconds`` spent writing and
-    scoring the samples. Also the row's per-sample values, for confidence intervals."""
+    scoring the samples (the judges are not counted: a user does not pay for them). Also
+    the row's per-sample values, for confidence intervals."""
     texts = [t for b in batches for t in base.space.decode_batch(b.ids)]
     generated = [row[len(b.prompt) :].tolist() for b in batches for row in b.ids]
     n_tokens = sum(len(g) for g in generated)
@@ -173,15 +176,67 @@ def summarise(
         "examples": texts[:4],
     }
     sentiment = values.get("sentiment")
+    positive = None if sentiment is None else (sentiment > POSITIVE).double().tolist()
+    judged = judge_row(base, judges, batches, texts, positive, degenerate)
+    row["judges"] = judged.pop("row")
     samples = RowSamples.build(
         prompt=prompt_of,
-        positive=None if sentiment is None else (sentiment > POSITIVE).double().tolist(),
+        positive=positive,
         nll=[float(x.double().sum()) for o in own for x in o],
         tokens=[int(x.numel()) for o in own for x in o],
         degenerate=degenerate,
         generated=generated,
+        **judged,
     )
     return row, samples
+
+
+def judge_row(
+    base: BaseModel,
+    judges: Sequence[Any],
+    batches: list[Batch],
+    texts: list[str],
+    positive: list[float] | None,
+    degenerate: list[bool],
+) -> dict[str, Any]:
+    """Every judge on a row's samples: ``{"row": {judge: {metric: value}},
+    "judge_positive": [n] or None, "judge_scores": [(nll, tokens)] or None}`` (the first
+    judge of each kind gives the per-sample values behind the intervals).
+
+    A sentiment judge reports its positive rate and, where the reward has one too, the
+    reward-hacking rate: samples the reward calls positive and the judge does not, or
+    degenerate ones.
+    """
+    from fastdia import judges as jd
+
+    prompts = [
+        b.text if b.text is not None else base.space.decode(b.prompt)
+        for b in batches
+        for _ in range(b.ids.shape[0])
+    ]
+    conts = [base.space.decode(row[len(b.prompt) :]) for b in batches for row in b.ids]
+    report: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {"judge_positive": None, "judge_scores": None}
+    for judge in judges:
+        if judge.kind == "lm":
+            scores = judge.nll(prompts, conts)
+            report[judge.name] = {"perplexity": jd.perplexity(scores)}
+            if out["judge_scores"] is None:
+                out["judge_scores"] = scores
+        else:
+            flags = judge.positive(texts)
+            entry = {"positive_frac": sum(flags) / len(flags)}
+            if positive is not None:
+                hacked = [
+                    (p > 0 and not f) or d
+                    for p, f, d in zip(positive, flags, degenerate, strict=True)
+                ]
+                entry["reward_hacking_frac"] = sum(hacked) / len(hacked)
+            report[judge.name] = entry
+            if out["judge_positive"] is None:
+                out["judge_positive"] = [float(f) for f in flags]
+    out["row"] = report
+    return out
 
 
 Method = Callable[[str, int], tuple[torch.Tensor, float]]
@@ -195,18 +250,19 @@ def evaluate_method(
     reward: Callable[[list[str]], dict[str, torch.Tensor]],
     *,
     seed: int = 0,
+    judges: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], RowSamples]:
     """Run ``method`` on every prompt and summarise (scoring time included): the row's
-    metrics and its per-sample values (:func:`summarise`)."""
+    metrics and its per-sample values (:func:`summarise`), judged by ``judges``."""
     batches, seconds = [], 0.0
     for i, prompt in enumerate(prompts):
         ids, sec = method(prompt, seed + 1000 * i)  # disjoint per-row seeds across prompts
-        batches.append(Batch(ids, base.space.encode(prompt)))
+        batches.append(Batch(ids, base.space.encode(prompt), prompt))
         seconds += sec
     start = time.perf_counter()
     values = reward([t for b in batches for t in base.space.decode_batch(b.ids)])
     seconds += time.perf_counter() - start  # what a user pays to score the samples
-    return summarise(base, lambda texts: values, batches, seconds)
+    return summarise(base, lambda texts: values, batches, seconds, judges)
 
 
 def add_intervals(
@@ -325,9 +381,20 @@ def _ci(row: dict[str, Any], metric: str, fmt: str) -> str:
 def markdown_table(result: dict[str, Any], reward_name: str) -> str:
     """The rows of every prompt set as one Markdown table (what the model card shows), with
     95% bootstrap intervals, then which rows dominate which fastdia rows."""
+    rows_all = [r for rows in result["sets"].values() for r in rows]
+    lm_judge = next(
+        (n for r in rows_all for n, v in r.get("judges", {}).items() if "perplexity" in v), None
+    )
+    sent_judge = next(
+        (n for r in rows_all for n, v in r.get("judges", {}).items() if "positive_frac" in v), None
+    )
+    extra_head = (f" | positive ({sent_judge}) | hacking" if sent_judge else "") + (
+        f" | perplexity ({lm_judge})" if lm_judge else ""
+    )
+    columns = 9 + (2 if sent_judge else 0) + (1 if lm_judge else 0)
     head = (
         f"| prompts | row | positive | {reward_name} | perplexity | distinct-2 | degenerate "
-        "| prompt gap | s / 100 tok |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"| prompt gap | s / 100 tok{extra_head} |\n|" + "---|" * columns + "\n"
     )
     lines, notes = [], []
     for set_name, rows in result["sets"].items():
@@ -336,12 +403,24 @@ def markdown_table(result: dict[str, Any], reward_name: str) -> str:
             pos = entry.get("positive_frac")
             gap = row["prompt_gap"]
             positive = "n/a" if pos is None else f"{pos:.0%}" + _ci(row, "positive_frac", ".0%")
+            extra = ""
+            if sent_judge:
+                judged = row.get("judges", {}).get(sent_judge, {})
+                hack = judged.get("reward_hacking_frac")
+                extra += (
+                    f" | {judged['positive_frac']:.0%}{_ci(row, 'judge_positive_frac', '.0%')}"
+                    if judged
+                    else " | n/a"
+                ) + (f" | {hack:.0%}" if hack is not None else " | n/a")
+            if lm_judge:
+                ppl = row.get("judges", {}).get(lm_judge, {}).get("perplexity")
+                extra += f" | {ppl:.1f}{_ci(row, 'judge_perplexity', '.1f')}" if ppl else " | n/a"
             lines.append(
                 f"| {set_name} | {row['name']} | {positive} | {entry['mean']:+.3f} | "
                 f"{row['perplexity']:.1f}{_ci(row, 'perplexity', '.1f')} | "
                 f"{row['distinct_2']:.2f}{_ci(row, 'distinct_2', '.2f')} | "
                 f"{row['degenerate_frac']:.0%} | {'n/a' if gap is None else f'{gap:.2f}'} | "
-                f"{row['seconds_per_100_tokens']:.2f} |"
+                f"{row['seconds_per_100_tokens']:.2f}{extra} |"
             )
             if "dominated_by" in row:
                 by = ", ".join(row["dominated_by"]) or "no row"
@@ -350,8 +429,10 @@ def markdown_table(result: dict[str, Any], reward_name: str) -> str:
     if notes:
         table += (
             "\nDominance (not significantly worse on positive rate, perplexity, distinct-2 "
-            "and degenerate fraction, 95% paired bootstrap over prompts, nor slower; better "
-            "on one):\n\n" + "\n".join(notes) + "\n"
+            "and degenerate fraction, under the reward and the base model and under the "
+            "judges, 95% paired bootstrap over prompts, nor slower; better on one):\n\n"
+            + "\n".join(notes)
+            + "\n"
         )
     return table
 

@@ -11,7 +11,8 @@ Metrics (:data:`METRICS`): ``positive_frac`` (share of samples the judge calls p
 ``perplexity`` (``exp`` of the summed NLL over the summed token count), ``distinct_2``
 (per prompt, the distinct bigrams of its samples' continuations over their count, averaged
 over prompts: the DExperts protocol, and a statistic a prompt drawn twice does not bias)
-and ``degenerate_frac``.
+and ``degenerate_frac``; with independent judges (:mod:`fastdia.judges`) also
+``judge_positive_frac`` and ``judge_perplexity``, the same under the judges.
 
 A row *dominates* another when it is not significantly worse on any metric (the paired
 difference's interval reaches its side of zero) and significantly better on at least one
@@ -33,6 +34,8 @@ METRICS: dict[str, bool] = {
     "perplexity": False,
     "distinct_2": True,
     "degenerate_frac": False,
+    "judge_positive_frac": True,
+    "judge_perplexity": False,
 }
 """Metric name -> whether higher is better."""
 
@@ -52,6 +55,9 @@ class RowSamples:
         tokens: ``[n]`` int64, each sample's scored tokens.
         degenerate: ``[n]`` float64, 1 for a degenerate sample.
         distinct_2: ``[P]`` float64, each prompt's distinct-2 over its samples.
+        judge_positive: ``[n]`` float64 under the sentiment judge, or None.
+        judge_nll, judge_tokens: ``[n]`` each sample's NLL and tokens under the judge LM,
+            or None.
     """
 
     prompt: torch.Tensor
@@ -60,6 +66,9 @@ class RowSamples:
     tokens: torch.Tensor
     degenerate: torch.Tensor
     distinct_2: torch.Tensor
+    judge_positive: torch.Tensor | None = None
+    judge_nll: torch.Tensor | None = None
+    judge_tokens: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -70,6 +79,8 @@ class RowSamples:
         tokens: Sequence[int],
         degenerate: Sequence[bool],
         generated: Sequence[Sequence[int]],
+        judge_positive: Sequence[float] | None = None,
+        judge_scores: Sequence[tuple[float, int]] | None = None,
     ) -> RowSamples:
         prompts = max(prompt) + 1 if len(prompt) else 0
         by_prompt: list[list[Sequence[int]]] = [[] for _ in range(prompts)]
@@ -82,11 +93,18 @@ class RowSamples:
             torch.tensor(list(tokens), dtype=torch.int64),
             torch.tensor([float(d) for d in degenerate], dtype=torch.float64),
             torch.tensor([distinct_n(seqs, 2) for seqs in by_prompt], dtype=torch.float64),
+            _f64(judge_positive),
+            None if judge_scores is None else _f64([s for s, _ in judge_scores]),
+            None if judge_scores is None else _f64([n for _, n in judge_scores]),
         )
 
     @property
     def prompts(self) -> int:
         return len(self.distinct_2)
+
+
+def _f64(values: Sequence[float] | None) -> torch.Tensor | None:
+    return None if values is None else torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
@@ -128,6 +146,10 @@ def replicates(row: RowSamples, picks: torch.Tensor) -> dict[str, torch.Tensor]:
         out["positive_frac"] = (weight @ row.positive) / total
     out["perplexity"] = torch.exp((weight @ row.nll) / (weight @ row.tokens.double()))
     out["degenerate_frac"] = (weight @ row.degenerate) / total
+    if row.judge_positive is not None:
+        out["judge_positive_frac"] = (weight @ row.judge_positive) / total
+    if row.judge_nll is not None and row.judge_tokens is not None:
+        out["judge_perplexity"] = torch.exp((weight @ row.judge_nll) / (weight @ row.judge_tokens))
     per_prompt = torch.zeros(prompts, dtype=torch.float64)
     per_prompt[: row.prompts] = row.distinct_2
     out["distinct_2"] = (counts @ per_prompt) / counts.sum(dim=1)

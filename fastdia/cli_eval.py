@@ -400,6 +400,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_row(set_name: str, row: dict[str, Any]) -> None:
+    from fastdia.evaluate import format_or_na
+
     rw = " ".join(
         f"{k}={v['mean']:+.3f}" + (f" pos={v['positive_frac']:.0%}" if "positive_frac" in v else "")
         for k, v in row["rewards"].items()
@@ -411,7 +413,8 @@ def _print_row(set_name: str, row: dict[str, Any]) -> None:
     )
     print(
         f"[{set_name}] {row['name']:<40} ppl={row['perplexity']:8.1f} "
-        f"d2={row['distinct_2']:.2f} degen={row['degenerate_frac']:.0%} gap={gap} "
+        f"d2={row['distinct_2']:.2f} sbleu={format_or_na(row['self_bleu'], '.2f')} "
+        f"degen={row['degenerate_frac']:.0%} gap={gap} "
         f"s/100tok={row['seconds_per_100_tokens']:.2f}  {rw}  {judged}",
         flush=True,
     )

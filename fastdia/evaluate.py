@@ -14,6 +14,8 @@ prompts of the set:
 * ``distinct_1``/``distinct_2``: per prompt, the distinct token uni-/bigrams of its
   samples' continuations divided by their count, averaged over prompts (the DExperts
   protocol);
+* ``self_bleu``: each continuation's BLEU-4 against the other continuations of its prompt,
+  averaged (higher: less diverse; :func:`fastdia.stats.self_bleu`);
 * ``degenerate_frac``: the fraction of samples whose continuation is degenerate (fewer
   than 60% of its bigrams distinct, or one token filling more than a quarter of it);
 * ``prompt_gap``: the base model's mean NLL per token of a continuation after another
@@ -147,6 +149,10 @@ def summarise(
     nll_own = torch.cat([x.flatten() for x in own])
     degenerate = [is_degenerate(g) for g in generated]
     prompt_of = [i for i, b in enumerate(batches) for _ in range(b.ids.shape[0])]
+    groups = [
+        [g for g, p in zip(generated, prompt_of, strict=True) if p == i]
+        for i in range(len(batches))
+    ]
     gap = None
     if len(batches) > 1:
         other = [
@@ -170,6 +176,7 @@ def summarise(
         "perplexity": math.exp(nll_own.double().mean().item()),
         "distinct_1": distinct_by_prompt(prompt_of, generated, 1),
         "distinct_2": distinct_by_prompt(prompt_of, generated, 2),
+        "self_bleu": _nan_to_none(stats.self_bleu(groups)),
         "degenerate_frac": sum(degenerate) / len(generated),
         "prompt_gap": gap,
         "seconds_per_100_tokens": 100 * seconds / n_tokens,
@@ -189,6 +196,10 @@ def summarise(
         **judged,
     )
     return row, samples
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def judge_row(
@@ -373,6 +384,10 @@ def sampler_method(sampler: Any, num_samples: int, new_tokens: int) -> Method:
     return run
 
 
+def format_or_na(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
 def _ci(row: dict[str, Any], metric: str, fmt: str) -> str:
     lo_hi = row.get("ci", {}).get(metric)
     return "" if lo_hi is None else f" [{format(lo_hi[0], fmt)}, {format(lo_hi[1], fmt)}]"
@@ -391,10 +406,10 @@ def markdown_table(result: dict[str, Any], reward_name: str) -> str:
     extra_head = (f" | positive ({sent_judge}) | hacking" if sent_judge else "") + (
         f" | perplexity ({lm_judge})" if lm_judge else ""
     )
-    columns = 9 + (2 if sent_judge else 0) + (1 if lm_judge else 0)
+    columns = 10 + (2 if sent_judge else 0) + (1 if lm_judge else 0)
     head = (
-        f"| prompts | row | positive | {reward_name} | perplexity | distinct-2 | degenerate "
-        f"| prompt gap | s / 100 tok{extra_head} |\n|" + "---|" * columns + "\n"
+        f"| prompts | row | positive | {reward_name} | perplexity | distinct-2 | self-BLEU "
+        f"| degenerate | prompt gap | s / 100 tok{extra_head} |\n|" + "---|" * columns + "\n"
     )
     lines, notes = [], []
     for set_name, rows in result["sets"].items():
@@ -419,6 +434,7 @@ def markdown_table(result: dict[str, Any], reward_name: str) -> str:
                 f"| {set_name} | {row['name']} | {positive} | {entry['mean']:+.3f} | "
                 f"{row['perplexity']:.1f}{_ci(row, 'perplexity', '.1f')} | "
                 f"{row['distinct_2']:.2f}{_ci(row, 'distinct_2', '.2f')} | "
+                f"{format_or_na(row.get('self_bleu'), '.2f')} | "
                 f"{row['degenerate_frac']:.0%} | {'n/a' if gap is None else f'{gap:.2f}'} | "
                 f"{row['seconds_per_100_tokens']:.2f}{extra} |"
             )

@@ -22,6 +22,8 @@ as plain numbers (:func:`dominates`).
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -200,3 +202,41 @@ def dominates(
     if any(v < 0 for v in verdicts) or seconds_a > seconds_b:
         return False
     return any(v > 0 for v in verdicts) or seconds_a < seconds_b
+
+
+def bleu(hypothesis: Sequence[int], references: Sequence[Sequence[int]], order: int = 4) -> float:
+    """Sentence BLEU of ``hypothesis`` against ``references`` (token ids): the geometric
+    mean of the clipped n-gram precisions for n = 1 .. ``order`` (a precision with no match
+    counts 0.1 matches, NLTK's smoothing method 1) times the brevity penalty against the
+    reference closest in length. 0 for an empty hypothesis or no references."""
+    if not hypothesis or not references:
+        return 0.0
+    log_sum = 0.0
+    for n in range(1, order + 1):
+        grams = Counter(tuple(hypothesis[i : i + n]) for i in range(len(hypothesis) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            return 0.0
+        most: Counter = Counter()
+        for ref in references:
+            ref_grams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+            most |= ref_grams
+        matches = sum(min(c, most[g]) for g, c in grams.items())
+        log_sum += math.log((matches if matches else 0.1) / total)
+    hyp_len = len(hypothesis)
+    ref_len = min((len(r) for r in references), key=lambda r: (abs(r - hyp_len), r))
+    penalty = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return penalty * math.exp(log_sum / order)
+
+
+def self_bleu(groups: Sequence[Sequence[Sequence[int]]], order: int = 4) -> float:
+    """Self-BLEU (Zhu et al. 2018, Texygen): each sample's :func:`bleu` against the other
+    samples of its group (one prompt's samples), averaged over all samples of groups with
+    at least two; higher means less diverse. NaN when no group has two samples."""
+    scores = [
+        bleu(sample, [other for j, other in enumerate(group) if j != i], order)
+        for group in groups
+        if len(group) > 1
+        for i, sample in enumerate(group)
+    ]
+    return sum(scores) / len(scores) if scores else math.nan

@@ -10,6 +10,7 @@ import torch
 from fastdia.errors import ConfigError
 from fastdia.stats import (
     RowSamples,
+    bleu,
     compare,
     distinct_by_prompt,
     distinct_n,
@@ -17,6 +18,7 @@ from fastdia.stats import (
     interval,
     replicates,
     resample_prompts,
+    self_bleu,
 )
 
 
@@ -95,3 +97,20 @@ def test_compare_and_dominates_by_hand():
     assert dominates(ties, b, 0.5, 1.0)  # tied everywhere and faster: yes
     worse_ppl = {"positive_frac": clearly_more, "perplexity": clearly_more}  # higher ppl
     assert not dominates(worse_ppl, b, 0.5, 1.0)
+
+
+def test_bleu_and_self_bleu_by_hand():
+    assert bleu([1, 2, 3, 4], [[1, 2, 3, 4]]) == pytest.approx(1.0)
+    # p1 = 3/5, p2 = 2/4, p3 = 1/3, p4 = no match -> 0.1/2 (smoothing); same lengths
+    want = (3 / 5 * 2 / 4 * 1 / 3 * 0.1 / 2) ** 0.25
+    assert bleu([1, 2, 3, 4, 5], [[1, 2, 3, 9, 9]]) == pytest.approx(want)
+    # clipping: "7 7 7 7" against "7" matches one unigram of 4, no longer n-gram (0.1 of
+    # 3, 2, 1); longer than the reference: no brevity penalty
+    assert bleu([7, 7, 7, 7], [[7]]) == pytest.approx((1 / 4 * 0.1 / 3 * 0.1 / 2 * 0.1 / 1) ** 0.25)
+    # shorter than the closest reference (2 against 4): brevity penalty exp(1 - 4 / 2)
+    want = math.exp(1 - 4 / 2) * (2 / 2 * 1 / 1) ** 0.5
+    assert bleu([7, 8], [[7, 8, 9, 10]], order=2) == pytest.approx(want)
+    assert bleu([], [[1]]) == 0.0 and bleu([1], []) == 0.0
+    # self-BLEU: two identical samples score 1 each; a group of one is skipped
+    assert self_bleu([[[1, 2, 3, 4], [1, 2, 3, 4]], [[5, 6]]]) == pytest.approx(1.0)
+    assert math.isnan(self_bleu([[[1, 2]]]))

@@ -220,7 +220,7 @@ def test_demo_chat_writes_the_assistants_reply_only(default_base):
 
     config = sampler_config(sampling_settings(DEMO_CHECKPOINT))
     sampler = build_sampler(default_base, config, rewards=[("sentiment", 1.0)]).sampler
-    out = sampler.sample(4, 48, prompt="Tell me about your weekend.", seed=0, chat=True)
+    out = sampler.sample(4, 16, prompt="Tell me about your weekend.", seed=0, chat=True)
     template = default_base.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Tell me about your weekend."}],
         add_generation_prompt=True,

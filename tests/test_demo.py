@@ -19,7 +19,7 @@ DEMO_BUDGET_BYTES = 60 * 2**20
 # the acceptance command: no flags beyond these, no network
 DEFAULT_COMMAND = (
     *("sample", "--prompt", "The movie was", "--reward", "sentiment"),
-    *("--num-samples", "8", "--json"),
+    *("--num-samples", "8", "--new-tokens", "16", "--json"),  # one block
 )
 
 
@@ -119,7 +119,10 @@ def test_default_sample_command_uses_the_demo_and_reads_as_text(capsys, default_
 @pytest.mark.parametrize("reward", ["nontoxic", "sentiment:1,nontoxic:0.5"])
 def test_demo_critics_guide_other_rewards(capsys, default_base, reward):
     code = main(
-        ["sample", "--prompt", "I think", "--reward", reward, "--num-samples", "2", "--steps", "5"]
+        [
+            *("sample", "--prompt", "I think", "--reward", reward),
+            *("--num-samples", "2", "--steps", "5", "--new-tokens", "16"),
+        ]
     )
     out = capsys.readouterr()
     assert code == 0, out.err

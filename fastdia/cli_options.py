@@ -101,6 +101,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         f"mask: those tokens are never drawn, every sample has all its tokens ({ckpt} stop)",
     )
     p.add_argument(
+        "--tilt-horizon",
+        type=int,
+        default=None,
+        help="--decode lm: the tilt applies to each sample's first N generated tokens only, so "
+        f"that a long text gets the tilt of an N-token one (0: no horizon) ({ckpt} 0)",
+    )
+    p.add_argument(
         "--tilt-once",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -106,12 +106,16 @@ class DecodeConfig:
             prompt does not count): repeating a well-scored word gains nothing, which
             keeps a strong tilt from writing "great great love love". The target is then
             no longer exactly ``p(x) exp(lambda h(x))`` but ``h`` over distinct tokens.
+        tilt_horizon: the tilt applies to a row's first ``tilt_horizon`` generated tokens
+            only (0: to all of them): a long text then gets the tilt a text of that many
+            tokens gets, instead of a total that grows with its length.
     """
 
     temperature: float = 1.0
     latent_weight: float = 1.0
     tilt: float = 0.0
     tilt_once: bool = False
+    tilt_horizon: int = 0
 
     def __post_init__(self) -> None:
         check_positive(self.temperature, "the LM decode's temperature")
@@ -119,6 +123,14 @@ class DecodeConfig:
         check_positive(self.tilt, "the LM decode's tilt", allow_zero=True)
         if not isinstance(self.tilt_once, bool):
             raise ConfigError(f"tilt_once must be true or false, got {self.tilt_once!r}")
+        if (
+            isinstance(self.tilt_horizon, bool)
+            or not isinstance(self.tilt_horizon, int)
+            or self.tilt_horizon < 0
+        ):
+            raise ConfigError(
+                f"tilt_horizon must be an integer >= 0 (0: no horizon), got {self.tilt_horizon!r}"
+            )
 
 
 def token_values(
@@ -259,7 +271,7 @@ class DecodePlan:
         tilt = beta * token_values(critics, weight, c) if beta and critics else None
         if tilt is not None:
             bias += tilt
-        spent = bias - tilt if tilt is not None else None
+        spent = bias - tilt if tilt is not None else None  # the bias without the tilt
         if banned:
             from fastdia.window import BANNED_SCORE
 
@@ -267,6 +279,8 @@ class DecodePlan:
             if spent is not None:
                 spent[list(banned)] = BANNED_SCORE
         self.bias = bias
+        self._horizon = cfg.tilt_horizon if tilt is not None else 0
+        self._untilted = spent
         # tilt_once: a per-row bias [B, V] that loses a token's tilt once it is drawn
         once = cfg.tilt_once and tilt is not None
         self.row_bias = bias.repeat(self.batch_size, 1) if once else None
@@ -344,6 +358,8 @@ class DecodePlan:
             latent = st.latent.index_select(1, st.generated % st.block)[:, 0]
             query = query + self.alpha * latent
         bias = self.bias if self.row_bias is None else self.row_bias
+        if self._horizon:  # past the horizon the tilt is gone
+            bias = torch.where(st.generated >= self._horizon, self._untilted, bias)
         if self.tied:
             return ops.sample_vocab(
                 query,

@@ -164,6 +164,7 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         latent_weight=settings["latent_weight"],
         tilt=settings["tilt"],
         tilt_once=settings["tilt_once"],
+        tilt_horizon=settings["tilt_horizon"],
     )
     return SamplerConfig(
         sampler=settings["sampler"],

@@ -99,6 +99,9 @@ def test_decode_config_rejects_bad_weights(kw):
 def test_decode_config_rejects_a_non_boolean_tilt_once():
     with pytest.raises(ConfigError, match="tilt_once must be true or false"):
         DecodeConfig(tilt_once=1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="tilt_horizon must be an integer >= 0"):
+            DecodeConfig(tilt_horizon=bad)
 
 
 def test_tilt_once_stops_a_strong_tilt_from_repeating(tiny_base, tiny_models):
@@ -136,6 +139,8 @@ def _direct_decode(base, z, prompts, seeds, abar, cfg, tilt_values, banned):
             tilt = cfg.tilt * tilt_values.clone()
             if cfg.tilt_once:  # tokens already drawn in the continuation earn nothing
                 tilt[new] = 0.0
+            if cfg.tilt_horizon and g >= cfg.tilt_horizon:  # past the horizon: no tilt
+                tilt.zero_()
             scores = logp + cfg.latent_weight * log_gauss + tilt
             scores[0, list(banned)] = -1e9
             tok = gumbel_argmax(scores, seed=seeds[b], step=DECODE_STEP + g)
@@ -176,6 +181,7 @@ def _run(plan):
         DecodeConfig(0.7, 0.5, 2.0),
         DecodeConfig(1.0, 0.0, 1.0),
         DecodeConfig(1.0, 0.2, 40.0, tilt_once=True),  # a tilt strong enough to repeat
+        DecodeConfig(0.9, 0.2, 40.0, tilt_once=True, tilt_horizon=3),
     ],
 )
 def test_fused_tied_decode_equals_direct_lm_plus_gaussian(tiny_base, cfg):

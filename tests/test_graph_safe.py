@@ -217,7 +217,7 @@ def test_lm_block_loop_is_graph_safe(tiny_base, tiny_models, latent_weight, once
     nothing off the device, no factory op outside the constants above; the counters
     advance on the device, and the result is run()'s."""
     denoiser, critic = tiny_models
-    lm = DecodeConfig(latent_weight=latent_weight, tilt=1.0, tilt_once=once)
+    lm = DecodeConfig(latent_weight=latent_weight, tilt=1.0, tilt_once=once, tilt_horizon=5 * once)
     cfg = SamplerConfig(steps=3, guidance=1.0, decode="lm", stop_at=0.5, lm=lm, block_size=4)
     critics = [WeightedCritic("sentiment", critic)]
     s = Sampler(denoiser, tiny_base.space, critics, cfg, base_model=tiny_base)

@@ -174,6 +174,7 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "latent_weight": SamplingKey(1.0, "a finite number >= 0"),
     "tilt": SamplingKey(0.0, "a finite number >= 0"),
     "tilt_once": SamplingKey(False, "true or false"),
+    "tilt_horizon": SamplingKey(0, "an integer >= 0 (0: no horizon)"),
     "block_size": SamplingKey(0, "an integer >= 0 (0: half the denoiser's window)"),
     "on_eos": SamplingKey("stop", "stop or mask"),
 }

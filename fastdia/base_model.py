@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fastdia.embedding import EmbeddingSpace
-from fastdia.errors import AssetMissingError
+from fastdia.errors import AssetMissingError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -233,4 +233,38 @@ def load_base_model(
     base = BaseModel(str(name_or_path), tokenizer, space, loader=load_lm)
     base._model = preloaded
     log.info("loaded base model %s in %.2f s", name_or_path, time.perf_counter() - start)
+    return base
+
+
+def wrap_base_model(model: Any, tokenizer: Any, *, name: str | None = None) -> BaseModel:
+    """A :class:`BaseModel` over an already-loaded ``transformers`` causal LM and tokenizer
+    (for pipelines that hold them already); nothing is loaded or copied but the input
+    embedding matrix (float32, on the model's device).
+
+    A checkpoint built for another base model is refused later, when it is loaded against
+    this model's embeddings (the fingerprint check of
+    :func:`fastdia.models.checkpoint.load_checkpoint`).
+
+    Raises:
+        ConfigError: ``model`` has no input embeddings, or the tokenizer's vocabulary is
+            larger than the embedding matrix.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is None or getattr(embeddings, "weight", None) is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no input embeddings: pass a transformers causal LM "
+            "(e.g. AutoModelForCausalLM.from_pretrained(...))"
+        )
+    weight = embeddings.weight.detach().to(torch.float32).clone()
+    if len(tokenizer) > weight.shape[0]:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model embeds {weight.shape[0]}: "
+            "pass the tokenizer that belongs to this model"
+        )
+    model = model.eval().requires_grad_(False)
+    label = name or getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+    space = EmbeddingSpace(weight, tokenizer).to(weight.device)
+    base = BaseModel(str(label), tokenizer, space, loader=lambda: model)
+    base._model = model
     return base

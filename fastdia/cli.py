@@ -22,14 +22,12 @@ from fastdia.cli_options import (
 )
 from fastdia.device import default_device
 from fastdia.errors import FastdiaError
+from fastdia.generate import DEFAULT_NEW_TOKENS, DEFAULT_REWARD
 
 if TYPE_CHECKING:
     from fastdia.prompts import PromptRecord
 
 log = logging.getLogger("fastdia")
-
-DEFAULT_REWARD = "sentiment"
-DEFAULT_NEW_TOKENS = 32
 
 
 def _add_sample_parser(sub: Any) -> None:
@@ -136,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(sub)
-    from fastdia import cli_eval, cli_profile, cli_train
+    from fastdia import cli_eval, cli_generate, cli_profile, cli_serve, cli_train
 
+    cli_generate.add_parser(sub)
+    cli_serve.add_parser(sub)
     cli_train.add_parsers(sub)
     cli_eval.add_parser(sub)
     cli_profile.add_parser(sub)

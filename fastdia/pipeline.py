@@ -21,6 +21,7 @@ from fastdia.errors import CheckpointError, ConfigError
 from fastdia.models.checkpoint import (
     DENOISER_STEM,
     SAMPLING_KEYS,
+    Checkpoint,
     load_checkpoint,
     sampling_defaults,
 )
@@ -100,6 +101,7 @@ def build_sampler(
     random_init: bool = False,
     length: int = 32,
     device: torch.device | str = "cpu",
+    loaded: Checkpoint | None = None,
 ) -> Assembly:
     """Build a :class:`Sampler` guided by one critic per ``(reward name, weight)``.
 
@@ -111,6 +113,8 @@ def build_sampler(
         random_init: use untrained models instead of a checkpoint.
         length: the sequence length to be sampled (sizes a random denoiser).
         device: where to run.
+        loaded: ``checkpoint`` already loaded (by :func:`load_checkpoint`), to build
+            several samplers over one copy of its models.
 
     Raises:
         CheckpointError: no checkpoint and no ``random_init``, a missing critic, or a
@@ -121,21 +125,26 @@ def build_sampler(
         denoiser, critics = random_models(base, names, length=length, device=device)
     else:
         checkpoint = resolve_checkpoint(checkpoint)
-        ckpt = load_checkpoint(checkpoint, base.space, device=device)
+        ckpt = loaded or load_checkpoint(checkpoint, base.space, device=device)
         denoiser, critics = ckpt.denoiser, ckpt.critics
-        missing = [n for n in names if n not in critics]
-        if missing:
-            have = ", ".join(sorted(critics)) or "none"
-            raise CheckpointError(
-                f"checkpoint {checkpoint} has no critic for {', '.join(missing)} "
-                f"(it has: {have}); train one with `fastdia train-critic --reward {missing[0]}` "
-                "or pick a reward it has"
-            )
+        check_critics(checkpoint, critics, names)
     if config.guidance and not rewards:
         raise ConfigError("guidance needs at least one reward (--reward NAME)")
     weighted = [WeightedCritic(name, critics[name], weight) for name, weight in rewards]
     sampler = Sampler(denoiser, base.space, weighted, config, device=device, base_model=base)
     return Assembly(sampler, weighted)
+
+
+def check_critics(checkpoint: Path, critics: Sequence[str], names: Sequence[str]) -> None:
+    """Raise CheckpointError unless the checkpoint has a critic for every reward name."""
+    missing = [n for n in names if n not in critics]
+    if missing:
+        have = ", ".join(sorted(critics)) or "none"
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no critic for {', '.join(missing)} "
+            f"(it has: {have}); train one with `fastdia train-critic --reward {missing[0]}` "
+            "or pick a reward it has"
+        )
 
 
 def sampling_settings(checkpoint: Path | None, **given: Any) -> dict[str, Any]:

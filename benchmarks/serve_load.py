@@ -67,6 +67,7 @@ class Answer:
     text: str | None = None
     tokens: int = 0
     error: str | None = None
+    overhead_ms: float | None = None  # the server's own account: time beyond wait and sampling
 
 
 def post(
@@ -146,6 +147,7 @@ class LoadResult:
     def summary(self) -> dict[str, Any]:
         valid = [a for a in self.answers if a.kind == "valid" and a.status == 200]
         lat = sorted(a.seconds for a in valid)
+        over = sorted(a.overhead_ms for a in valid if a.overhead_ms is not None)
         by_kind: dict[str, Counter[int]] = {}
         for a in self.answers:
             by_kind.setdefault(a.kind, Counter())[a.status] += 1
@@ -160,6 +162,10 @@ class LoadResult:
                 "p50": round(statistics.median(lat), 3) if lat else None,
                 "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
                 "max": round(lat[-1], 3) if lat else None,
+            },
+            "overhead_ms": {
+                "p50": round(statistics.median(over), 3) if over else None,
+                "p99": round(over[min(len(over) - 1, int(0.99 * len(over)))], 3) if over else None,
             },
             "status_by_kind": {
                 k: {str(s): n for s, n in sorted(c.items())} for k, c in sorted(by_kind.items())
@@ -213,6 +219,7 @@ def run_load(
                 if status == 200 and isinstance(payload, dict):
                     answer.text = payload["choices"][0]["text"]
                     answer.tokens = payload["usage"]["completion_tokens"]
+                    answer.overhead_ms = payload["fastdia"]["timing_ms"]["overhead"]
                 elif isinstance(payload, dict) and "error" in payload:
                     answer.error = payload["error"]["message"][:200]
             with lock:

@@ -41,6 +41,8 @@ class Row:
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    started: float = 0.0  # when its batch started and finished (time.monotonic)
+    finished: float = 0.0
 
 
 def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
@@ -186,6 +188,9 @@ class Batcher:
                 continue
             size = next(s for s in self.batch_sizes if s >= len(batch))
             start = time.perf_counter()
+            started = time.monotonic()
+            for row in batch:
+                row.started = started
             try:
                 result = self.generator.run_batch(
                     batch[0].key, [r.prompt for r in batch], [r.seed for r in batch], pad_to=size
@@ -197,7 +202,9 @@ class Batcher:
                     row.loop.call_soon_threadsafe(_resolve, row.future, None, exc)
                 continue
             self.stats.busy_seconds += time.perf_counter() - start
+            finished = time.monotonic()
             self.stats.batch_sizes[size] += 1
             self.stats.rows += len(batch)
             for row, generation in zip(batch, result.generations, strict=True):
+                row.finished = finished
                 row.loop.call_soon_threadsafe(_resolve, row.future, generation, None)

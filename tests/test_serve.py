@@ -140,6 +140,8 @@ def test_completions_match_the_python_api(generator):
     assert body["usage"]["completion_tokens"] == 24 and body["object"] == "text_completion"
     assert body["choices"][0]["finish_reason"] == "length"
     assert set(body["choices"][0]["rewards"]) == {"sentiment", "total"}
+    timing = body["fastdia"]["timing_ms"]
+    assert timing["sample"] > 0 and timing["total"] >= timing["sample"] + timing["wait"]
 
 
 BAD = [

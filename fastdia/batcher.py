@@ -2,7 +2,9 @@
 
 A request adds its rows (one per prompt and sample) to a bounded queue and awaits their
 futures. The worker takes the oldest waiting row, waits up to ``max_wait`` (from that row's
-arrival) for more rows with the same settings (:class:`~fastdia.generate.GroupKey`), takes
+arrival, or from the end of the previous batch if that is later, so that the clients just
+answered can join) for more rows with the same settings
+(:class:`~fastdia.generate.GroupKey`), takes
 at most the largest batch size, pads to the smallest configured batch size that holds them
 (so a few captured plans serve every batch) and runs them through
 :meth:`fastdia.generate.Generator.run_batch`. Rows of a request whose client went away are
@@ -107,6 +109,7 @@ class Batcher:
         self._pending: deque[Row] = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self._free_since = 0.0  # when the worker finished its last batch (time.monotonic)
         self._thread = threading.Thread(target=self._work, name="fastdia-batcher", daemon=True)
 
     @property
@@ -165,7 +168,7 @@ class Batcher:
                     return None
                 self._cond.wait()
             first = self._pending[0]
-            deadline = first.enqueued + self.max_wait
+            deadline = max(first.enqueued, self._free_since) + self.max_wait
             while True:
                 mates = [r for r in self._pending if r.key == first.key and not r.cancelled]
                 left = deadline - time.monotonic()
@@ -200,9 +203,10 @@ class Batcher:
                 self.stats.failed += len(batch)
                 for row in batch:
                     row.loop.call_soon_threadsafe(_resolve, row.future, None, exc)
+                self._free_since = time.monotonic()
                 continue
             self.stats.busy_seconds += time.perf_counter() - start
-            finished = time.monotonic()
+            finished = self._free_since = time.monotonic()
             self.stats.batch_sizes[size] += 1
             self.stats.rows += len(batch)
             for row, generation in zip(batch, result.generations, strict=True):

@@ -52,8 +52,13 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def batch_sizes(max_batch: int) -> tuple[int, ...]:
-    """Powers of two up to ``max_batch``, and ``max_batch`` itself: the padded plan sizes."""
+def batch_sizes(max_batch: int, device: str) -> tuple[int, ...]:
+    """The padded batch sizes: on a GPU, powers of two up to ``max_batch`` and
+    ``max_batch`` itself (a few captured graphs serve every batch; padding rows cost
+    little); on a CPU every size up to ``max_batch`` (no graphs; a padding row costs as much
+    as a real one)."""
+    if device != "cuda":
+        return tuple(range(1, max_batch + 1))
     sizes = {max_batch}
     size = 1
     while size < max_batch:
@@ -82,13 +87,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning(
             "serving on %s without an API key: anyone who can reach it can use it", args.host
         )
+    generator = generator_from_args(args, reward=args.reward)
     limits = ServeLimits(
         max_tokens=args.max_tokens,
         max_queue=args.max_queue,
         max_wait_ms=args.max_wait_ms,
-        batch_sizes=batch_sizes(args.max_batch),
+        batch_sizes=batch_sizes(args.max_batch, str(generator.device).split(":")[0]),
     )
-    generator = generator_from_args(args, reward=args.reward)
     app = create_app(generator, limits=limits, api_key=api_key, model_name=args.model_name)
     import uvicorn
 

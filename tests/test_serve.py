@@ -76,9 +76,10 @@ class FakeGenerator:
         return type("R", (), {"generations": gens})
 
 
-def test_batch_sizes_are_powers_of_two_and_the_maximum():
-    assert batch_sizes(16) == (1, 2, 4, 8, 16) and batch_sizes(12) == (1, 2, 4, 8, 12)
-    assert batch_sizes(1) == (1,)
+def test_batch_sizes_are_powers_of_two_on_a_gpu_and_every_size_on_a_cpu():
+    assert batch_sizes(16, "cuda") == (1, 2, 4, 8, 16)
+    assert batch_sizes(12, "cuda") == (1, 2, 4, 8, 12) and batch_sizes(1, "cuda") == (1,)
+    assert batch_sizes(5, "cpu") == (1, 2, 3, 4, 5)
 
 
 def test_batcher_groups_by_settings_pads_and_bounds_its_queue():
@@ -255,16 +256,18 @@ def test_small_load_and_fault_run(generator):
             oversized_frac=0.1,
         )
         health = get("127.0.0.1", port, "/health")
-    summary = load.summary()
-    assert summary["requests"] == 40 and summary["lost"] == 0
-    assert summary["server_errors_5xx"] == 0 and summary["bad_accepted"] == 0
-    valid = [a for a in load.answers if a.kind == "valid"]
-    assert valid and all(a.status == 200 for a in valid)
-    assert all(400 <= a.status < 500 for a in load.answers if a.kind != "valid")
-    assert any(int(size) > 1 for size in health["batch_sizes"]), health
-    for a in valid[:8]:
-        want = generator.generate(a.prompt, new_tokens=6, seed=a.seed).generations[0]
-        assert a.text == want.completion
+        summary = load.summary()
+        assert summary["requests"] == 40 and summary["lost"] == 0
+        assert summary["server_errors_5xx"] == 0 and summary["bad_accepted"] == 0
+        valid = [a for a in load.answers if a.kind == "valid"]
+        assert valid and all(a.status == 200 for a in valid)
+        assert all(400 <= a.status < 500 for a in load.answers if a.kind != "valid")
+        assert any(int(size) > 1 for size in health["batch_sizes"]), health
+        want = generator.generate(
+            [a.prompt for a in valid], new_tokens=6, seed=[a.seed for a in valid], batch_size=8
+        )
+        assert [a.text for a in valid] == [g.completion for g in want.generations]
+        assert _post(port, {"prompt": "x", "max_tokens": 4})[0] == 200  # alive afterwards
 
 
 def test_sigterm_drains_requests_in_flight(tiny_model_dir):

@@ -14,7 +14,7 @@ from fastdia.profile import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "environment", "write_result"]
+__all__ = ["RESULTS", "emit_result", "environment", "split_passthrough", "write_result"]
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
@@ -23,3 +23,30 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
     return path
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` split at ``--``: the script's own options, and those it passes on."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def emit_result(script: str, argv: list[str], out: str | None, fields: dict[str, Any]) -> None:
+    """Print (and write to ``out``) one benchmark result: the device, git sha, date and
+    versions, the command (``python -m benchmarks.<script> ARGV``), then ``fields``."""
+    env = environment("cpu")
+    result = {
+        "device": env["device"],
+        "git_sha": env["git_sha"],
+        "date": env["date"],
+        "versions": {k: env.get(k) for k in ("python", "torch", "triton", "fastdia")},
+        "command": f"python -m benchmarks.{script} " + " ".join(argv),
+        **fields,
+    }
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text)

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import emit_result, split_passthrough
+
 log = logging.getLogger("job_resume")
 
 
@@ -38,10 +40,8 @@ def _lines(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m benchmarks.job_resume " + " ".join(argv)
-    job_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    full_argv = list(sys.argv[1:] if argv is None else argv)
+    argv, job_args = split_passthrough(full_argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.job_resume", description=__doc__)
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--kills", type=int, default=3)
@@ -101,26 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         log.info("kill %d: %s", k + 1, kills[-1])
     subprocess.run([*cmd, "--output", str(part)], check=True, stderr=subprocess.DEVNULL)
     identical = _sorted(full) == _sorted(part)
-    from fastdia.profile import environment
-
-    env = environment("cpu")
-    result = {
-        "device": env["device"],
-        "git_sha": env["git_sha"],
-        "date": env["date"],
-        "versions": {k: env.get(k) for k in ("python", "torch", "fastdia")},
-        "command": command,
-        "requests": args.requests,
-        "uninterrupted_seconds": round(uninterrupted, 1),
-        "kills": kills,
-        "lines": _lines(full),
-        "identical_after_sorting_by_id": identical,
-    }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_result(
+        "job_resume",
+        full_argv,
+        args.out,
+        {
+            "requests": args.requests,
+            "uninterrupted_seconds": round(uninterrupted, 1),
+            "kills": kills,
+            "lines": _lines(full),
+            "identical_after_sorting_by_id": identical,
+        },
+    )
     return 0 if identical else 1
 
 

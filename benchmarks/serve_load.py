@@ -38,9 +38,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from benchmarks.common import emit_result, split_passthrough
 
 log = logging.getLogger("serve_load")
 
@@ -249,7 +250,10 @@ def python_api_texts(
     for first in range(0, len(rows), batch_size):
         part = rows[first : first + batch_size]
         out = generator.run_batch(
-            key, [p for p, _ in part], [s for _, s in part], pad_to=batch_size
+            key,
+            [p for p, _ in part],
+            [s for _, s in part],
+            pad_to=batch_size if generator.pads else None,
         )
         for row, g in zip(part, out.generations, strict=True):
             texts[row] = g.completion
@@ -280,10 +284,8 @@ def start_server(port: int, server_args: list[str]) -> subprocess.Popen[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m benchmarks.serve_load " + " ".join(argv)
-    server_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    full_argv = list(sys.argv[1:] if argv is None else argv)
+    argv, server_args = split_passthrough(full_argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__)
     p.add_argument("--url", default=None, help="a running server (default: start one)")
     p.add_argument("--clients", type=int, default=16)
@@ -351,23 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             summary["texts_differing_from_python_api"] = sum(
                 1 for a in valid if texts[(a.prompt, a.seed)] != a.text
             )
-    from fastdia.profile import environment
-
-    env = environment("cpu")
-    result = {
-        "device": env["device"],
-        "git_sha": env["git_sha"],
-        "date": env["date"],
-        "versions": {k: env.get(k) for k in ("python", "torch", "fastdia")},
-        "threads": os.environ.get("OMP_NUM_THREADS"),
-        "command": command,
-        **summary,
-    }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    summary["threads"] = os.environ.get("OMP_NUM_THREADS")
+    emit_result("serve_load", full_argv, args.out, summary)
     return 0
 
 

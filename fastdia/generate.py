@@ -171,6 +171,9 @@ class Generator:
         sampler_config(self.settings, backend=backend)  # range checks, before loading
         self.default_reward = canonical_reward(reward)
         self.device = default_device(device)
+        # pad short batches to the batch size on a GPU (one captured plan serves them);
+        # on a CPU a padding row costs as much as a real one
+        self.pads: bool = str(self.device).startswith("cuda")
         for op in ops.SAMPLER_OPS:
             registry.resolve_backend(backend, op, self.device)
         if model is not None:
@@ -381,7 +384,9 @@ class Generator:
         size = min(batch_size, len(rows))
         for first in range(0, len(rows), size):
             part = rows[first : first + size]
-            batch = self.run_batch(key, [p for p, _ in part], [s for _, s in part], pad_to=size)
+            batch = self.run_batch(
+                key, [p for p, _ in part], [s for _, s in part], pad_to=size if self.pads else None
+            )
             result.generations += batch.generations
             result.sampling_seconds += batch.sampling_seconds
         result.seconds = time.perf_counter() - start

@@ -278,7 +278,8 @@ def run_job(
         generator: a :class:`fastdia.generate.Generator`.
         requests: the valid requests (checked: see :func:`check_requests`).
         output: the JSONL output (created, or resumed).
-        batch_size: rows per batch; a short last batch of a group runs padded to it.
+        batch_size: rows per batch; a short last batch of a group runs padded to it where
+            ``generator.pads`` (on a GPU).
         on_start: called once with the number of requests left to write.
         on_batch: called after each written batch with (rows written, tokens, seconds).
     """
@@ -302,7 +303,10 @@ def run_job(
         for batch in pending_batches(cut_batches(requests, batch_size), done):
             t0 = time.perf_counter()
             result = generator.run_batch(
-                batch[0].key, [r.prompt for r in batch], [r.seed for r in batch], pad_to=batch_size
+                batch[0].key,
+                [r.prompt for r in batch],
+                [r.seed for r in batch],
+                pad_to=batch_size if generator.pads else None,
             )
             lines = [
                 json.dumps(record(r, g, generator.guidance(r.key.guidance)), ensure_ascii=False)

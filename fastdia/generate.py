@@ -54,12 +54,13 @@ class GroupKey:
 class Generation:
     """One sample: its prompt and text, and what the reward and the critics say of it.
 
-    ``text`` is what the reward reads (the prompt and the completion; with ``chat`` the
-    assistant's reply only); ``completion`` is the generated text alone, ``new_tokens`` its
-    token count (fewer than asked when the row ``finished`` at an end token).
+    ``prompt`` is as given (text, token ids or None); ``text`` is what the reward reads (the
+    prompt and the completion; with ``chat`` the assistant's reply only); ``completion`` is
+    the generated text alone, ``new_tokens`` its token count (fewer than asked when the row
+    ``finished`` at an end token).
     """
 
-    prompt: str | None
+    prompt: Prompt
     text: str
     completion: str
     completion_ids: list[int]
@@ -279,7 +280,7 @@ class Generator:
     def run_batch(
         self,
         key: GroupKey,
-        prompts: Sequence[str | None],
+        prompts: Sequence[Prompt],
         seeds: Sequence[int],
         *,
         pad_to: int | None = None,

@@ -130,13 +130,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise FastdiaError("--output is the --input file; pass another --output")
     if output.is_dir():
         raise FastdiaError(f"--output {output} is a folder; pass a file path")
-    defaults = JobDefaults(args.reward, args.guidance, args.new_tokens, args.chat, args.seed)
+    # a line without 'guidance' runs with the generator's (--guidance, else sampling.json)
+    defaults = JobDefaults(args.reward, None, args.new_tokens, args.chat, args.seed)
     requests, bad = read_requests(args.input, defaults)
     if bad and not args.skip_bad:
         raise FastdiaError(_bad_message(bad, args.input))
 
-    generator = generator_from_args(args, reward=args.reward)
-    generator.assembly(args.reward, args.guidance)  # the job's own settings fail the job
+    generator = generator_from_args(args, reward=args.reward)  # bad job settings fail here
     requests, late = check_requests(generator, requests)
     bad = sorted(bad + late, key=lambda b: b.line)
     if late and not args.skip_bad:

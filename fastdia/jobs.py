@@ -251,7 +251,6 @@ class JobReport:
     """What a run of a job did."""
 
     requests: int
-    bad: int
     already_done: int
     written: int
     new_tokens: int
@@ -297,7 +296,7 @@ def run_job(
     already = len(done)
     if on_start is not None:
         on_start(len(known - done))
-    report = JobReport(len(requests), 0, already, 0, 0, 0.0)
+    report = JobReport(len(requests), already, 0, 0, 0.0)
     start = time.perf_counter()
     with output.open("ab") as f:
         for batch in pending_batches(cut_batches(requests, batch_size), done):

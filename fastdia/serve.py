@@ -137,7 +137,7 @@ def create_app(
 
     The batcher's worker starts with the application's lifespan and drains at its end.
     """
-    from fastapi import FastAPI, Request
+    from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -229,9 +229,8 @@ def create_app(
             **batcher.stats.to_dict(),
         }
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
         return {
             "object": "list",
             "data": [
@@ -244,10 +243,10 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/completions")
+    # the key is checked before the body is validated (a dependency runs first)
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> dict[str, Any]:
         arrived = time.monotonic()
-        authorize(request)
         if body.stream:
             raise ApiError(
                 400, "stream: streaming is not supported; leave it out or false", "stream"

@@ -192,6 +192,8 @@ def test_api_key(generator):
         assert _post(port, ok)[0] == 401
         assert _post(port, ok, headers={"Authorization": "Bearer nope"})[0] == 401
         assert _post(port, ok, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert _post(port, {"prompt": 3})[0] == 401  # the key before the body
+        assert get("127.0.0.1", port, "/health")["status"] == "ok"  # no key needed
 
 
 def test_a_full_queue_answers_503_and_the_server_recovers(generator):

@@ -171,6 +171,8 @@ class Generator:
         self.backend = backend
         sampler_config(self.settings, backend=backend)  # range checks, before loading
         self.default_reward = canonical_reward(reward)
+        if model is not None and device is None:  # where the given model already is
+            device = str(getattr(model, "device", "cpu"))
         self.device = default_device(device)
         # pad short batches to the batch size on a GPU (one captured plan serves them);
         # on a CPU a padding row costs as much as a real one
@@ -212,7 +214,9 @@ class Generator:
                 gives its request thread a copy of its own.
 
         Returns:
-            The prompt's token ids and ``key`` with its reward spec made canonical.
+            The prompt's token ids and ``key`` made canonical (the reward spec's canonical
+            form; a guidance equal to the settings' as None), so that equal settings share
+            batches and samplers.
 
         Raises:
             ConfigError / CheckpointError: naming the problem.
@@ -237,7 +241,8 @@ class Generator:
                 f"{self.block_size}) exceed the base model's context of {self.context} tokens; "
                 "shorten the prompt or ask for fewer new tokens"
             )
-        return ids, GroupKey(spec, key.guidance, key.new_tokens, key.chat)
+        guidance = None if key.guidance == self.settings["guidance"] else key.guidance
+        return ids, GroupKey(spec, guidance, key.new_tokens, key.chat)
 
     def rewards(self, spec: str) -> Any:
         """The :class:`~fastdia.rewards.WeightedReward` of ``spec`` (cached)."""

@@ -55,6 +55,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--prompts", default=None, help="file of prompts, one per line")
     p.add_argument("--shard-size", type=int, default=256, help="sequences per shard file")
+    p.add_argument(
+        "--states",
+        action="store_true",
+        help="also store the base model's last-layer hidden states of every window "
+        "(float16, d numbers per token: 1.2 KB per token for the default base model)",
+    )
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("train-denoiser", help="train the diffusion denoiser")
@@ -179,6 +185,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        states=args.states,
         progress=not args.no_progress,
     )
     print(json.dumps({"out": args.out, "num_sequences": args.num_sequences}))

@@ -193,6 +193,19 @@ def sample_continuations(
     return out[:, :length].cpu()
 
 
+STATES_KIND = "last-hidden-float16"  # what a shard's "states" are (meta.json "states")
+
+
+@torch.no_grad()
+def base_states(base: BaseModel, ids: torch.Tensor) -> torch.Tensor:
+    """The base model's last-layer hidden states of ``ids [n, L]`` (int64): ``[n, L, d]``
+    float16 on the CPU. The model is causal, so the states of any prefix of a window are
+    the first positions of the window's states."""
+    model = base.model
+    out = model(ids.to(model.device), output_hidden_states=True)
+    return out.hidden_states[-1].to(torch.float16).cpu()
+
+
 def generate_dataset(
     base: BaseModel,
     folder: str | Path,
@@ -205,13 +218,17 @@ def generate_dataset(
     temperature: float = 1.0,
     top_p: float = 0.95,
     seed: int = 0,
+    states: bool = False,
     progress: bool = True,
 ) -> Path:
     """Sample ``num_sequences`` windows of ``length`` tokens from the base model into shards.
 
     Each sequence is a prompt drawn from ``prompts`` followed by the model's sampled
     continuation (KV cache, ``temperature``/``top_p``), exactly ``length`` tokens in all.
-    Resumable: finished shards are kept and skipped.
+    With ``states`` each shard also holds the base model's last-layer hidden states of its
+    windows (:func:`base_states`, ``"states" [n, length, d]`` float16; read them with
+    :func:`load_states`): what a denoiser conditioned on the base model reads. Resumable:
+    finished shards are kept and skipped; a folder made with other settings is refused.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -232,6 +249,8 @@ def generate_dataset(
         "top_p": top_p,
         "seed": seed,
     }
+    if states:
+        meta["states"] = STATES_KIND
     meta_path = folder / "meta.json"
     if meta_path.is_file():
         import json
@@ -268,7 +287,12 @@ def generate_dataset(
             )
             bar.update(n)
         ids = torch.cat(rows).to(torch.int32).contiguous()
-        write_atomic(path, lambda tmp, ids=ids: save_file({"ids": ids}, tmp))
+        tensors = {"ids": ids}
+        if states:
+            tensors["states"] = torch.cat(
+                [base_states(base, r) for r in torch.split(ids.to(torch.int64), batch_size)]
+            ).contiguous()
+        write_atomic(path, lambda tmp, tensors=tensors: save_file(tensors, tmp))
     bar.close()
     return folder
 
@@ -291,6 +315,30 @@ def _load_generated(folder: Path) -> TokenDataset:
     ids = torch.cat([load_file(s)["ids"] for s in shards]).to(torch.int64)
     _require_windows(ids.shape[0], meta["length"], str(folder))
     return TokenDataset(ids, meta["fingerprint"], str(folder))
+
+
+def load_states(folder: str | Path) -> torch.Tensor:
+    """The stored base-model states of a generated dataset: ``[N, length, d]`` float16, in
+    the order of its windows (``make-data --states``).
+
+    Raises:
+        ConfigError: the folder was generated without states, or holds no shard.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("states") != STATES_KIND:
+        raise ConfigError(
+            f"{folder} holds no base-model states; make the data with `fastdia make-data --states`"
+        )
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    if not shards:
+        raise ConfigError(f"{folder} holds no shards yet; run `fastdia make-data` into it")
+    return torch.cat([load_file(s)["states"] for s in shards])
 
 
 def load_dataset(source: str, base: BaseModel, length: int) -> TokenDataset:

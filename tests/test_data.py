@@ -6,7 +6,13 @@ import pytest
 import torch
 from tiny import CORPUS
 
-from fastdia.data import generate_dataset, load_dataset, windows_from_texts
+from fastdia.data import (
+    base_states,
+    generate_dataset,
+    load_dataset,
+    load_states,
+    windows_from_texts,
+)
 from fastdia.errors import AssetMissingError, CheckpointError, ConfigError
 
 
@@ -106,3 +112,26 @@ def test_generated_data_of_another_base_model(tmp_path, tiny_base):
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="another base model"):
         load_dataset(str(folder), tiny_base, 6)
+
+
+def test_generated_data_with_base_model_states(tmp_path, tiny_base):
+    """--states: each window's last-layer states beside its ids, the same as a fresh
+    forward pass; a prefix's states are the window's first positions (causal)."""
+    kwargs = dict(num_sequences=12, length=8, shard_size=8, batch_size=4, seed=1)
+    kwargs |= dict(prompts=["The movie", "I love"], progress=False)
+    plain = generate_dataset(tiny_base, tmp_path / "plain", **kwargs)
+    with pytest.raises(ConfigError, match="holds no base-model states"):
+        load_states(plain)
+    folder = generate_dataset(tiny_base, tmp_path / "d", states=True, **kwargs)
+    data = load_dataset(str(folder), tiny_base, 8)
+    assert torch.equal(data.ids, load_dataset(str(plain), tiny_base, 8).ids)  # same draws
+    states = load_states(folder)
+    dim = tiny_base.space.dim
+    assert states.shape == (12, 8, dim) and states.dtype == torch.float16
+    fresh = base_states(tiny_base, data.ids[:3])
+    torch.testing.assert_close(states[:3].float(), fresh.float(), atol=1e-3, rtol=1e-3)
+    prefix = base_states(tiny_base, data.ids[:3, :5])
+    torch.testing.assert_close(prefix.float(), states[:3, :5].float(), atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(states[0].float(), states[1].float())
+    with pytest.raises(ConfigError, match="other settings"):
+        generate_dataset(tiny_base, folder, **kwargs)  # states off on a folder made with them

@@ -68,7 +68,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
         help="a resumable batch job: JSONL requests in, JSONL samples out",
-        description=__doc__.splitlines()[0],
+        description="A resumable batch job over a JSONL file of requests: run the same "
+        "command again after a crash and it resumes where the output stops.",
     )
     p.add_argument(
         "--input",

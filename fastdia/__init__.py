@@ -12,7 +12,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Generator": "fastdia.generate",
+    "Generation": "fastdia.generate",
+    "GenerateResult": "fastdia.generate",
     "load_base_model": "fastdia.base_model",
+    "wrap_base_model": "fastdia.base_model",
     "BaseModel": "fastdia.base_model",
     "EmbeddingSpace": "fastdia.embedding",
     "Sampler": "fastdia.sampler",

@@ -8,7 +8,7 @@ fails before any heavy work.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,7 @@ def build_sampler(
     return Assembly(sampler, weighted)
 
 
-def check_critics(checkpoint: Path, critics: Sequence[str], names: Sequence[str]) -> None:
+def check_critics(checkpoint: Path, critics: Collection[str], names: Sequence[str]) -> None:
     """Raise CheckpointError unless the checkpoint has a critic for every reward name."""
     missing = [n for n in names if n not in critics]
     if missing:

@@ -240,25 +240,15 @@ def python_api_texts(
 ) -> tuple[dict[tuple[str, int], str], float, int]:
     """The Python API's completion of every valid (prompt, seed), in batches of
     ``batch_size`` (the server's largest); returns the texts, the seconds and the tokens."""
-    from fastdia.generate import GroupKey
-
     rows = sorted({(a.prompt, a.seed) for a in answers if a.kind == "valid" and a.status == 200})
-    key = GroupKey(generator.default_reward, None, new_tokens, False)
-    texts: dict[tuple[str, int], str] = {}
-    tokens = 0
-    start = time.perf_counter()
-    for first in range(0, len(rows), batch_size):
-        part = rows[first : first + batch_size]
-        out = generator.run_batch(
-            key,
-            [p for p, _ in part],
-            [s for _, s in part],
-            pad_to=batch_size if generator.pads else None,
-        )
-        for row, g in zip(part, out.generations, strict=True):
-            texts[row] = g.completion
-            tokens += g.new_tokens
-    return texts, time.perf_counter() - start, tokens
+    out = generator.generate(
+        [p for p, _ in rows],
+        new_tokens=new_tokens,
+        seed=[s for _, s in rows],
+        batch_size=batch_size,
+    )
+    texts = {row: g.completion for row, g in zip(rows, out.generations, strict=True)}
+    return texts, out.seconds, out.new_tokens
 
 
 def free_port() -> int:

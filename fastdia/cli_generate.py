@@ -121,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Validate every line, load once, sample the missing ids, append batch by batch."""
     from tqdm import tqdm
 
-    from fastdia.jobs import JobDefaults, check_requests, read_requests, run_job, write_atomic
+    from fastdia.jobs import JobDefaults, check_requests, read_requests, run_job
+    from fastdia.models.checkpoint import write_atomic
     from fastdia.sampler import check_seed
 
     check_seed(args.seed)
@@ -143,7 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if late and not args.skip_bad:
         raise FastdiaError(_bad_message(bad, args.input))
     if args.skip_bad:
-        write_atomic(errors, "".join(b.to_json() + "\n" for b in bad))
+        text = "".join(b.to_json() + "\n" for b in bad)
+        write_atomic(errors, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if bad:
             log.warning("%d bad line(s) written to %s", len(bad), errors)
 

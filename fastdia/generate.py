@@ -81,7 +81,6 @@ class BatchResult:
     generations: list[Generation]
     sampling_seconds: float
     scoring_seconds: float
-    batch_size: int
 
 
 @dataclass
@@ -327,7 +326,7 @@ class Generator:
             )
             for j in range(real)
         ]
-        return BatchResult(generations, sampled - start, scored - sampled, size)
+        return BatchResult(generations, sampled - start, scored - sampled)
 
     def generate(
         self,

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -217,16 +218,6 @@ def read_done(path: Path) -> set[str]:
     return done
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def record(req: JobRequest, generation: Any, guidance: float) -> dict[str, Any]:
     """The output line of one request (no timings: a line is the same in every run);
     ``guidance`` is the one it ran with."""
@@ -282,8 +273,6 @@ def run_job(
         on_start: called once with the number of requests left to write.
         on_batch: called after each written batch with (rows written, tokens, seconds).
     """
-    import time
-
     output.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(output)
     known = {r.id for r in requests}
@@ -307,20 +296,18 @@ def run_job(
                 [r.seed for r in batch],
                 pad_to=batch_size if generator.pads else None,
             )
+            fresh = [
+                (r, g) for r, g in zip(batch, result.generations, strict=True) if r.id not in done
+            ]
             lines = [
                 json.dumps(record(r, g, generator.guidance(r.key.guidance)), ensure_ascii=False)
                 + "\n"
-                for r, g in zip(batch, result.generations, strict=True)
-                if r.id not in done
+                for r, g in fresh
             ]
             f.write("".join(lines).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
-            tokens = sum(
-                g.new_tokens
-                for r, g in zip(batch, result.generations, strict=True)
-                if r.id not in done
-            )
+            tokens = sum(g.new_tokens for _, g in fresh)
             done.update(r.id for r in batch)
             report.written += len(lines)
             report.new_tokens += tokens

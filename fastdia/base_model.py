@@ -58,6 +58,11 @@ class BaseModel:
             self._model = self._loader()
         return self._model
 
+    @property
+    def hidden_size(self) -> int:
+        """The width of the LM's last-layer hidden states (loads the LM)."""
+        return int(self.model.config.hidden_size)
+
 
 def cache_root() -> Path:
     """The fastdia cache folder: ``$FASTDIA_CACHE`` or ``~/.cache/fastdia``."""

@@ -134,12 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_sample_parser(sub)
-    from fastdia import cli_eval, cli_generate, cli_profile, cli_serve, cli_train
+    from fastdia import cli_bench, cli_eval, cli_generate, cli_profile, cli_serve, cli_train
 
     cli_generate.add_parser(sub)
     cli_serve.add_parser(sub)
     cli_train.add_parsers(sub)
     cli_eval.add_parser(sub)
+    cli_bench.add_parser(sub)
     cli_profile.add_parser(sub)
     return parser
 

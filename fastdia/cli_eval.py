@@ -25,13 +25,21 @@ STANDARD_TOP_P = 0.95  # the base model's top-p in the rows not matched to the d
 
 def add_parser(sub: Any) -> None:
     """Register the ``eval`` subcommand."""
+    p = sub.add_parser("eval", help="evaluate fastdia beside the baselines on prompt sets")
+    add_eval_options(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def add_eval_options(p: argparse.ArgumentParser, *, bench: bool = False) -> None:
+    """The options of ``fastdia eval`` (``bench``: those ``fastdia bench sentiment`` shares:
+    the benchmark sets its own prompts, guide and samples per prompt)."""
     from fastdia.base_model import DEFAULT_BASE_MODEL
     from fastdia.cli_options import add_sampling_options
 
-    p = sub.add_parser("eval", help="evaluate fastdia beside the baselines on prompt sets")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the demo)")
     p.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
-    p.add_argument("--guide", default="sentiment", help="reward spec whose critics guide")
+    if not bench:
+        p.add_argument("--guide", default="sentiment", help="reward spec whose critics guide")
     p.add_argument("--rewards", default="sentiment,nontoxic", help="true rewards to report")
     p.add_argument(
         "--lambdas",
@@ -39,12 +47,13 @@ def add_parser(sub: Any) -> None:
         help="comma-separated guidance strengths, one fastdia row each (default: the "
         "checkpoint's guidance only)",
     )
-    p.add_argument(
-        "--prompt-sets",
-        default="neutral,negative",
-        help="comma-separated shipped sets (neutral, negative) or files, one prompt per line",
-    )
-    p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
+    if not bench:
+        p.add_argument(
+            "--prompt-sets",
+            default="neutral,negative",
+            help="comma-separated shipped sets (neutral, negative) or files, one prompt per line",
+        )
+        p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
     p.add_argument(
         "--new-tokens", type=int, default=32, help="tokens every method writes after a prompt"
     )
@@ -96,13 +105,19 @@ def add_parser(sub: Any) -> None:
         default=DRAWS,
         help="bootstrap draws over prompts for the confidence intervals (95%%)",
     )
+    p.add_argument(
+        "--score",
+        choices=("text", "continuation"),
+        default="text",
+        help="what the rewards and sentiment judges read: the whole text (default) or the "
+        "continuation alone (the DExperts protocol)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--out", default="eval.json", help="JSON result file (and a Markdown table beside it)"
     )
     p.add_argument("--plot", default=None, help="PNG plot file (default: --out with .png)")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_eval)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -215,6 +230,14 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    run_eval(args)
+    return 0
+
+
+def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """``fastdia eval`` with ``args`` (its options); ``sets``: prompt lists by name instead
+    of ``args.prompt_sets``. Writes ``args.out`` (JSON), the Markdown table beside it and
+    the plot, and returns the result."""
     from fastdia import evaluate as ev
     from fastdia.base_model import load_base_model
     from fastdia.cli_options import sampling_overrides
@@ -282,9 +305,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tilt_only = sampling_defaults(checkpoint).get("tilt_only_tilt", default["tilt"])
     if not math.isfinite(tilt_only) or tilt_only < 0:
         raise ConfigError(f"--tilt-only-tilt must be a finite number >= 0, got {tilt_only}")
-    sets = {
-        Path(s).stem if Path(s).suffix else s: ev.prompt_set(s) for s in args.prompt_sets.split(",")
-    }
+    if sets is None:
+        sets = {
+            Path(s).stem if Path(s).suffix else s: ev.prompt_set(s)
+            for s in args.prompt_sets.split(",")
+        }
     device = default_device(args.device)
     base = load_base_model(args.base_model, device=device)
     judges = load_judges(judge_specs, device)
@@ -385,7 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows, samples = [], []
         for name, kind, settings, method in methods:
             row, per_sample = ev.evaluate_method(
-                base, method, prompts, report, seed=args.seed, judges=judges
+                base, method, prompts, report, seed=args.seed, judges=judges, score=args.score
             )
             rows.append({"name": name, "kind": kind, "settings": settings, **row})
             samples.append(per_sample)
@@ -396,7 +421,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     Path(args.out).with_suffix(".md").write_text(ev.markdown_table(result, report.names[0]))
     png = args.plot or str(Path(args.out).with_suffix(".png"))
     ev.plot(result, png, report.names[0])
-    return 0
+    return result
 
 
 def _print_row(set_name: str, row: dict[str, Any]) -> None:

@@ -108,6 +108,23 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         f"that a long text gets the tilt of an N-token one (0: no horizon) ({ckpt} 0)",
     )
     p.add_argument(
+        "--critic-kind",
+        choices=("token_local", "value"),
+        default=None,
+        help="which of the checkpoint's critics guide: token_local (critic-*: fast, fused) "
+        "or value (value-*: the expected reward of the whole text given the base model's "
+        f"states before the block) ({ckpt} token_local)",
+    )
+    p.add_argument(
+        "--adaptive-noise",
+        type=_number,
+        default=None,
+        metavar="KAPPA",
+        help="adaptive noise (seed 002): each row's step noise times exp(-KAPPA h(z_t)), h "
+        f"the token-local critics' value: less noise where the reward is already high ({ckpt} "
+        "0, off)",
+    )
+    p.add_argument(
         "--tilt-once",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -105,6 +105,21 @@ def add_parsers(sub: Any) -> None:
         "noise, to be predicted from context as in a masked LM; default 0",
     )
     p.add_argument(
+        "--prefix-states",
+        type=int,
+        default=0,
+        metavar="M",
+        help="read the base model's last-layer states of the M tokens before the window's "
+        "first noisy position (needs --arch adaln and data made with `make-data --states`; "
+        "--length is then the window, cut from the data's longer sequences); default 0",
+    )
+    p.add_argument(
+        "--lm-prior",
+        action="store_true",
+        help="with --prefix-states and --prediction tokens: add the base model's next-token "
+        "logits (from the last state) to the first noisy position's (a tied base model)",
+    )
+    p.add_argument(
         "--init",
         default=None,
         metavar="FOLDER",
@@ -117,7 +132,20 @@ def add_parsers(sub: Any) -> None:
     _common(p)
     _optim(p, steps=3000, lr=1e-3, batch=128)
     p.add_argument("--reward", required=True, help="one reward, e.g. sentiment")
-    p.add_argument("--kind", default="token_local", help="token_local or context")
+    p.add_argument(
+        "--kind",
+        default="token_local",
+        help="token_local, context, or value (the expected reward of the whole sample "
+        "given the base model's states before a block of --length tokens and the noisy "
+        "block; needs data made with `make-data --states`)",
+    )
+    p.add_argument(
+        "--prefix-states",
+        type=int,
+        default=8,
+        metavar="M",
+        help="a value critic reads the states of the M tokens before its block; default 8",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument(
         "--target",
@@ -159,12 +187,13 @@ def _optim_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _data(args: argparse.Namespace, base: Any) -> tuple[Any, Any]:
+def _data(args: argparse.Namespace, base: Any, *, states: bool = False) -> tuple[Any, Any]:
     from fastdia.data import load_dataset
 
     if not 0 < args.holdout < 0.5:
         raise ConfigError(f"--holdout must be in (0, 0.5), got {args.holdout}")
-    return load_dataset(args.data, base, args.length).split(args.holdout, seed=args.seed)
+    data = load_dataset(args.data, base, args.length, states=states)
+    return data.split(args.holdout, seed=args.seed)
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
@@ -215,8 +244,11 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         arch=args.arch,
         self_condition=args.self_condition,
         clean_prompt=args.clean_prompt,
+        prefix_states=args.prefix_states,
+        state_dim=base.hidden_size if args.prefix_states else 0,
+        lm_prior=args.lm_prior,
     )
-    train, hold = _data(args, base)
+    train, hold = _data(args, base, states=config.reads_states)
     init = None
     if args.init:
         from fastdia.models.checkpoint import DENOISER_STEM, load_model
@@ -257,7 +289,8 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
     optim = _optim_config(args)
     schedule = args.schedule or _denoiser_schedule(Path(args.out)) or "sqrt"
     base, device = _setup(args)
-    train, hold = _data(args, base)
+    value = args.kind == "value"
+    train, hold = _data(args, base, states=value)
     reward = rewards.components[0][0]
     labels, hold_labels = reward_labels(base, train, reward), reward_labels(base, hold, reward)
     config = CriticConfig(
@@ -266,7 +299,9 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         reward=name,
         target=args.target,
-        max_length=max(64, args.length),
+        max_length=args.length if value else max(64, args.length),
+        prefix_states=args.prefix_states if value else 0,
+        state_dim=base.hidden_size if value else 0,
     )
     run = train_critic(
         base,

@@ -68,12 +68,26 @@ MIN_WINDOWS = 8
 
 
 class TokenDataset:
-    """``[n, L]`` int64 token windows, with the fingerprint of the space they belong to."""
+    """``[n, L]`` int64 token windows, with the fingerprint of the space they belong to,
+    and optionally the base model's last-layer states of every position, ``states
+    [n, L, d]`` float16 (:func:`load_states`)."""
 
-    def __init__(self, ids: torch.Tensor, fingerprint: str, source: str) -> None:
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        fingerprint: str,
+        source: str,
+        states: torch.Tensor | None = None,
+    ) -> None:
         if ids.dim() != 2:
             raise ConfigError(f"token windows must be [n, L], got {tuple(ids.shape)}")
+        if states is not None and (states.dim() != 3 or states.shape[:2] != ids.shape):
+            raise ConfigError(
+                f"states must be [n, L, d] for windows {tuple(ids.shape)}, got "
+                f"{tuple(states.shape)}"
+            )
         self.ids, self.fingerprint, self.source = ids.to(torch.int64), fingerprint, source
+        self.states = states
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -88,10 +102,12 @@ class TokenDataset:
         order = torch.randperm(len(self), generator=gen)
         n_hold = max(1, round(holdout * len(self)))
         hold, train = order[:n_hold], order[n_hold:]
-        return (
-            TokenDataset(self.ids[train], self.fingerprint, self.source),
-            TokenDataset(self.ids[hold], self.fingerprint, self.source),
-        )
+        return self.subset(train), self.subset(hold)
+
+    def subset(self, rows: torch.Tensor) -> TokenDataset:
+        """The windows ``rows`` (an index tensor), with their states."""
+        states = None if self.states is None else self.states[rows]
+        return TokenDataset(self.ids[rows], self.fingerprint, self.source, states)
 
 
 def _require_windows(n: int, length: int, source: str) -> None:
@@ -341,13 +357,24 @@ def load_states(folder: str | Path) -> torch.Tensor:
     return torch.cat([load_file(s)["states"] for s in shards])
 
 
-def load_dataset(source: str, base: BaseModel, length: int) -> TokenDataset:
+def load_dataset(
+    source: str, base: BaseModel, length: int, *, states: bool = False
+) -> TokenDataset:
     """Token windows from a generated folder, ``text:PATH`` or ``corpus:NAME``.
+
+    With ``states`` (a generated folder made with ``--states`` only) the windows keep
+    their whole stored length (at least ``length``; training crops them) and carry the
+    base model's states.
 
     Raises:
         ConfigError: an empty or too short source, or windows of another length.
         CheckpointError: a generated folder made for another base model.
     """
+    if states and (source.startswith("text:") or source.startswith("corpus:")):
+        raise ConfigError(
+            f"{source} has no base-model states: sample a dataset with "
+            "`fastdia make-data --states` for a denoiser that reads them"
+        )
     if source.startswith("text:"):
         files = _text_files(Path(source[5:]).expanduser())
         data = windows_from_texts(
@@ -362,6 +389,11 @@ def load_dataset(source: str, base: BaseModel, length: int) -> TokenDataset:
             raise ConfigError(
                 f"{source} holds windows of {data.length} tokens, fewer than {length}"
             )
-        data.ids = data.ids[:, :length]
-    log.info("loaded %d windows of %d tokens from %s", len(data), length, source)
+        if states:
+            data.states = load_states(source)[: len(data)]
+            if data.states.shape[:2] != data.ids.shape:
+                raise ConfigError(f"{source}: the stored states do not match its windows")
+        else:
+            data.ids = data.ids[:, :length]
+    log.info("loaded %d windows of %d tokens from %s", len(data), data.length, source)
     return data

@@ -292,6 +292,8 @@ class DecodePlan:
         self._backend = decoder.backends.get(ROUND_TO_VOCAB)
         mdev = model.device
         self.noise_step = torch.zeros((), dtype=torch.int64, device=device)
+        # the final hidden state of the last token read: what the next draw reads
+        self.h = torch.zeros(self.batch_size, base.hidden_size, device=device)
         self.tok = torch.zeros(self.batch_size, 1, dtype=torch.int64, device=mdev)
         self.cache_pos = torch.zeros(1, dtype=torch.int64, device=mdev)
         self._blocked = torch.finfo(model.dtype).min
@@ -319,8 +321,9 @@ class DecodePlan:
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """The LM on ``tokens [B, n]`` at cache positions ``positions [n]`` with the additive
-        mask ``[B, 1, n, C]``: the final hidden state of the last one, ``[B, hidden]``
-        float32 on the space's device."""
+        mask ``[B, 1, n, C]``: the final hidden states ``[B, n, hidden]`` float32 on the
+        space's device, also written to ``state.hist`` at ``positions`` when the block
+        loop keeps them (a denoiser that reads base-model states)."""
         pad = self.state.pad.to(positions.device)
         position_ids = (positions[None, :] - pad[:, None]).clamp_(min=0)
         if self.cache is not None:
@@ -343,7 +346,11 @@ class DecodePlan:
             )
             self._dynamic = getattr(out, self._cache_arg)
             self._dynamic_len += n
-        return out.last_hidden_state[:, -1].to(device=self.bias.device, dtype=torch.float32)
+        h = out.last_hidden_state.to(device=self.bias.device, dtype=torch.float32)
+        hist = self.state.hist
+        if hist is not None:
+            hist.index_copy_(1, positions.to(hist.device), h)
+        return h
 
     def _draw(self, h: torch.Tensor) -> torch.Tensor:
         """One token per row from the decode score of the final hidden state ``h``, at the
@@ -378,17 +385,20 @@ class DecodePlan:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One position: the LM reads ``tok`` at ``cache_pos``, a token is drawn for
-        position ``P + generated`` and written to ``state.tokens`` and ``tok``; the counters
-        advance by one. Graph-safe with a static cache (the module docstring)."""
+        """One position: a token is drawn for position ``P + generated`` from the last
+        hidden state ``h`` and written to ``state.tokens``; the LM then reads it at
+        ``cache_pos`` (its state becomes ``h``, the next draw's); the counters advance by
+        one. Reading the token right after drawing it keeps the states of every written
+        token ready before the next block's diffusion. Graph-safe with a static cache (the
+        module docstring)."""
         st = self.state
-        self.mask.index_fill_(3, self.cache_pos, 0.0)  # the step's own key becomes visible
-        h = self._forward(self.tok, self.cache_pos, self.mask)
-        tok = self._draw(h)
+        tok = self._draw(self.h)
         st.tokens.index_copy_(1, st.generated + st.prompt_cap, tok[:, None])
         if self.row_bias is not None:  # the drawn token's tilt is spent in its row
             self.row_bias.scatter_(1, tok[:, None], self._spent.index_select(0, tok)[:, None])
         self.tok.copy_(tok[:, None])
+        self.mask.index_fill_(3, self.cache_pos, 0.0)  # the step's own key becomes visible
+        self.h.copy_(self._forward(self.tok, self.cache_pos, self.mask)[:, -1])
         self.cache_pos.add_(1)
         st.generated.add_(1)
         self.noise_step.add_(1)
@@ -396,29 +406,52 @@ class DecodePlan:
     @torch.no_grad()
     def start(self) -> None:
         """Begin a run on the inputs in ``state`` (tokens, pad, seeds; ``generated`` 0):
-        reset the cache, the mask and the counters, and write every row's prefix but its
-        last token to the KV cache with one forward (eager: the prefix length varies)."""
+        reset the cache, the mask and the counters, and read every row's prefix into the
+        KV cache with one forward (eager: the prefix length varies); ``h`` is then the
+        state of its last token."""
         st = self.state
         prefix = st.prompt_cap
         mdev = self.tok.device
-        pad = st.pad.to(mdev)
         if self.row_bias is not None:
             self.row_bias.copy_(self.bias.expand_as(self.row_bias))
         self.noise_step.fill_(DECODE_STEP)
         self._dynamic, self._dynamic_len = None, 0
         if self.cache is not None:
             self.cache.reset()  # in place: the captured step keeps its addresses
-        visible = (self._keys[None, :] >= pad[:, None]) & (self._keys[None, :] < prefix - 1)
-        self.mask.copy_(self._additive(visible)[:, None, None, :])
+        if st.hist is not None:
+            st.hist.zero_()
+        self.mask.fill_(self._blocked)
+        self.cache_pos.zero_()
         tokens = st.tokens.to(mdev)
-        if prefix > 1:
-            queries = self._keys[: prefix - 1]
-            causal = (self._keys[None, None, :] >= pad[:, None, None]) & (
-                self._keys[None, None, :] <= queries[None, :, None]
-            )
-            self._forward(tokens[:, : prefix - 1], queries, self._additive(causal)[:, None])
+        self.h.copy_(self._read(tokens[:, :prefix])[:, -1])
         self.tok.copy_(tokens[:, prefix - 1 : prefix])
-        self.cache_pos.fill_(prefix - 1)
+
+    @torch.no_grad()
+    def absorb(self, count: int) -> None:
+        """Read the ``count`` tokens written after the last one read (a nearest decode's
+        block, which the diffusion wrote) into the KV cache, so that ``h`` and
+        ``state.hist`` cover them: what a denoiser that reads base-model states needs
+        before the next block. Eager (one forward of ``count`` tokens)."""
+        positions = self.cache_pos + self._keys[:count]
+        tokens = self.state.tokens.to(self.tok.device).index_select(1, positions)
+        self.h.copy_(self._read(tokens, positions)[:, -1])
+
+    def _read(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward ``tokens [B, n]`` at cache positions ``positions [n]`` (default
+        ``0..n-1``), each row seeing its own keys from its padding on, causally; the keys
+        become visible to later steps and ``cache_pos`` moves past them. Returns the
+        states ``[B, n, hidden]``."""
+        n = tokens.shape[1]
+        if positions is None:
+            positions = self._keys[:n]
+        pad = self.state.pad.to(self.tok.device)
+        keys = self._keys[None, None, :]
+        causal = (keys >= pad[:, None, None]) & (keys <= positions[None, :, None])
+        self.mask.index_fill_(3, positions, 0.0)
+        self.mask.masked_fill_((self._keys < pad[:, None])[:, None, None, :], self._blocked)
+        h = self._forward(tokens, positions, self._additive(causal)[:, None])
+        self.cache_pos.add_(n)
+        return h
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """A boolean visibility mask as an additive one (0 visible, dtype min hidden)."""

@@ -7,11 +7,12 @@ tokens are masked, so every continuation has its full length); a row reports, ov
 prompts of the set:
 
 * ``rewards``: mean and standard deviation of every true reward of the output texts
-  (prompt included), and for ``sentiment`` the fraction of positive texts (VADER
-  compound > 0.05);
+  (prompt included; with ``score="continuation"``, the continuation alone, as the
+  DExperts protocol scores, and so do the sentiment judges), and for ``sentiment`` the
+  fraction of positive texts (VADER compound > 0.05);
 * ``perplexity``: the base model's perplexity of the generated tokens given the prompt,
   ``exp(mean token NLL)`` over all generated tokens;
-* ``distinct_1``/``distinct_2``: per prompt, the distinct token uni-/bigrams of its
+* ``distinct_1``/``distinct_2``/``distinct_3``: per prompt, the distinct token n-grams of its
   samples' continuations divided by their count, averaged over prompts (the DExperts
   protocol);
 * ``self_bleu``: each continuation's BLEU-4 against the other continuations of its prompt,
@@ -138,11 +139,14 @@ def summarise(
     batches: list[Batch],
     seconds: float,
     judges: Sequence[Any] = (),
+    *,
+    score: str = "text",
 ) -> tuple[dict[str, Any], RowSamples]:
     """The metrics of a row (see the module docstring); ``seconds`` spent writing and
     scoring the samples (the judges are not counted: a user does not pay for them). Also
-    the row's per-sample values, for confidence intervals."""
-    texts = [t for b in batches for t in base.space.decode_batch(b.ids)]
+    the row's per-sample values, for confidence intervals. ``score``: what the rewards and
+    sentiment judges read, ``"text"`` (prompt and continuation) or ``"continuation"``."""
+    texts = scored_texts(base, batches, score)
     generated = [row[len(b.prompt) :].tolist() for b in batches for row in b.ids]
     n_tokens = sum(len(g) for g in generated)
     own = [continuation_nll(base, b.prompt, b.ids[:, len(b.prompt) :]) for b in batches]
@@ -176,11 +180,12 @@ def summarise(
         "perplexity": math.exp(nll_own.double().mean().item()),
         "distinct_1": distinct_by_prompt(prompt_of, generated, 1),
         "distinct_2": distinct_by_prompt(prompt_of, generated, 2),
+        "distinct_3": distinct_by_prompt(prompt_of, generated, 3),
         "self_bleu": _nan_to_none(stats.self_bleu(groups)),
         "degenerate_frac": sum(degenerate) / len(generated),
         "prompt_gap": gap,
         "seconds_per_100_tokens": 100 * seconds / n_tokens,
-        "examples": texts[:4],
+        "examples": [t for b in batches[:4] for t in base.space.decode_batch(b.ids)][:4],
     }
     sentiment = values.get("sentiment")
     positive = None if sentiment is None else (sentiment > POSITIVE).double().tolist()
@@ -196,6 +201,18 @@ def summarise(
         **judged,
     )
     return row, samples
+
+
+SCORED = ("text", "continuation")
+
+
+def scored_texts(base: BaseModel, batches: Sequence[Batch], score: str) -> list[str]:
+    """What the rewards read of each sample: the whole text, or the continuation alone."""
+    if score not in SCORED:
+        raise ConfigError(f"score must be one of {', '.join(SCORED)}, got {score!r}")
+    if score == "text":
+        return [t for b in batches for t in base.space.decode_batch(b.ids)]
+    return [t for b in batches for t in base.space.decode_batch(b.ids[:, len(b.prompt) :])]
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -262,18 +279,20 @@ def evaluate_method(
     *,
     seed: int = 0,
     judges: Sequence[Any] = (),
+    score: str = "text",
 ) -> tuple[dict[str, Any], RowSamples]:
     """Run ``method`` on every prompt and summarise (scoring time included): the row's
-    metrics and its per-sample values (:func:`summarise`), judged by ``judges``."""
+    metrics and its per-sample values (:func:`summarise`), judged by ``judges``; the
+    rewards read ``score`` (:func:`scored_texts`)."""
     batches, seconds = [], 0.0
     for i, prompt in enumerate(prompts):
         ids, sec = method(prompt, seed + 1000 * i)  # disjoint per-row seeds across prompts
         batches.append(Batch(ids, base.space.encode(prompt), prompt))
         seconds += sec
     start = time.perf_counter()
-    values = reward([t for b in batches for t in base.space.decode_batch(b.ids)])
+    values = reward(scored_texts(base, batches, score))
     seconds += time.perf_counter() - start  # what a user pays to score the samples
-    return summarise(base, lambda texts: values, batches, seconds, judges)
+    return summarise(base, lambda texts: values, batches, seconds, judges, score=score)
 
 
 def add_intervals(

@@ -225,7 +225,9 @@ class Generator:
 
         spec = canonical_reward(key.reward)
         if self.loaded is not None:
-            check_critics(self.checkpoint, self.loaded.critics, self.rewards(spec).names)
+            kind = self.settings["critic_kind"]
+            critics = self.loaded.critics_of(kind)
+            check_critics(self.checkpoint, critics, self.rewards(spec).names, kind)
         check_new_tokens(key.new_tokens, None)
         if key.guidance is not None and not (
             isinstance(key.guidance, (int, float)) and 0 <= key.guidance < float("inf")

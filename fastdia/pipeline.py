@@ -126,8 +126,8 @@ def build_sampler(
     else:
         checkpoint = resolve_checkpoint(checkpoint)
         ckpt = loaded or load_checkpoint(checkpoint, base.space, device=device)
-        denoiser, critics = ckpt.denoiser, ckpt.critics
-        check_critics(checkpoint, critics, names)
+        denoiser, critics = ckpt.denoiser, ckpt.critics_of(config.critic_kind)
+        check_critics(checkpoint, critics, names, config.critic_kind)
     if config.guidance and not rewards:
         raise ConfigError("guidance needs at least one reward (--reward NAME)")
     weighted = [WeightedCritic(name, critics[name], weight) for name, weight in rewards]
@@ -135,15 +135,19 @@ def build_sampler(
     return Assembly(sampler, weighted)
 
 
-def check_critics(checkpoint: Path, critics: Collection[str], names: Sequence[str]) -> None:
-    """Raise CheckpointError unless the checkpoint has a critic for every reward name."""
+def check_critics(
+    checkpoint: Path, critics: Collection[str], names: Sequence[str], kind: str = "token_local"
+) -> None:
+    """Raise CheckpointError unless the checkpoint has a critic of ``kind`` (its
+    ``critic_kind``) for every reward name."""
     missing = [n for n in names if n not in critics]
     if missing:
         have = ", ".join(sorted(critics)) or "none"
+        what, train = ("value critic", " --kind value") if kind == "value" else ("critic", "")
         raise CheckpointError(
-            f"checkpoint {checkpoint} has no critic for {', '.join(missing)} "
-            f"(it has: {have}); train one with `fastdia train-critic --reward {missing[0]}` "
-            "or pick a reward it has"
+            f"checkpoint {checkpoint} has no {what} for {', '.join(missing)} "
+            f"(its {what}s: {have}); train one with `fastdia train-critic --reward "
+            f"{missing[0]}{train}` or pick a reward it has"
         )
 
 
@@ -185,5 +189,7 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         lm=decode,
         block_size=settings["block_size"] or None,
         on_eos=settings["on_eos"],
+        critic_kind=settings["critic_kind"],
+        noise_kappa=settings["adaptive_noise"],
         **extra,
     )

@@ -57,6 +57,7 @@ from fastdia.window import BlockState, WindowDiffusion
 log = logging.getLogger(__name__)
 
 _WARMUP_RUNS = 2  # eager runs on a side stream before a CUDA graph capture
+CRITIC_KINDS_GUIDING = ("token_local", "value")  # SamplerConfig.critic_kind
 PROMPT_BUCKET = 32  # prompt capacities are rounded up to a multiple of this (plan reuse)
 
 
@@ -99,6 +100,10 @@ class SamplerConfig:
             ``"mask"`` (those tokens are never drawn); see :mod:`fastdia.prompts`.
         noise_latent: an ablation: no diffusion runs, the decode reads pure noise (each
             block's ``z_T``) where the guided latent would be.
+        critic_kind: which of a checkpoint's critics guide: ``"token_local"`` (the
+            ``critic-*`` files; token-local or context critics) or ``"value"`` (the
+            ``value-*`` files: value critics that read the base model's states);
+            :func:`fastdia.pipeline.build_sampler` picks them.
     """
 
     sampler: str = "dia"
@@ -123,8 +128,10 @@ class SamplerConfig:
     window: int | None = None
     on_eos: str = "stop"
     noise_latent: bool = False
+    critic_kind: str = "token_local"
 
     def __post_init__(self) -> None:
+        check_choice(self.critic_kind, CRITIC_KINDS_GUIDING, "critic_kind")
         check_choice(self.sampler, SAMPLERS, "sampler")
         check_choice(self.decode, DECODES, "decode")
         check_stop(self.stop_at)
@@ -163,6 +170,12 @@ class SamplerConfig:
             )
         if not math.isfinite(self.noise_kappa) or self.noise_kappa < 0:
             raise ConfigError(f"noise_kappa must be a finite number >= 0, got {self.noise_kappa}")
+        if self.noise_kappa and self.critic_kind == "value":
+            raise ConfigError(
+                "adaptive noise scales each row's noise by the fused token-local critic's "
+                "value; with critic_kind='value' there is none: drop --adaptive-noise or use "
+                "the token-local critics"
+            )
 
 
 @dataclass
@@ -342,19 +355,45 @@ class Sampler:
         }
         self._plans: dict[tuple[int, int, int], SamplerPlan] = {}
         self.decoder: LMDecoder | None = None
-        if config.decode == "lm":
+        self.state_dim = self._state_width(denoiser, critics) if self.diffuses else 0
+        reads_states = self.state_dim > 0
+        if config.decode == "lm" or reads_states:
             if base_model is None:
+                why = 'decode="lm" samples' if config.decode == "lm" else "this denoiser reads"
                 raise ConfigError(
-                    'decode="lm" samples with the base model: pass base_model= to Sampler '
+                    f"{why} with the base model: pass base_model= to Sampler "
                     "(fastdia.pipeline.build_sampler does)"
                 )
             space.check_fingerprint(base_model.space.fingerprint, "the LM decode's base model")
-            self.decoder = LMDecoder(base_model, config.lm, self.backends)
+            if reads_states and base_model.hidden_size != self.state_dim:
+                raise ConfigError(
+                    f"the denoiser or a critic reads base-model states of width "
+                    f"{self.state_dim}, and {base_model.name} gives "
+                    f"{base_model.hidden_size}: use the base model they were trained with"
+                )
+            # a nearest decode runs the base model only to read the states of its blocks
+            lm = config.lm if config.decode == "lm" else DecodeConfig(latent_weight=0.0)
+            self.decoder = LMDecoder(base_model, lm, self.backends)
         lm = self.decoder.base.model if self.decoder is not None else None  # loaded by the decode
         generation = getattr(lm, "generation_config", None)
         self.special: SpecialTokens = special_tokens(
             space.tokenizer, generation, on_eos=config.on_eos
         )
+
+    @staticmethod
+    def _state_width(denoiser: Denoiser, critics: Sequence[WeightedCritic]) -> int:
+        """The width of the base-model states the denoiser and critics read (0: none)."""
+        readers = [("the denoiser", denoiser.config)] + [
+            (f"the {c.name} critic", c.module.config) for c in critics
+        ]
+        widths = {(who, cfg.state_dim) for who, cfg in readers if cfg.reads_states}
+        if len({w for _, w in widths}) > 1:
+            raise ConfigError(
+                "the denoiser and critics read base-model states of different widths ("
+                + ", ".join(f"{who}: {w}" for who, w in sorted(widths))
+                + "): they belong to different base models"
+            )
+        return next(iter(widths))[1] if widths else 0
 
     @property
     def local_critics(self) -> list[tuple[TokenLocalCritic, float]]:
@@ -488,7 +527,13 @@ class SamplerPlan:
         self.device = device = sampler.device
         self.max_new = blocks * self.block
         self.state = BlockState.allocate(
-            batch_size, prompt_cap, self.max_new, self.block, sampler.space.dim, device
+            batch_size,
+            prompt_cap,
+            self.max_new,
+            self.block,
+            sampler.space.dim,
+            device,
+            state_dim=sampler.state_dim,
         )
         banned = sampler.special.banned
         self.diffusion = (
@@ -502,13 +547,14 @@ class SamplerPlan:
         self.decode_plan: DecodePlan | None = None
         if sampler.decoder is not None:
             abar = self.diffusion.abar_stop if self.diffusion is not None else 0.0
+            lm_decode = cfg.decode == "lm"
             self.decode_plan = sampler.decoder.plan(
                 self.state,
                 abar,
                 sampler.local_critics,
-                cfg.lm.tilt * cfg.guidance / sampler.window,
+                cfg.lm.tilt * cfg.guidance / sampler.window if lm_decode else 0.0,
                 banned,
-                graph=self.captures,
+                graph=self.captures and lm_decode,
             )
         self._graph: torch.cuda.CUDAGraph | None = None
         if self.captures:
@@ -575,7 +621,12 @@ class SamplerPlan:
                 self._graph.replay()
             elif self.diffusion is not None:
                 self.diffusion.denoise()
-            if self.decode_plan is not None:
+            if self.decode_plan is None:
+                continue
+            if self.sampler.config.decode == "nearest":  # the states of the block written
+                if j < blocks - 1:
+                    self.decode_plan.absorb(self.block)
+            else:
                 self.decode_plan.decode_tokens(min(self.block, new_tokens - j * self.block))
         return blocks
 
@@ -675,7 +726,12 @@ class SamplerPlan:
             completion.append(row if end is None else row[:end])
             finished.append(end is not None)
         read = completion if chat else [p + c for p, c in zip(rows, completion, strict=True)]
-        values = {c.name: critic_values(space, c.module, read) for c in sampler.critics}
+        values = {
+            c.name: self._final_values(c.module, tokens.shape[1])
+            if c.module.config.reads_states
+            else critic_values(space, c.module, read)
+            for c in sampler.critics
+        }
         return SampleOutput(
             prompt_ids=rows,
             completion_ids=completion,
@@ -690,6 +746,20 @@ class SamplerPlan:
             steps=self.steps,
             blocks=0,
         )
+
+    @torch.no_grad()
+    def _final_values(self, critic: nn.Module, new_tokens: int) -> torch.Tensor:
+        """A value critic's value at noise level 0 of each row's last block of its
+        ``new_tokens`` generated tokens (end tokens included), given the base model's
+        states before that block: ``[B]`` float32 on the CPU."""
+        st, cfg = self.state, critic.config
+        k = min(self.block, cfg.max_length, new_tokens)
+        end = self.prompt_cap + new_tokens - k  # where the last block starts
+        pos = torch.arange(end - cfg.prefix_states, end, device=st.tokens.device)
+        valid = pos[None, :] >= st.pad[:, None]
+        states = st.hist.index_select(1, pos.clamp(min=0)) * valid[..., None]
+        z0 = self.sampler.space.embed(st.tokens[:, end : end + k])
+        return critic(z0, 0.0, states=states, states_mask=valid).float().cpu()
 
 
 @torch.no_grad()

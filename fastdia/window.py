@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastdia import ops
+from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
 from fastdia.ops import registry
 from fastdia.schedules import (
@@ -79,6 +80,8 @@ class BlockState:
         latent: ``[B, K, d]`` float32, the block's latent at the stop level.
         prompt_cap: ``P``, the longest base-model prefix the buffers hold.
         block: ``K``, tokens per block.
+        hist: ``[B, C, h]`` float32, the base model's last-layer state of every token read
+            so far (the LM decode writes them), or None when no denoiser reads them.
     """
 
     tokens: torch.Tensor
@@ -89,16 +92,28 @@ class BlockState:
     latent: torch.Tensor
     prompt_cap: int
     block: int
+    hist: torch.Tensor | None = None
 
     @classmethod
     def allocate(
-        cls, batch: int, prompt_cap: int, max_new: int, block: int, dim: int, device: torch.device
+        cls,
+        batch: int,
+        prompt_cap: int,
+        max_new: int,
+        block: int,
+        dim: int,
+        device: torch.device,
+        *,
+        state_dim: int = 0,
     ) -> BlockState:
         """Zeroed buffers for ``batch`` rows, prompts up to ``prompt_cap`` tokens and up to
-        ``max_new`` generated tokens in blocks of ``block``."""
+        ``max_new`` generated tokens in blocks of ``block`` (with ``state_dim``, the
+        base-model states of every position too)."""
         i64 = {"dtype": torch.int64, "device": device}
+        capacity = prompt_cap + max_new
+        hist = torch.zeros(batch, capacity, state_dim, device=device) if state_dim else None
         return cls(
-            tokens=torch.zeros(batch, prompt_cap + max_new, **i64),
+            tokens=torch.zeros(batch, capacity, **i64),
             prompt_len=torch.zeros(batch, **i64),
             pad=torch.zeros(batch, **i64),
             generated=torch.zeros(1, **i64),
@@ -106,6 +121,7 @@ class BlockState:
             latent=torch.zeros(batch, block, dim, device=device),
             prompt_cap=prompt_cap,
             block=block,
+            hist=hist,
         )
 
     @property
@@ -195,8 +211,32 @@ class WindowDiffusion:
         self.ctx_z0 = torch.zeros(batch, window, dim, device=device)
         self.block_pos = torch.zeros(batch, block, dtype=torch.int64, device=device)
         self._mask3 = self.mask[:, :, None]  # [B, W, 1], broadcast against [B, W, d]
+        # what reads base-model states (the denoiser, value critics): those of the last M
+        # tokens before the block, M the most any reader takes; each reads its last few
+        readers = [den.config] + [c.module.config for c in sampler.critics]
+        m = max((r.prefix_states for r in readers if r.reads_states), default=0)
+        self._states: dict[str, torch.Tensor] = {}
+        if m:
+            width = state.hist.shape[2] if state.hist is not None else 0
+            if any(r.reads_states and r.state_dim != width for r in readers):
+                raise ConfigError(
+                    "the denoiser or a critic reads base-model states of another width than "
+                    f"the block loop keeps ({width}): a base model of another size?"
+                )
+            self._ar_m = torch.arange(m, dtype=torch.int64, device=device)
+            self._state_pos = torch.zeros(m, dtype=torch.int64, device=device)
+            self._states = {
+                "states": torch.zeros(batch, m, width, device=device),
+                "states_mask": torch.zeros(batch, m, dtype=torch.bool, device=device),
+            }
+        self._state_inputs = self._states_for(den.config)
         self._self_cond = den.config.self_condition and cfg.self_condition
         self._clean = den.config.clean_prompt and cfg.clean_prompt
+        if den.config.lm_prior and not self._clean:
+            raise ConfigError(
+                "an lm_prior denoiser finds the block's first position by its clean prompt: "
+                "sampling it without the clean prompt (clean_prompt=False) is not supported"
+            )
         self._need_x0 = self._self_cond or cfg.stop_at > 0
         # the initial noise and the re-noised context are guided steps with (a, b, c, s) =
         # (0, 0, 0, 1) on zeros: exactly zeta(seed_b, step), drawn by the backend's kernel
@@ -206,6 +246,7 @@ class WindowDiffusion:
         self._zeta = None if self._clean else torch.empty(batch, window, dim, device=device)
         self._bufs = tuple(torch.zeros(batch, window, dim, device=device) for _ in range(2))
         self.x0 = torch.zeros(batch, window, dim, device=device)
+        self._at_block = self.block_pos[:, :, None].expand(-1, -1, dim)  # a view: [B, K, d]
         self._guided_step = registry.get(ops.GUIDED_STEP, sampler.backends[ops.GUIDED_STEP])
         self._round = registry.get(ops.ROUND_TO_VOCAB, sampler.backends[ops.ROUND_TO_VOCAB])
 
@@ -218,6 +259,14 @@ class WindowDiffusion:
     def abar_stop(self) -> float:
         """``abar`` at the stop level ``t*`` (1 when the diffusion runs to clean data)."""
         return self._rows[-1][SQRT_ABAR_NEXT] ** 2
+
+    def _states_for(self, config: object) -> dict[str, torch.Tensor]:
+        """The state inputs of a reader (denoiser or critic config): views of the last
+        ``prefix_states`` of the shared buffers (``{}`` for one that reads none)."""
+        if not getattr(config, "reads_states", False):
+            return {}
+        m = config.prefix_states  # type: ignore[attr-defined]
+        return {k: v[:, v.shape[1] - m :] for k, v in self._states.items()}
 
     def _clamp_rows(self, clamp_from: int | None) -> list[bool]:
         if clamp_from is None:
@@ -243,6 +292,12 @@ class WindowDiffusion:
         torch.mul(space.embed(self.ctx_ids), self._mask3, out=self.ctx_z0)
         torch.add(self._ar_k, ctx[:, None], out=self.block_pos)
         torch.add(self._step_ar, (gen // block) * len(self._step_ar), out=self._steps)
+        if self._states:  # the states of the M tokens before the block
+            states, valid = self._states["states"], self._states["states_mask"]
+            torch.add(self._ar_m, gen + (st.prompt_cap - len(self._ar_m)), out=self._state_pos)
+            torch.ge(self._state_pos[None, :], st.pad[:, None], out=valid)
+            torch.index_select(st.hist, 1, self._state_pos.clamp_(min=0), out=states)
+            states.mul_(valid[:, :, None])
 
     def _noise(self, step: int, out: torch.Tensor) -> torch.Tensor:
         """``zeta(seed_b, steps[step], k)`` into ``out`` ``[B, W, d]`` (see ``_noise_coef``)."""
@@ -282,6 +337,7 @@ class WindowDiffusion:
             clean_mask=self.mask if self._clean else None,
             temb=self._temb[r],
             temperature=cfg.score_temperature,
+            **self._state_inputs,
         )
         if not self._takes_x0[r]:
             if self._need_x0:
@@ -301,7 +357,14 @@ class WindowDiffusion:
             return None
         total = torch.zeros_like(z)
         for critic in self.context:
-            _, grad = critic.module.value_and_grad(z, self.table.t[r])
+            module = critic.module
+            if module.config.reads_states:  # a value critic scores the block
+                block = z.gather(1, self._at_block)
+                inputs = self._states_for(module.config)
+                _, grad = module.value_and_grad(block, self.table.t[r], **inputs)
+                total.scatter_add_(1, self._at_block, critic.weight * grad)
+                continue
+            _, grad = module.value_and_grad(z, self.table.t[r])
             total += critic.weight * grad
         return total.view(-1, z.shape[-1])
 
@@ -345,7 +408,7 @@ class WindowDiffusion:
             z = nxt
             row = self._rows[r]
             self._write_context(z, r + 1, row[SQRT_ABAR_NEXT], row[SQRT_1M_ABAR_NEXT])
-        at_block = self.block_pos[:, :, None].expand(-1, -1, dim)
+        at_block = self._at_block
         torch.gather(z, 1, at_block, out=st.latent)
         if self.nearest:
             final = st.latent if cfg.stop_at == 0 else self.x0.gather(1, at_block)

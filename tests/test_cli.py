@@ -412,6 +412,8 @@ def test_default_base_model_random_init_is_deterministic(capsys, default_base):
         (["--decode", "lm", "--stop-at", "0.9", "--latent-weight", "nan"], "latent weight"),
         (["--decode", "lm", "--stop-at", "0.9", "--lm-temperature", "0"], "temperature must"),
         (["--score-temperature", "-2"], "score_temperature must"),
+        (["--adaptive-noise", "-1"], "noise_kappa must be a finite number >= 0"),
+        (["--critic-kind", "value", "--adaptive-noise", "0.5"], "with critic_kind='value'"),
     ],
 )
 def test_decode_bad_input_fails_before_loading(capsys, monkeypatch, flags, message):
@@ -452,3 +454,23 @@ def test_train_denoiser_bad_train_times_fails_before_loading(capsys, monkeypatch
         argv = ["train-denoiser", "--data", "x", "--out", str(tmp_path), "--noise-mask", bad]
         code, _, err = _run(capsys, *argv)
         assert code == 2 and "--noise-mask must lie in [0, 1]" in err, err
+
+
+def test_adaptive_noise_and_critic_kind_reach_the_sampler_config():
+    from fastdia.pipeline import sampler_config, sampling_settings
+
+    def config(*flags):
+        args = build_parser().parse_args(["sample", "--random-init", *flags])
+        return sampler_config(sampling_settings(None, **sampling_overrides(args)))
+
+    assert config("--adaptive-noise", "0.5").noise_kappa == 0.5
+    assert config().noise_kappa == 0.0 and config().critic_kind == "token_local"
+    assert config("--critic-kind", "value").critic_kind == "value"
+
+
+def test_critic_kind_value_needs_value_critics(capsys, tiny_args, tiny_checkpoint):
+    code, out, err = _run(
+        capsys, *tiny_args, "--checkpoint", str(tiny_checkpoint), "--critic-kind", "value"
+    )
+    assert code == 2 and out == ""
+    assert "has no value critic for sentiment" in err and "--kind value" in err

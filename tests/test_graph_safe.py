@@ -233,7 +233,7 @@ def test_lm_block_loop_is_graph_safe(tiny_base, tiny_models, latent_weight, once
             for _ in range(4):
                 decode.step()
     cap = plan.prompt_cap
-    assert decode.cache_pos.tolist() == [cap - 1 + 12] and plan.state.generated.tolist() == [12]
+    assert decode.cache_pos.tolist() == [cap + 12] and plan.state.generated.tolist() == [12]
     assert int(decode.noise_step) == DECODE_STEP + 12
     tokens = plan.state.tokens[:, cap:].clone()
     assert torch.equal(plan.run(ROWS, seed=[3, 4]).tokens, tokens)

@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ from fastdia.models.denoiser import Denoiser, DenoiserConfig
 FORMAT, VERSION = "fastdia", 1
 DENOISER_STEM = "denoiser"
 CRITIC_PREFIX = "critic-"
+VALUE_PREFIX = "value-"  # value critics (kind "value"): apart, so one reward can have both
 SAMPLING_DEFAULTS = "sampling.json"
 
 
@@ -73,10 +74,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def critic_stem(reward: str) -> str:
-    """File stem of the critic of ``reward`` (``"critic-" + a filename-safe slug``)."""
+def critic_stem(reward: str, kind: str = "token_local") -> str:
+    """File stem of the critic of ``reward`` (``"critic-" + a filename-safe slug``; a
+    value critic's is ``"value-" + the slug``)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", reward).strip("_") or "reward"
-    return CRITIC_PREFIX + slug[:80]
+    return (VALUE_PREFIX if kind == "value" else CRITIC_PREFIX) + slug[:80]
 
 
 def save_model(
@@ -177,6 +179,8 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "tilt_horizon": SamplingKey(0, "an integer >= 0 (0: no horizon)"),
     "block_size": SamplingKey(0, "an integer >= 0 (0: half the denoiser's window)"),
     "on_eos": SamplingKey("stop", "stop or mask"),
+    "critic_kind": SamplingKey("token_local", "token_local or value"),
+    "adaptive_noise": SamplingKey(0.0, "a finite number >= 0"),
 }
 """The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
 name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""
@@ -240,10 +244,16 @@ def _finite_number(value: Any) -> bool:
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint folder: the denoiser and its critics (by reward spec)."""
+    """A loaded checkpoint folder: the denoiser, its critics and its value critics (each
+    by reward spec)."""
 
     denoiser: Denoiser
     critics: dict[str, nn.Module]
+    values: dict[str, nn.Module] = field(default_factory=dict)
+
+    def critics_of(self, kind: str) -> dict[str, nn.Module]:
+        """The critics a sampler guides with: ``"value"`` critics or the others."""
+        return self.values if kind == "value" else self.critics
 
 
 def save_checkpoint(
@@ -258,14 +268,18 @@ def save_checkpoint(
     save_model(denoiser, folder, DENOISER_STEM, space=space, base_model=base_model)
     for critic in critics:
         save_model(
-            critic, folder, critic_stem(critic.config.reward), space=space, base_model=base_model
+            critic,
+            folder,
+            critic_stem(critic.config.reward, critic.config.kind),
+            space=space,
+            base_model=base_model,
         )
 
 
 def load_checkpoint(
     folder: str | Path, space: EmbeddingSpace, *, device: torch.device | str = "cpu"
 ) -> Checkpoint:
-    """Load ``folder``'s denoiser and every ``critic-*`` model in it."""
+    """Load ``folder``'s denoiser and every ``critic-*`` and ``value-*`` model in it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(
@@ -273,8 +287,9 @@ def load_checkpoint(
             "`fastdia train-denoiser`/`train-critic`, or --random-init to try untrained models"
         )
     denoiser = load_model(folder, DENOISER_STEM, space, device=device)
-    critics = {}
-    for meta_path in sorted(folder.glob(f"{CRITIC_PREFIX}*.json")):
-        critic = load_model(folder, meta_path.stem, space, device=device)
-        critics[critic.config.reward] = critic
-    return Checkpoint(denoiser=denoiser, critics=critics)
+    found: dict[str, dict[str, nn.Module]] = {CRITIC_PREFIX: {}, VALUE_PREFIX: {}}
+    for prefix, models in found.items():
+        for meta_path in sorted(folder.glob(f"{prefix}*.json")):
+            critic = load_model(folder, meta_path.stem, space, device=device)
+            models[critic.config.reward] = critic
+    return Checkpoint(denoiser=denoiser, critics=found[CRITIC_PREFIX], values=found[VALUE_PREFIX])

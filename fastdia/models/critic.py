@@ -12,6 +12,16 @@ Two kinds share one interface, ``forward(z, t) -> h [B]`` and
   into the step kernel.
 * :class:`ContextCritic`: a small bidirectional transformer, mean-pooled; its gradient
   comes from autograd.
+
+And one that reads the base model, ``forward(z, t, states, states_mask)`` (the same
+``value_and_grad`` with the states as keywords):
+
+* :class:`ValueCritic` (``kind="value"``): a twist / value function, FUDGE-style. Its
+  value is the expected reward of the *finished* text given the base model's states of
+  the ``M`` tokens before a block and the block's noisy latent ``z [B, K, d]``; trained
+  on base-model samples by regressing each whole sample's reward from every prefix and
+  block at every noise level. Its gradient on the block points toward continuations that
+  make the whole text score; it reads "not good" through the base model's states.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from torch import nn
 from fastdia.errors import ConfigError
 from fastdia.models.common import TimeMLP, batch_times
 
-CRITIC_KINDS = ("token_local", "context")
+CRITIC_KINDS = ("token_local", "context", "value")
 CRITIC_TARGETS = ("reward", "logit")
 _TIME_FEATURES = 64
 _LOGIT_EPS = 1e-4
@@ -53,13 +63,16 @@ class CriticConfig:
 
     Attributes:
         dim: embedding width ``d``.
-        kind: ``"token_local"`` or ``"context"``.
+        kind: ``"token_local"``, ``"context"`` or ``"value"``.
         hidden: hidden width (MLP units, or transformer width).
         time_conditioned: whether ``t`` enters (through the hidden bias, or added tokens).
         reward: the reward spec it imitates (e.g. ``"sentiment"``).
         target: what its output estimates: ``"reward"``, or ``"logit"`` of a reward that
             is a probability (see :func:`critic_target`).
-        layers, heads, max_length: the context critic's transformer (ignored otherwise).
+        layers, heads, max_length: the context and value critics' transformer (ignored
+            otherwise; a value critic's ``max_length`` is the longest block it scores).
+        prefix_states: ``M``, the base-model states a value critic reads before its block.
+        state_dim: their width (the base model's hidden size).
         metrics: held-out fidelity figures recorded by training (e.g. Spearman).
     """
 
@@ -72,7 +85,14 @@ class CriticConfig:
     layers: int = 2
     heads: int = 4
     max_length: int = 64
+    prefix_states: int = 0
+    state_dim: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reads_states(self) -> bool:
+        """Whether the critic reads base-model states (a value critic)."""
+        return self.kind == "value"
 
     def __post_init__(self) -> None:
         if self.kind not in CRITIC_KINDS:
@@ -85,8 +105,14 @@ class CriticConfig:
             )
         if min(self.dim, self.hidden) < 1:
             raise ConfigError(f"critic sizes must be positive: {self}")
-        if self.kind == "context" and self.hidden % self.heads:
+        if self.kind != "token_local" and self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if (self.kind == "value") != (self.prefix_states > 0 and self.state_dim > 0):
+            raise ConfigError(
+                "a value critic reads base-model states (prefix_states > 0 and state_dim > 0); "
+                f"other kinds read none: got kind={self.kind!r}, prefix_states="
+                f"{self.prefix_states}, state_dim={self.state_dim}"
+            )
 
 
 def silu_grad(x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +196,81 @@ class ContextCritic(nn.Module):
         return h.detach(), grad
 
 
-def build_critic(config: CriticConfig) -> TokenLocalCritic | ContextCritic:
+class ValueCritic(nn.Module):
+    """The value of a block given the base model's states before it (see the module
+    docstring): a small transformer over ``[M projected states ; K block positions]``
+    (missing states masked out), mean-pooled over the block."""
+
+    def __init__(self, config: CriticConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        self.in_proj = nn.Linear(config.dim, h)
+        self.pos = nn.Parameter(torch.zeros(config.max_length, h))
+        self.state_norm = nn.LayerNorm(config.state_dim)
+        self.state_proj = nn.Linear(config.state_dim, h)
+        self.state_pos = nn.Parameter(torch.zeros(config.prefix_states, h))
+        for p in (self.pos, self.state_pos):
+            nn.init.normal_(p, std=0.02)
+        self.time = TimeMLP(_TIME_FEATURES, h) if config.time_conditioned else None
+        layer = nn.TransformerEncoderLayer(
+            h, config.heads, 2 * h, 0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, 1))
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor | float = 0.0,
+        *,
+        states: torch.Tensor | None = None,
+        states_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``z [B, K, d]`` float32 (the block), ``t`` scalar or ``[B]``, ``states
+        [B, M, state_dim]``, ``states_mask [B, M]`` bool (None: all exist) -> ``[B]``."""
+        batch, length, _ = z.shape
+        m, width = self.config.prefix_states, self.config.state_dim
+        if length > self.config.max_length:
+            raise ConfigError(
+                f"value critic scores blocks of at most {self.config.max_length} tokens, got "
+                f"{length}"
+            )
+        if states is None or tuple(states.shape) != (batch, m, width):
+            got = None if states is None else tuple(states.shape)
+            raise ConfigError(
+                f"a value critic reads the base model's states before the block: pass "
+                f"states [{batch}, {m}, {width}], got {got}"
+            )
+        x = self.in_proj(z) + self.pos[:length]
+        if self.time is not None:
+            x = x + self.time(batch_times(t, batch, z.device))[:, None, :]
+        s = self.state_proj(self.state_norm(states.to(x.dtype))) + self.state_pos
+        ignore = None
+        if states_mask is not None:
+            block = torch.zeros(batch, length, dtype=torch.bool, device=z.device)
+            ignore = torch.cat([~states_mask.to(torch.bool), block], dim=1)
+        out = self.encoder(torch.cat([s, x], dim=1), src_key_padding_mask=ignore)
+        return self.head(out[:, m:].mean(dim=1)).squeeze(-1)
+
+    def value_and_grad(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor | float = 0.0,
+        *,
+        states: torch.Tensor | None = None,
+        states_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h [B], grad_z h [B, K, d])`` by autograd."""
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            h = self.forward(zz, t, states=states, states_mask=states_mask)
+            (grad,) = torch.autograd.grad(h.sum(), zz)
+        return h.detach(), grad
+
+
+def build_critic(config: CriticConfig) -> TokenLocalCritic | ContextCritic | ValueCritic:
     """The critic module of ``config.kind``."""
-    return TokenLocalCritic(config) if config.kind == "token_local" else ContextCritic(config)
+    if config.kind == "token_local":
+        return TokenLocalCritic(config)
+    return ValueCritic(config) if config.kind == "value" else ContextCritic(config)

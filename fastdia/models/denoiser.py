@@ -28,6 +28,21 @@ Two conditioning inputs, each switched on in the config and trained for:
   embedding ``c E[x]`` (not noised) and a learned flag embedding; they are the prompt,
   and the loss ignores them. The sampler writes the prompt clean at every step, so a
   continuation sees its prompt exactly instead of buried in noise.
+
+And one input that reads the base model (``prefix_states = M > 0``, ``"adaln"`` only):
+the base model's last-layer hidden states of the ``M`` tokens right before the window's
+first noisy position, ``states [B, M, state_dim]`` (``states_mask [B, M]``: False where a
+row has fewer tokens before it), projected to the model's width with learned positions
+and prepended to the window as ``M`` extra tokens that every layer attends to (masked
+ones are never attended to); the output keeps the window's ``L`` positions only. The base
+model does the context (its states before the block predict the block's first token),
+the denoiser models the block. The projection starts at zero (the states enter first as
+their learned positions only), so a denoiser fine-tuned from an unconditioned one
+(``train-denoiser --init``) starts close to that one. With ``lm_prior`` (a ``"tokens"``
+head, a base model that ties its input and output embeddings) the base model's own
+next-token logits over the head's tokens, ``h_last E[subset]^T`` from the last state,
+are added (times a learned gain, starting at 1) to the logits of the window's first noisy
+position: the position the last state predicts.
 """
 
 from __future__ import annotations
@@ -70,6 +85,11 @@ class DenoiserConfig:
         time_grid: the measured step allocation (CDCD time warping), ``[G]`` ascending
             times from 0 to 1 whose quantiles place sampling steps; empty for uniform
             steps. :func:`fastdia.train.denoiser.measure_time_warp` fills it in.
+        prefix_states: ``M``, the base-model states it reads before the window (0: none).
+        state_dim: the width of those states (the base model's hidden size; 0 unless
+            ``prefix_states``).
+        lm_prior: add the base model's next-token logits to the first noisy position's
+            (needs ``prefix_states``, a ``"tokens"`` head and a tied base model).
     """
 
     dim: int
@@ -85,6 +105,14 @@ class DenoiserConfig:
     self_condition: bool = False
     clean_prompt: bool = False
     time_grid: list[float] = field(default_factory=list)
+    prefix_states: int = 0
+    state_dim: int = 0
+    lm_prior: bool = False
+
+    @property
+    def reads_states(self) -> bool:
+        """Whether ``forward`` needs the base model's prefix states."""
+        return self.prefix_states > 0
 
     @property
     def predicts_x0(self) -> bool:
@@ -110,6 +138,20 @@ class DenoiserConfig:
             raise ConfigError(f"denoiser sizes must be positive: {self}")
         if self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.prefix_states < 0 or (self.prefix_states > 0) != (self.state_dim > 0):
+            raise ConfigError(
+                f"prefix_states ({self.prefix_states}) and state_dim ({self.state_dim}) go "
+                "together: both positive (a denoiser that reads base-model states) or both 0"
+            )
+        if self.lm_prior and not (self.prefix_states and self.prediction == "tokens"):
+            raise ConfigError(
+                "lm_prior adds the base model's next-token logits to a tokens head: it needs "
+                "prefix_states > 0 and prediction='tokens'"
+            )
+        if self.prefix_states and self.arch != "adaln":
+            raise ConfigError(
+                "prefix_states needs arch='adaln' (the encoder arch has no state input)"
+            )
         if self.vocab_size < 0 or (self.vocab_size and self.prediction != "tokens"):
             raise ConfigError(
                 f"vocab_size ({self.vocab_size}) is the size of a 'tokens' head; "
@@ -148,6 +190,15 @@ class Denoiser(nn.Module):
         if config.clean_prompt:
             self.clean_flag = nn.Parameter(torch.zeros(h))
             nn.init.normal_(self.clean_flag, std=0.02)
+        if config.reads_states:
+            self.state_norm = nn.LayerNorm(config.state_dim)
+            self.state_proj = nn.Linear(config.state_dim, h)
+            nn.init.zeros_(self.state_proj.weight)
+            nn.init.zeros_(self.state_proj.bias)
+            self.state_pos = nn.Parameter(torch.zeros(config.prefix_states, h))
+        if config.lm_prior:
+            self.lm_gain = nn.Parameter(torch.ones(()))
+            self.register_buffer("lm_rows", torch.zeros(0, config.state_dim), persistent=False)
         if config.arch == "adaln":
             self.blocks = nn.ModuleList(
                 AdaLNBlock(h, config.heads, config.dropout) for _ in range(config.layers)
@@ -182,6 +233,15 @@ class Denoiser(nn.Module):
         if self.config.prediction == "tokens":
             emb = space.embed(self.vocab_ids.to(space.weight.device))
             self.token_embeddings = emb.to(self.out_proj.weight.device, torch.float32)
+        if self.config.lm_prior:
+            if space.dim != self.config.state_dim:
+                raise ConfigError(
+                    f"an lm_prior denoiser reads next-token logits from states of width "
+                    f"{self.config.state_dim} against the embeddings (width {space.dim}): "
+                    "it needs a base model that ties its input and output embeddings"
+                )
+            rows = space.weight[self.vocab_ids.to(space.weight.device)]
+            self.lm_rows = rows.to(self.out_proj.weight.device, torch.float32)
         return self
 
     def token_index(self, ids: torch.Tensor) -> torch.Tensor:
@@ -204,6 +264,8 @@ class Denoiser(nn.Module):
         x0_prev: torch.Tensor | None = None,
         clean_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        states: torch.Tensor | None = None,
+        states_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The network's output head: ``[B, L, d]``, or ``[B, L, K]`` logits for tokens.
 
@@ -216,6 +278,10 @@ class Denoiser(nn.Module):
                 ignored unless ``config.clean_prompt``.
             temb: ``[B, hidden]`` (or ``[B, L, hidden]``) precomputed
                 :meth:`time_embedding` (overrides ``t``).
+            states: ``[B, M, state_dim]`` (any float dtype) base-model states of the ``M``
+                tokens before the window's first noisy position; required when
+                ``config.prefix_states``, ignored otherwise.
+            states_mask: ``[B, M]`` bool, True where a state exists (None: all do).
         """
         batch, length, dim = z.shape
         if length > self.config.max_length or dim != self.config.dim:
@@ -234,12 +300,84 @@ class Denoiser(nn.Module):
             temb = temb[:, None, :]
         if self.config.arch == "adaln":
             cond = F.silu(temb)
+            attn_mask = None
+            if self.config.reads_states:
+                x, cond, attn_mask = self._prepend_states(x, cond, states, states_mask)
             for block in self.blocks:
-                x = block(x, cond)
+                x = block(x, cond, attn_mask)
+            if self.config.reads_states:
+                x, cond = x[:, -length:], cond[:, -length:] if cond.shape[1] > 1 else cond
             shift, scale = self.final_mod(cond).chunk(2, dim=-1)
-            return self.out_proj(self.norm(x) * (1 + scale) + shift)
+            out = self.out_proj(self.norm(x) * (1 + scale) + shift)
+            if self.config.lm_prior:
+                out = out + self._lm_logits(states, states_mask, clean_mask, length)
+            return out
         x = x + temb
         return self.out_proj(self.norm(self.encoder(x)))
+
+    def _prepend_states(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        states: torch.Tensor | None,
+        states_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x [B, L, h]`` with the projected states prepended: ``[B, M + L, h]``, the
+        conditioning broadcast to match, and the attention mask ``[B, 1, 1, M + L]`` (None
+        when every state exists)."""
+        m = self.config.prefix_states
+        batch = x.shape[0]
+        if (
+            states is None
+            or states.shape[0] != batch
+            or states.shape[1:]
+            != (
+                m,
+                self.config.state_dim,
+            )
+        ):
+            got = None if states is None else tuple(states.shape)
+            raise ConfigError(
+                f"this denoiser reads the base model's states of the {m} tokens before the "
+                f"window: pass states [{batch}, {m}, {self.config.state_dim}], got {got}"
+            )
+        s = self.state_proj(self.state_norm(states.to(x.dtype))) + self.state_pos
+        x = torch.cat([s, x], dim=1)
+        if cond.shape[1] > 1:  # per-position times: the states take the window's mean
+            cond = torch.cat([cond.mean(dim=1, keepdim=True).expand(-1, m, -1), cond], dim=1)
+        if states_mask is None:
+            return x, cond, None
+        window = torch.ones(batch, x.shape[1] - m, dtype=torch.bool, device=x.device)
+        keep = torch.cat([states_mask.to(torch.bool), window], dim=1)
+        return x, cond, keep[:, None, None, :]
+
+    def _lm_logits(
+        self,
+        states: torch.Tensor,
+        states_mask: torch.Tensor | None,
+        clean_mask: torch.Tensor | None,
+        length: int,
+    ) -> torch.Tensor:
+        """The base model's next-token logits over the head's tokens from the last state,
+        times the gain, at each row's first noisy position (the count of its clean
+        positions): ``[B, L, K]``, zero elsewhere and for a row without states."""
+        if self.lm_rows.shape[0] != self.config.vocab_size:
+            raise ConfigError(
+                "an lm_prior denoiser needs its embeddings: call bind_embeddings(space) "
+                "(load_model does) before using it"
+            )
+        last = states[:, -1].to(self.lm_rows.dtype)
+        if states_mask is not None:
+            last = last * states_mask[:, -1:].to(last.dtype)
+        logits = last @ self.lm_rows.T  # [B, K]
+        batch = states.shape[0]
+        first = (
+            clean_mask.to(torch.int64).sum(dim=1)
+            if clean_mask is not None
+            else torch.zeros(batch, dtype=torch.int64, device=states.device)
+        )
+        at = torch.arange(length, device=states.device)[None, :] == first[:, None]  # [B, L]
+        return self.lm_gain * at[..., None].to(logits.dtype) * logits[:, None, :]
 
     def x0_from_logits(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Expected embedding ``softmax(logits / temperature) @ c E[subset]`` ``[B, L, d]``."""
@@ -262,13 +400,23 @@ class Denoiser(nn.Module):
         clean_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         temperature: float = 1.0,
+        states: torch.Tensor | None = None,
+        states_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, L, d]`` float32: the noise estimate, or the x0 estimate (see the class).
 
         ``temperature`` sharpens (< 1) the token distribution of a ``"tokens"`` head
         (score temperature); other heads ignore it.
         """
-        out = self.features(z, t, x0_prev=x0_prev, clean_mask=clean_mask, temb=temb)
+        out = self.features(
+            z,
+            t,
+            x0_prev=x0_prev,
+            clean_mask=clean_mask,
+            temb=temb,
+            states=states,
+            states_mask=states_mask,
+        )
         if self.config.prediction != "tokens":
             return out
         return self.x0_from_logits(out, temperature)
@@ -299,13 +447,16 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.mod.weight)
         nn.init.zeros_(self.mod.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``attn_mask``: None or ``[B, 1, 1, L]`` bool, False at keys never attended to."""
         batch, length, hidden = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.mod(cond).chunk(6, dim=-1)
         h = self.norm1(x) * (1 + sc1) + sh1
         q, k, v = self.qkv(h).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         drop = self.dropout if self.training else 0.0
-        att = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         x = x + g1 * self.proj(att.transpose(1, 2).reshape(batch, length, hidden))
         h = self.norm2(x) * (1 + sc2) + sh2
         return x + g2 * F.dropout(self.mlp(h), drop, self.training)

@@ -7,6 +7,13 @@ reverse path, and regresses the label (or its logit, ``config.target``) with a s
 loss. At the end, held-out Spearman between critic and true reward, and R^2 on the
 critic's target scale, are measured at several noise levels and stored in the critic's
 config (``config.metrics``).
+
+A value critic (``kind="value"``, :class:`~fastdia.models.critic.ValueCritic`) trains on
+data with base-model states (``make-data --states``): its label is the reward of each
+whole sequence, and each step scores a block of ``config.max_length`` tokens cut at a
+random offset, with the states of the tokens before it: the expected final reward given a
+prefix and a noisy block. Its metrics are Spearman at fixed offsets (:data:`VALUE_OFFSETS`)
+and noise levels.
 """
 
 from __future__ import annotations
@@ -38,10 +45,12 @@ from fastdia.train.common import (
     step_generator,
 )
 from fastdia.train.denoiser import noised
+from fastdia.train.windows import WindowStates, crop_windows
 
 log = logging.getLogger(__name__)
 
 METRIC_LEVELS = (0.0, 0.25, 0.5, 0.75)
+VALUE_OFFSETS = (8, 32, 64, 96)  # where a value critic's held-out blocks start
 
 
 @dataclass
@@ -142,6 +151,65 @@ def critic_metrics(
     return out
 
 
+def critic_inputs(
+    config: CriticConfig,
+    data: TokenDataset,
+    idx: torch.Tensor,
+    gen: torch.Generator | None,
+    device: torch.device,
+    *,
+    offset: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The token windows ``[B, L]`` a critic scores for rows ``idx`` of ``data``, and the
+    keyword inputs it reads besides ``z`` and ``t``: for a value critic, a block of
+    ``config.max_length`` tokens at a random offset (drawn from ``gen``; or at ``offset``)
+    and the states before it; for the others, the windows themselves and nothing."""
+    ids = data.ids[idx]
+    if not config.reads_states:
+        return ids, {}
+    block = config.max_length
+    if offset is None:
+        ids, start = crop_windows(gen, ids, block)
+    else:
+        start = torch.full((len(idx),), offset, dtype=torch.int64)
+        ids = ids[:, offset : offset + block]
+    states, mask = WindowStates(data.states[idx], start).before(0, config.prefix_states, device)
+    return ids, {"states": states, "states_mask": mask}
+
+
+@torch.no_grad()
+def value_metrics(
+    critic: nn.Module,
+    base: BaseModel,
+    data: TokenDataset,
+    labels: torch.Tensor,
+    schedule: str,
+    *,
+    seed: int = 4321,
+) -> dict[str, float]:
+    """A value critic's held-out Spearman with the whole samples' rewards, for blocks
+    starting at each of :data:`VALUE_OFFSETS` (that fit) and at each noise level of
+    :data:`METRIC_LEVELS`; ``"spearman"`` is their mean at level 0."""
+    device = base.space.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.arange(len(data))
+    out: dict[str, float] = {}
+    at_zero = []
+    for offset in (o for o in VALUE_OFFSETS if o + critic.config.max_length <= data.length):
+        ids, inputs = critic_inputs(critic.config, data, idx, None, device, offset=offset)
+        z0 = base.space.embed(ids.to(device))
+        for level in METRIC_LEVELS:
+            t = torch.full((len(idx),), level, device=device)
+            eps = torch.randn(z0.shape, generator=gen).to(device)
+            z = z0 if level == 0 else noised(z0, t, eps, schedule)
+            rho = spearman(critic(z, t, **inputs).float().cpu(), labels)
+            out[f"spearman@{offset}@{level}"] = rho
+            if level == 0:
+                at_zero.append(rho)
+    out["spearman"] = sum(at_zero) / max(1, len(at_zero))
+    return out
+
+
 def train_critic(
     base: BaseModel,
     data: TokenDataset,
@@ -167,12 +235,17 @@ def train_critic(
     if labels.shape != (len(data),) or holdout_labels.shape != (len(holdout),):
         raise ConfigError("need one label per window")
     base.space.check_fingerprint(data.fingerprint, f"dataset {data.source}")
+    if config.reads_states and (data.states is None or holdout.states is None):
+        raise ConfigError(
+            f"a value critic reads base-model states, and {data.source} was loaded without "
+            "them: make the data with `fastdia make-data --states`"
+        )
     identity = identity_of(
         config, optim, data=data.source, windows=len(data), kind="critic", schedule=schedule
     )
     torch.manual_seed(optim.seed)
     critic = build_critic(config).to(device)
-    stem = critic_stem(config.reward)
+    stem = critic_stem(config.reward, config.kind)
     run = Optimisation(critic, optim, state_path(out_dir, stem), identity)
     history: list[dict[str, Any]] = []
     if resume:
@@ -193,14 +266,15 @@ def train_critic(
         critic.train()
         gen = step_generator(optim.seed, run.step)
         idx, t = batch_draws(gen, len(data), optim.batch_size)
-        z0 = base.space.embed(data.ids[idx].to(device))
+        ids, inputs = critic_inputs(config, data, idx, gen, device)
+        z0 = base.space.embed(ids.to(device))
         eps = torch.randn(z0.shape, generator=gen).to(device)
         # a quarter of each batch is clean (t = 0): the critic must also score final text
         clean = torch.rand(optim.batch_size, generator=gen) < 0.25
         t = torch.where(clean, torch.zeros_like(t), t).to(device)
         z = torch.where(clean.to(device)[:, None, None], z0, noised(z0, t, eps, schedule))
         with autocast(device):
-            loss = (critic(z, t).float() - labels[idx.to(device)]).pow(2).mean()
+            loss = (critic(z, t, **inputs).float() - labels[idx.to(device)]).pow(2).mean()
         run.update(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -213,7 +287,10 @@ def train_critic(
     final.load_state_dict(run.final_state_dict())
     fold_affine(final, scale, shift)
     final.eval()
-    metrics = critic_metrics(final, base, holdout.ids, holdout_labels, schedule)
+    if config.reads_states:
+        metrics = value_metrics(final, base, holdout, holdout_labels, schedule)
+    else:
+        metrics = critic_metrics(final, base, holdout.ids, holdout_labels, schedule)
     final.config.metrics = {
         **metrics,
         "holdout_windows": len(holdout),

@@ -53,6 +53,7 @@ from fastdia.train.common import (
     step_generator,
 )
 from fastdia.train.time_warp import TRAIN_TIMES, OnlineTimeWarp, time_warp
+from fastdia.train.windows import WindowStates, crop_windows
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,20 @@ class Conditioning:
     Attributes:
         clean_mask: ``[B, L]`` bool, True at clean (prompt) positions, or None.
         self_cond: whether to feed the model's own x0 estimate this batch.
+        states: ``[B, M, d]`` float32 base-model states before the first noisy position
+            (a denoiser with ``prefix_states``), or None.
+        states_mask: ``[B, M]`` bool, True where a state exists, or None.
     """
 
     clean_mask: torch.Tensor | None = None
     self_cond: bool = False
+    states: torch.Tensor | None = None
+    states_mask: torch.Tensor | None = None
+
+    @property
+    def state_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The denoiser's state keyword arguments."""
+        return {"states": self.states, "states_mask": self.states_mask}
 
 
 def draw_conditioning(
@@ -154,7 +165,7 @@ def model_input(
     x0_prev = None
     if cond.self_cond:
         with torch.no_grad():
-            x0_prev = x0_estimate(den, z_t, t, clean_mask=mask).detach()
+            x0_prev = x0_estimate(den, z_t, t, clean_mask=mask, **cond.state_inputs).detach()
     return z_t, x0_prev
 
 
@@ -177,7 +188,7 @@ def window_losses(
     cond = cond or Conditioning()
     z_t, x0_prev = model_input(den, z0, t, eps, cond)
     mask = None if cond.clean_mask is None else cond.clean_mask.to(z0.device)
-    out = den.features(z_t, t, x0_prev=x0_prev, clean_mask=mask).float()
+    out = den.features(z_t, t, x0_prev=x0_prev, clean_mask=mask, **cond.state_inputs).float()
     if den.config.prediction == "tokens":
         target = den.token_index(ids.to(out.device))
         if mask is not None:
@@ -219,47 +230,81 @@ def x0_estimate(
     *,
     x0_prev: torch.Tensor | None = None,
     clean_mask: torch.Tensor | None = None,
+    states: torch.Tensor | None = None,
+    states_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The denoiser's estimate of ``z_0`` ``[B, L, d]`` (converting an epsilon prediction)."""
-    out = den(z_t, t, x0_prev=x0_prev, clean_mask=clean_mask).float()
+    out = den(
+        z_t, t, x0_prev=x0_prev, clean_mask=clean_mask, states=states, states_mask=states_mask
+    ).float()
     if den.config.predicts_x0:
         return out
     abar = level_of(den.config.schedule, t, z_t)
     return (z_t - (1 - abar).sqrt() * out) / abar.sqrt()
 
 
-def refined_x0(den: Denoiser, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The x0 estimate as the sampler sees it: a self-conditioning model's second pass."""
-    x0 = x0_estimate(den, z_t, t)
+def refined_x0(
+    den: Denoiser, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None
+) -> torch.Tensor:
+    """The x0 estimate as the sampler sees it: a self-conditioning model's second pass
+    (``cond``: only its states are read)."""
+    inputs = cond.state_inputs if cond is not None else {}
+    x0 = x0_estimate(den, z_t, t, **inputs)
     if den.config.self_condition:
-        x0 = x0_estimate(den, z_t, t, x0_prev=x0)
+        x0 = x0_estimate(den, z_t, t, x0_prev=x0, **inputs)
     return x0
+
+
+def states_conditioning(
+    den: Denoiser,
+    states: WindowStates | None,
+    prefix: torch.Tensor | int,
+    device: torch.device,
+    self_cond: bool = False,
+) -> Conditioning:
+    """A batch's conditioning without clean prefix positions: the states before position
+    ``prefix`` of each window when ``den`` reads them (``states`` is then required)."""
+    if not den.config.reads_states:
+        return Conditioning(None, self_cond)
+    if states is None:
+        raise ConfigError(
+            "this denoiser reads base-model states: validate it on windows with states "
+            "(data made with `fastdia make-data --states`)"
+        )
+    return Conditioning(None, self_cond, *states.before(prefix, den.config.prefix_states, device))
 
 
 @torch.no_grad()
 def validate(
-    den: Denoiser, base: BaseModel, ids: torch.Tensor, *, seed: int = 1234
+    den: Denoiser,
+    base: BaseModel,
+    ids: torch.Tensor,
+    *,
+    seed: int = 1234,
+    states: WindowStates | None = None,
 ) -> dict[str, float]:
-    """Held-out loss and rounding accuracy of the x0 estimate at :data:`VAL_LEVELS`."""
+    """Held-out loss and rounding accuracy of the x0 estimate at :data:`VAL_LEVELS`
+    (``states``: the windows' base-model states, for a denoiser that reads them)."""
     space = base.space
     device = space.weight.device
     gen = torch.Generator().manual_seed(seed)
     ids = ids.to(device)
     z0 = space.embed(ids)
     bias = space.rounding_bias("l2")
+    cond = states_conditioning(den, states, 0, device)
     out: dict[str, float] = {}
     losses = []
     for level in VAL_LEVELS:
         t = torch.full((ids.shape[0],), level, device=device)
         eps = torch.randn(z0.shape, generator=gen).to(device)
         z_t = noised(z0, t, eps, den.config.schedule)
-        x0 = refined_x0(den, z_t, t)
+        x0 = refined_x0(den, z_t, t, cond)
         acc = (round_to_vocab(x0, space.weight, bias) == ids).float().mean().item()
         out[f"acc@{level}"] = acc
-        losses.append(denoiser_loss(den, ids, z0, t, eps).item())
+        losses.append(denoiser_loss(den, ids, z0, t, eps, cond).item())
     out["val_loss"] = sum(losses) / len(losses)
     if den.config.clean_prompt and den.config.prediction == "tokens":
-        out["next_token_ce"] = next_token_ce(den, base, ids, gen=gen)
+        out["next_token_ce"] = next_token_ce(den, base, ids, gen=gen, states=states)
     return out
 
 
@@ -274,6 +319,7 @@ def next_token_ce(
     *,
     prefixes: tuple[int, ...] = NEXT_TOKEN_PREFIXES,
     gen: torch.Generator | None = None,
+    states: WindowStates | None = None,
 ) -> float:
     """How much of a language model the prior is: the mean cross-entropy (nats) of the
     token right after a clean prefix, with every later position pure noise (``t = 1``, no
@@ -282,7 +328,8 @@ def next_token_ce(
     ``ids [B, L]`` held-out windows; one pass per prefix length in ``prefixes`` (those
     shorter than ``L``); tokens outside the head's subset are not counted. A unigram model
     of the data scores its token entropy here (about 6.6 nats for the demo's data), the
-    base model its next-token loss (about 2.3). Needs a ``clean_prompt`` tokens head.
+    base model its next-token loss (about 2.3). Needs a ``clean_prompt`` tokens head;
+    a denoiser that reads base-model states gets those before the first noisy position.
     """
     if not (den.config.clean_prompt and den.config.prediction == "tokens"):
         raise ConfigError("next_token_ce needs a clean_prompt denoiser with a tokens head")
@@ -295,7 +342,10 @@ def next_token_ce(
         mask = (torch.arange(length, device=device) < p).expand(batch, -1)
         noise = torch.randn(z0.shape, generator=gen).to(device)
         z = torch.where(mask[..., None], z0, noise)
-        logits = den.features(z, torch.ones(batch, device=device), clean_mask=mask)[:, p]
+        cond = states_conditioning(den, states, p, device)
+        logits = den.features(
+            z, torch.ones(batch, device=device), clean_mask=mask, **cond.state_inputs
+        )[:, p]
         target = den.token_index(ids[:, p].contiguous())
         ce = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
         total += ce.item()
@@ -309,7 +359,13 @@ WARP_WINDOWS = 64  # held-out windows per level
 
 @torch.no_grad()
 def loss_curve(
-    den: Denoiser, base: BaseModel, ids: torch.Tensor, *, levels: int = WARP_LEVELS, seed: int = 0
+    den: Denoiser,
+    base: BaseModel,
+    ids: torch.Tensor,
+    *,
+    levels: int = WARP_LEVELS,
+    seed: int = 0,
+    states: WindowStates | None = None,
 ) -> tuple[list[float], list[float]]:
     """The held-out loss ``L(t)`` at ``levels`` evenly spaced times in ``[0, 1]``.
 
@@ -325,19 +381,25 @@ def loss_curve(
     for level in times:
         t = torch.full((ids.shape[0],), level, device=device)
         eps = torch.randn(z0.shape, generator=gen).to(device)
-        cond = Conditioning(None, den.config.self_condition)
+        cond = states_conditioning(den, states, 0, device, den.config.self_condition)
         losses.append(denoiser_loss(den, ids, z0, t, eps, cond).item())
     times[0] = 0.0
     return times, losses
 
 
 def measure_time_warp(
-    den: Denoiser, base: BaseModel, ids: torch.Tensor, *, seed: int = 0
+    den: Denoiser,
+    base: BaseModel,
+    ids: torch.Tensor,
+    *,
+    seed: int = 0,
+    states: WindowStates | None = None,
 ) -> dict[str, list[float]]:
     """Measure ``L(t)`` on held-out ``ids`` and return ``{"times", "losses", "grid"}``."""
     was_training = den.training
     den.eval()
-    times, losses = loss_curve(den, base, ids[:WARP_WINDOWS], seed=seed)
+    states = None if states is None else states.take(WARP_WINDOWS)
+    times, losses = loss_curve(den, base, ids[:WARP_WINDOWS], seed=seed, states=states)
     den.train(was_training)
     return {"times": times, "losses": losses, "grid": time_warp(times, losses)}
 
@@ -378,6 +440,13 @@ def train_denoiser(
     ``noise_mask``: the fraction of windows trained with half of their positions at pure
     noise (:func:`noise_mask_times`); 0 keeps one time per window. A ``"warp"`` run's loss
     curve reads the other windows only.
+
+    A ``config`` with ``prefix_states`` trains on ``data`` with states (``make-data
+    --states``, loaded with ``load_dataset(..., states=True)``): each window of
+    ``max_length`` tokens is cut at a random offset of its sequence and reads the states
+    before its first noisy position (:mod:`fastdia.train.windows`); validation cuts the
+    last ``max_length`` tokens of each held-out sequence. ``init`` may then be a denoiser
+    without state input: its weights are loaded and the state input starts at zero.
     """
     from tqdm import tqdm
 
@@ -385,7 +454,12 @@ def train_denoiser(
     out_dir = Path(out_dir)
     if config.dim != base.space.dim:
         raise ConfigError(f"denoiser dim {config.dim} != embedding dim {base.space.dim}")
-    if data.length > config.max_length:
+    window = config.max_length if config.reads_states else data.length
+    if config.reads_states:
+        _check_state_data(data, config)
+        if holdout is not None:
+            _check_state_data(holdout, config)
+    elif data.length > config.max_length:
         raise ConfigError(f"windows of {data.length} tokens exceed max_length {config.max_length}")
     base.space.check_fingerprint(data.fingerprint, f"dataset {data.source}")
     check_choice(train_times, TRAIN_TIMES, "train_times")
@@ -418,7 +492,13 @@ def train_denoiser(
     torch.manual_seed(optim.seed)
     den = Denoiser(config, vocab_ids)
     if init is not None:
-        den.load_state_dict(init.state_dict())
+        missing, unexpected = den.load_state_dict(init.state_dict(), strict=False)
+        new = ("state_", "lm_gain")  # the inputs an unconditioned denoiser lacks
+        if unexpected or any(not k.startswith(new) for k in missing):
+            raise ConfigError(
+                f"the --init denoiser's weights do not fit: missing {missing}, unexpected "
+                f"{unexpected}"
+            )
     den = den.bind_embeddings(base.space).to(device)
     run = Optimisation(den, optim, state_path(out_dir, DENOISER_STEM), identity)
     times = None
@@ -430,6 +510,12 @@ def train_denoiser(
         start_step = run.resume()
         history = [h for h in _read_history(out_dir) if h["step"] <= start_step]
     ids_all, space = data.ids, base.space
+    val_ids, val_states = None, None
+    if holdout is not None:
+        val_ids = holdout.ids[:VAL_WINDOWS]
+        if config.reads_states:
+            val_ids, offset = crop_windows(None, val_ids, window, fixed=True)
+            val_states = WindowStates(holdout.states[:VAL_WINDOWS], offset)
     started = time.perf_counter()
     bar = tqdm(total=optim.steps, initial=run.step, desc="denoiser", disable=not progress)
     while run.step < optim.steps:
@@ -438,15 +524,22 @@ def train_denoiser(
         idx, t = batch_draws(gen, len(ids_all), optim.batch_size)
         if times is not None:
             t = T_MIN + (1 - T_MIN) * times.draw((t - T_MIN) / (1 - T_MIN))
-        z0 = space.embed(ids_all[idx].to(device))
+        ids, seq_states = ids_all[idx], None
+        if config.reads_states:
+            ids, offset = crop_windows(gen, ids, window)
+            seq_states = WindowStates(data.states[idx], offset)
+        z0 = space.embed(ids.to(device))
         eps = torch.randn(z0.shape, generator=gen).to(device)
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
-        cond = draw_conditioning(gen, config, optim.batch_size, data.length)
+        cond = draw_conditioning(gen, config, optim.batch_size, window)
+        if seq_states is not None:
+            prefix = 0 if cond.clean_mask is None else cond.clean_mask.sum(dim=1)
+            cond.states, cond.states_mask = seq_states.before(prefix, config.prefix_states, device)
         t_in, masked = t, torch.zeros(optim.batch_size, dtype=torch.bool)
         if noise_mask:
-            t_in, masked = noise_mask_times(gen, t, data.length, noise_mask)
+            t_in, masked = noise_mask_times(gen, t, window, noise_mask)
         with autocast(device):
-            total, count = window_losses(den, ids_all[idx], z0, t_in.to(device), eps, cond)
+            total, count = window_losses(den, ids, z0, t_in.to(device), eps, cond)
             loss = total.sum() / count.sum().clamp_min(1)
         if times is not None:  # the warp's curve is over one time per window
             keep = (count.cpu() > 0) & ~masked
@@ -459,7 +552,7 @@ def train_denoiser(
         if holdout is not None and (run.step % optim.val_every == 0 or last):
             with run.averaged():
                 den.eval()
-                record.update(validate(den, base, holdout.ids[:VAL_WINDOWS]))
+                record.update(validate(den, base, val_ids, states=val_states))
             if times is not None:
                 record["train_times_above_0.9"] = float((times.grid > 0.9).float().mean())
             log.info("step %d %s", run.step, {k: round(v, 4) for k, v in record.items()})
@@ -474,13 +567,35 @@ def train_denoiser(
     final.load_state_dict(run.final_state_dict())
     final.bind_embeddings(base.space).to(device)
     if warp and holdout is not None:
-        curve = measure_time_warp(final, base, holdout.ids, seed=optim.seed)
+        warp_ids, warp_states = holdout.ids, None
+        if config.reads_states:
+            warp_ids, offset = crop_windows(None, holdout.ids, window, fixed=True)
+            warp_states = WindowStates(holdout.states, offset)
+        curve = measure_time_warp(final, base, warp_ids, seed=optim.seed, states=warp_states)
         final.config = replace(final.config, time_grid=curve["grid"])
         save_model(final, out_dir, DENOISER_STEM, space=space, base_model=base.name)
         history.append({"step": run.step, "time_warp": curve})
         write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
         log.info("time warp: %s", curve["grid"])
     return DenoiserRun(final.eval(), history, time.perf_counter() - started)
+
+
+def _check_state_data(data: TokenDataset, config: DenoiserConfig) -> None:
+    if data.states is None:
+        raise ConfigError(
+            f"a denoiser with prefix_states reads base-model states, and {data.source} was "
+            "loaded without them: make the data with `fastdia make-data --states`"
+        )
+    if data.states.shape[2] != config.state_dim:
+        raise ConfigError(
+            f"{data.source} holds states of width {data.states.shape[2]}, the config asks "
+            f"state_dim {config.state_dim}"
+        )
+    if data.length < config.max_length:
+        raise ConfigError(
+            f"{data.source} holds sequences of {data.length} tokens, shorter than the "
+            f"window of {config.max_length}"
+        )
 
 
 _ARCH_FIELDS = ("dim", "max_length", "hidden", "layers", "heads", "prediction", "schedule", "arch")
@@ -494,6 +609,11 @@ def _init_config(init: Denoiser, config: DenoiserConfig) -> DenoiserConfig:
         for k in _ARCH_FIELDS + _INPUT_FIELDS
         if getattr(init.config, k) != getattr(config, k)
     ]
+    if init.config.reads_states and (init.config.prefix_states, init.config.state_dim) != (
+        config.prefix_states,
+        config.state_dim,
+    ):
+        diff.append(f"prefix_states {init.config.prefix_states} (asked: {config.prefix_states})")
     if diff:
         raise ConfigError(
             "the --init denoiser differs from the asked architecture in "

@@ -146,6 +146,13 @@ def add_parsers(sub: Any) -> None:
         metavar="M",
         help="a value critic reads the states of the M tokens before its block; default 8",
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=2,
+        help="context and value critics: transformer layers; a value critic with 0 takes the "
+        "token-local form with a context-dependent bias (a smooth gradient); default 2",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument(
         "--target",
@@ -301,6 +308,7 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
         target=args.target,
         max_length=args.length if value else max(64, args.length),
         prefix_states=args.prefix_states if value else 0,
+        layers=args.layers,
         state_dim=base.hidden_size if value else 0,
     )
     run = train_critic(

@@ -104,8 +104,9 @@ class DecodeConfig:
             denoiser's window: 1 gives a token the weight it has in ``lambda h``).
         tilt_once: a token earns its tilt at its first use in the continuation only (the
             prompt does not count): repeating a well-scored word gains nothing, which
-            keeps a strong tilt from writing "great great love love". The target is then
-            no longer exactly ``p(x) exp(lambda h(x))`` but ``h`` over distinct tokens.
+            keeps a strong tilt from writing "great great love love". The tilt then weighs
+            ``h`` over distinct tokens (and, sampled left to right with per-position
+            normalisation, neither form is an exact draw from ``p(x) exp(lambda h(x))``).
         tilt_horizon: the tilt applies to a row's first ``tilt_horizon`` generated tokens
             only (0: to all of them): a long text then gets the tilt a text of that many
             tokens gets, instead of a total that grows with its length.
@@ -232,9 +233,13 @@ class DecodePlan:
     Rows are left-padded: row ``b``'s base-model prefix ends at ``P = state.prompt_cap``,
     its keys before ``state.pad[b]`` are masked, and its positions count from its first
     real token, so a row decodes as it would alone. Buffers (on the space's device unless
-    said): ``noise_step []`` int64; on the model's device ``tok [B, 1]`` int64 (the last
-    token), ``cache_pos [1]`` int64 (its position in the KV cache) and ``mask [B, 1, 1, C]``
-    (the additive attention mask of the step: 0 where a key is visible).
+    said): ``noise_step []`` int64; ``h [B, hidden]`` float32, the LM's final hidden state
+    after the last token read (what the next draw reads); on the model's device ``tok
+    [B, 1]`` int64 (the last token), ``cache_pos [1]`` int64 (where the next token read
+    goes in the KV cache) and ``mask [B, 1, 1, C]`` (the additive attention mask of the
+    step: 0 where a key is visible). Each step draws from ``h`` and then reads the drawn
+    token, so the states of every written token exist before the next block's diffusion
+    (a run reads one token more than it needs).
     """
 
     def __init__(

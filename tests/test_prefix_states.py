@@ -318,7 +318,7 @@ def test_states_denoiser_checkpoint_round_trip(tmp_path, tiny_base):
 
 
 # ---- the value critic -------------------------------------------------------------------
-def _value_critic(dim: int, *, reward: str = "sentiment"):
+def _value_critic(dim: int, *, reward: str = "sentiment", layers: int = 2):
     from fastdia.models.critic import CriticConfig, build_critic
 
     torch.manual_seed(0)
@@ -331,12 +331,14 @@ def _value_critic(dim: int, *, reward: str = "sentiment"):
         max_length=4,
         prefix_states=M,
         state_dim=dim,
+        layers=layers,
     )
     return build_critic(cfg).eval()
 
 
-def test_value_critic_reads_block_and_states():
-    critic = _value_critic(8)
+@pytest.mark.parametrize("layers", [2, 0])
+def test_value_critic_reads_block_and_states(layers):
+    critic = _value_critic(8, layers=layers)
     z, s = torch.randn(3, 4, 8), torch.randn(3, M, 8)
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
     h, grad = critic.value_and_grad(z, 0.3, states=s, states_mask=mask)
@@ -512,3 +514,14 @@ def test_lm_prior_checks(tiny_base):
     cfg = SamplerConfig(steps=3, block_size=4, clean_prompt=False)
     with pytest.raises(ConfigError, match="without the clean prompt"):
         Sampler(den, tiny_base.space, config=cfg, base_model=tiny_base).plan(1, 4)
+
+
+def test_token_local_value_critic_folds_its_scale():
+    from fastdia.train.critic import fold_affine
+
+    critic = _value_critic(8, layers=0)
+    z, s = torch.randn(3, 4, 8), torch.randn(3, M, 8)
+    before = critic(z, 0.2, states=s)
+    with torch.no_grad():
+        fold_affine(critic, 2.5, -0.5)
+    torch.testing.assert_close(critic(z, 0.2, states=s), 2.5 * before - 0.5)

@@ -22,6 +22,11 @@ And one that reads the base model, ``forward(z, t, states, states_mask)`` (the s
   on base-model samples by regressing each whole sample's reward from every prefix and
   block at every noise level. Its gradient on the block points toward continuations that
   make the whole text score; it reads "not good" through the base model's states.
+  Two forms: a small transformer over the states and the block (``layers >= 1``), or
+  (``layers = 0``) the token-local form with a context-dependent hidden bias,
+  ``h = mean_i w2 . silu(W1 z_i + U c + b1(t)) + v . c + b`` with ``c`` the mean of the
+  (layer-normed) states: a per-token value that depends on the context, whose gradient
+  stays a smooth mix of the rows of W1.
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ class CriticConfig:
         target: what its output estimates: ``"reward"``, or ``"logit"`` of a reward that
             is a probability (see :func:`critic_target`).
         layers, heads, max_length: the context and value critics' transformer (ignored
-            otherwise; a value critic's ``max_length`` is the longest block it scores).
+            otherwise; a value critic's ``max_length`` is the longest block it scores, and
+            ``layers = 0`` gives it the token-local form with a context bias).
         prefix_states: ``M``, the base-model states a value critic reads before its block.
         state_dim: their width (the base model's hidden size).
         metrics: held-out fidelity figures recorded by training (e.g. Spearman).
@@ -105,6 +111,8 @@ class CriticConfig:
             )
         if min(self.dim, self.hidden) < 1:
             raise ConfigError(f"critic sizes must be positive: {self}")
+        if self.layers < 0 or (self.layers == 0 and self.kind != "value"):
+            raise ConfigError(f"layers must be >= 1 (0 only for a value critic), got {self.layers}")
         if self.kind != "token_local" and self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if (self.kind == "value") != (self.prefix_states > 0 and self.state_dim > 0):
@@ -205,14 +213,20 @@ class ValueCritic(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden
+        self.state_norm = nn.LayerNorm(config.state_dim)
+        self.time = TimeMLP(_TIME_FEATURES, h) if config.time_conditioned else None
+        if config.layers == 0:  # the token-local form with a context bias
+            self.fc1 = nn.Linear(config.dim, h)
+            self.context = nn.Linear(config.state_dim, h, bias=False)
+            self.w2 = nn.Parameter(torch.randn(h) / h**0.5)
+            self.head = nn.Sequential(nn.Linear(config.state_dim, 1))  # v . c + b
+            return
         self.in_proj = nn.Linear(config.dim, h)
         self.pos = nn.Parameter(torch.zeros(config.max_length, h))
-        self.state_norm = nn.LayerNorm(config.state_dim)
         self.state_proj = nn.Linear(config.state_dim, h)
         self.state_pos = nn.Parameter(torch.zeros(config.prefix_states, h))
         for p in (self.pos, self.state_pos):
             nn.init.normal_(p, std=0.02)
-        self.time = TimeMLP(_TIME_FEATURES, h) if config.time_conditioned else None
         layer = nn.TransformerEncoderLayer(
             h, config.heads, 2 * h, 0.0, activation="gelu", batch_first=True, norm_first=True
         )
@@ -242,6 +256,8 @@ class ValueCritic(nn.Module):
                 f"a value critic reads the base model's states before the block: pass "
                 f"states [{batch}, {m}, {width}], got {got}"
             )
+        if self.config.layers == 0:
+            return self._token_local(z, t, states, states_mask)
         x = self.in_proj(z) + self.pos[:length]
         if self.time is not None:
             x = x + self.time(batch_times(t, batch, z.device))[:, None, :]
@@ -252,6 +268,27 @@ class ValueCritic(nn.Module):
             ignore = torch.cat([~states_mask.to(torch.bool), block], dim=1)
         out = self.encoder(torch.cat([s, x], dim=1), src_key_padding_mask=ignore)
         return self.head(out[:, m:].mean(dim=1)).squeeze(-1)
+
+    def _token_local(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor | float,
+        states: torch.Tensor,
+        states_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The ``layers = 0`` form (the module docstring): ``[B]``. Its last layer is
+        ``w2`` and ``head`` (what :func:`fastdia.train.critic.fold_affine` rescales)."""
+        normed = self.state_norm(states.to(z.dtype))
+        keep = torch.ones(normed.shape[:2], device=z.device, dtype=z.dtype)
+        if states_mask is not None:
+            keep = states_mask.to(z.dtype)
+        ctx = (normed * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True).clamp_min(1)
+        bias = self.fc1.bias + self.context(ctx)  # [B, H]
+        if self.time is not None:
+            bias = bias + self.time(batch_times(t, z.shape[0], z.device))
+        pre = z @ self.fc1.weight.T + bias[:, None, :]
+        value = (nn.functional.silu(pre) @ self.w2).mean(dim=1)
+        return value + self.head(ctx).squeeze(-1)
 
     def value_and_grad(
         self,

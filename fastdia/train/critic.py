@@ -102,6 +102,10 @@ def fold_affine(critic: nn.Module, scale: float, shift: float) -> None:
     if isinstance(critic, TokenLocalCritic):
         critic.w2.mul_(scale)
         critic.b2.mul_(scale).add_(shift)
+    elif getattr(critic.config, "layers", 1) == 0:  # a token-local-form value critic
+        critic.w2.mul_(scale)
+        critic.head[-1].weight.mul_(scale)
+        critic.head[-1].bias.mul_(scale).add_(shift)
     else:
         head = critic.head[-1]
         head.weight.mul_(scale)

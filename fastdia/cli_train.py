@@ -295,8 +295,18 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
     name = rewards.names[0]
     optim = _optim_config(args)
     schedule = args.schedule or _denoiser_schedule(Path(args.out)) or "sqrt"
-    base, device = _setup(args)
     value = args.kind == "value"
+    CriticConfig(  # the settings checked before anything loads
+        dim=1,
+        kind=args.kind,
+        hidden=args.hidden,
+        reward=name,
+        target=args.target,
+        layers=args.layers,
+        prefix_states=args.prefix_states if value else 0,
+        state_dim=1 if value else 0,
+    )
+    base, device = _setup(args)
     train, hold = _data(args, base, states=value)
     reward = rewards.components[0][0]
     labels, hold_labels = reward_labels(base, train, reward), reward_labels(base, hold, reward)

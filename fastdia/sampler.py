@@ -359,10 +359,13 @@ class Sampler:
         reads_states = self.state_dim > 0
         if config.decode == "lm" or reads_states:
             if base_model is None:
-                why = 'decode="lm" samples' if config.decode == "lm" else "this denoiser reads"
+                why = (
+                    'decode="lm" samples with the base model'
+                    if config.decode == "lm"
+                    else "the denoiser or a critic reads the base model's states"
+                )
                 raise ConfigError(
-                    f"{why} with the base model: pass base_model= to Sampler "
-                    "(fastdia.pipeline.build_sampler does)"
+                    f"{why}: pass base_model= to Sampler (fastdia.pipeline.build_sampler does)"
                 )
             space.check_fingerprint(base_model.space.fingerprint, "the LM decode's base model")
             if reads_states and base_model.hidden_size != self.state_dim:

@@ -81,7 +81,8 @@ class BlockState:
         prompt_cap: ``P``, the longest base-model prefix the buffers hold.
         block: ``K``, tokens per block.
         hist: ``[B, C, h]`` float32, the base model's last-layer state of every token read
-            so far (the LM decode writes them), or None when no denoiser reads them.
+            so far (the LM decode writes them), or None when neither the denoiser nor a
+            critic reads them.
     """
 
     tokens: torch.Tensor

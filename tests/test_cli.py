@@ -474,3 +474,23 @@ def test_critic_kind_value_needs_value_critics(capsys, tiny_args, tiny_checkpoin
     )
     assert code == 2 and out == ""
     assert "has no value critic for sentiment" in err and "--kind value" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--layers", "0"], "layers must be >= 1 (0 only for a value critic)"),
+        (["--kind", "value", "--prefix-states", "0"], "a value critic reads base-model states"),
+        (["--kind", "sideways"], "unknown critic kind 'sideways'"),
+    ],
+)
+def test_train_critic_bad_settings_fail_before_loading(capsys, monkeypatch, flags, message):
+    import fastdia.base_model
+
+    def boom(*a, **k):
+        raise AssertionError("the base model must not load for bad input")
+
+    monkeypatch.setattr(fastdia.base_model, "load_base_model", boom)
+    argv = ["train-critic", "--data", "nowhere", "--out", "nowhere", "--reward", "sentiment"]
+    code, _, err = _run(capsys, *argv, *flags)
+    assert code == 2 and message in err, err

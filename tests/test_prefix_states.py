@@ -305,7 +305,9 @@ def test_sampler_refuses_a_base_model_of_another_width(tiny_base):
     with pytest.raises(ConfigError, match="reads base-model states of width 49"):
         _sampler(tiny_base, den, "nearest")
     cfg = SamplerConfig(steps=3, block_size=4)
-    with pytest.raises(ConfigError, match="this denoiser reads with the base model"):
+    with pytest.raises(
+        ConfigError, match="a critic reads the base model's states: pass base_model="
+    ):
         Sampler(_denoiser(tiny_base.space.dim), tiny_base.space, config=cfg)
 
 

@@ -45,8 +45,6 @@ def cmd_bench_sentiment(args: argparse.Namespace) -> int:
 
     if args.samples_per_prompt < 1:
         raise ConfigError(f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
-    for name in bench_sentiment.SETS:  # every set readable and large enough, before loading
-        bench_sentiment.load_prompts(name, args.num_prompts)
     eval_args = argparse.Namespace(**vars(args))
     eval_args.num_samples = args.samples_per_prompt
     eval_args.prompt_sets = ""

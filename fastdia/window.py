@@ -58,6 +58,8 @@ from fastdia.schedules import (
 )
 
 if TYPE_CHECKING:
+    from fastdia.models.critic import CriticConfig
+    from fastdia.models.denoiser import DenoiserConfig
     from fastdia.sampler import Sampler
 
 BANNED_SCORE = -1.0e9  # the score bias of a token that must never be chosen
@@ -214,16 +216,12 @@ class WindowDiffusion:
         self._mask3 = self.mask[:, :, None]  # [B, W, 1], broadcast against [B, W, d]
         # what reads base-model states (the denoiser, value critics): those of the last M
         # tokens before the block, M the most any reader takes; each reads its last few
+        # (the sampler checked that they read one width, the width state.hist keeps)
         readers = [den.config] + [c.module.config for c in sampler.critics]
         m = max((r.prefix_states for r in readers if r.reads_states), default=0)
         self._states: dict[str, torch.Tensor] = {}
         if m:
-            width = state.hist.shape[2] if state.hist is not None else 0
-            if any(r.reads_states and r.state_dim != width for r in readers):
-                raise ConfigError(
-                    "the denoiser or a critic reads base-model states of another width than "
-                    f"the block loop keeps ({width}): a base model of another size?"
-                )
+            width = sampler.state_dim
             self._ar_m = torch.arange(m, dtype=torch.int64, device=device)
             self._state_pos = torch.zeros(m, dtype=torch.int64, device=device)
             self._states = {
@@ -231,6 +229,7 @@ class WindowDiffusion:
                 "states_mask": torch.zeros(batch, m, dtype=torch.bool, device=device),
             }
         self._state_inputs = self._states_for(den.config)
+        self._critic_inputs = [self._states_for(c.module.config) for c in self.context]
         self._self_cond = den.config.self_condition and cfg.self_condition
         self._clean = den.config.clean_prompt and cfg.clean_prompt
         if den.config.lm_prior and not self._clean:
@@ -261,12 +260,12 @@ class WindowDiffusion:
         """``abar`` at the stop level ``t*`` (1 when the diffusion runs to clean data)."""
         return self._rows[-1][SQRT_ABAR_NEXT] ** 2
 
-    def _states_for(self, config: object) -> dict[str, torch.Tensor]:
+    def _states_for(self, config: DenoiserConfig | CriticConfig) -> dict[str, torch.Tensor]:
         """The state inputs of a reader (denoiser or critic config): views of the last
         ``prefix_states`` of the shared buffers (``{}`` for one that reads none)."""
-        if not getattr(config, "reads_states", False):
+        if not config.reads_states:
             return {}
-        m = config.prefix_states  # type: ignore[attr-defined]
+        m = config.prefix_states
         return {k: v[:, v.shape[1] - m :] for k, v in self._states.items()}
 
     def _clamp_rows(self, clamp_from: int | None) -> list[bool]:
@@ -357,11 +356,10 @@ class WindowDiffusion:
         if not self.context or not self.sampler.config.guidance:
             return None
         total = torch.zeros_like(z)
-        for critic in self.context:
+        for critic, inputs in zip(self.context, self._critic_inputs, strict=True):
             module = critic.module
-            if module.config.reads_states:  # a value critic scores the block
+            if inputs:  # a value critic scores the block
                 block = z.gather(1, self._at_block)
-                inputs = self._states_for(module.config)
                 _, grad = module.value_and_grad(block, self.table.t[r], **inputs)
                 total.scatter_add_(1, self._at_block, critic.weight * grad)
                 continue

@@ -264,8 +264,7 @@ class ValueCritic(nn.Module):
         s = self.state_proj(self.state_norm(states.to(x.dtype))) + self.state_pos
         ignore = None
         if states_mask is not None:
-            block = torch.zeros(batch, length, dtype=torch.bool, device=z.device)
-            ignore = torch.cat([~states_mask.to(torch.bool), block], dim=1)
+            ignore = nn.functional.pad(~states_mask.to(torch.bool), (0, length), value=False)
         out = self.encoder(torch.cat([s, x], dim=1), src_key_padding_mask=ignore)
         return self.head(out[:, m:].mean(dim=1)).squeeze(-1)
 

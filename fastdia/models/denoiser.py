@@ -305,8 +305,10 @@ class Denoiser(nn.Module):
                 x, cond, attn_mask = self._prepend_states(x, cond, states, states_mask)
             for block in self.blocks:
                 x = block(x, cond, attn_mask)
-            if self.config.reads_states:
-                x, cond = x[:, -length:], cond[:, -length:] if cond.shape[1] > 1 else cond
+            if self.config.reads_states:  # keep the window's positions
+                x = x[:, -length:]
+                if cond.shape[1] > 1:
+                    cond = cond[:, -length:]
             shift, scale = self.final_mod(cond).chunk(2, dim=-1)
             out = self.out_proj(self.norm(x) * (1 + scale) + shift)
             if self.config.lm_prior:
@@ -327,15 +329,7 @@ class Denoiser(nn.Module):
         when every state exists)."""
         m = self.config.prefix_states
         batch = x.shape[0]
-        if (
-            states is None
-            or states.shape[0] != batch
-            or states.shape[1:]
-            != (
-                m,
-                self.config.state_dim,
-            )
-        ):
+        if states is None or tuple(states.shape) != (batch, m, self.config.state_dim):
             got = None if states is None else tuple(states.shape)
             raise ConfigError(
                 f"this denoiser reads the base model's states of the {m} tokens before the "
@@ -347,8 +341,7 @@ class Denoiser(nn.Module):
             cond = torch.cat([cond.mean(dim=1, keepdim=True).expand(-1, m, -1), cond], dim=1)
         if states_mask is None:
             return x, cond, None
-        window = torch.ones(batch, x.shape[1] - m, dtype=torch.bool, device=x.device)
-        keep = torch.cat([states_mask.to(torch.bool), window], dim=1)
+        keep = F.pad(states_mask.to(torch.bool), (0, x.shape[1] - m), value=True)
         return x, cond, keep[:, None, None, :]
 
     def _lm_logits(

@@ -263,7 +263,7 @@ def _fastdia_rows(
 def _baseline_rows(
     args: argparse.Namespace, base: Any, device: torch.device, env: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    from fastdia.evaluate import base_model_method, best_of_n_method
+    from fastdia.evaluate import Method, base_model_method, best_of_n_method
     from fastdia.rewards import build_rewards
 
     reward = build_rewards(REWARD)
@@ -274,7 +274,7 @@ def _baseline_rows(
     rows = []
     for length in args.new_tokens:
         for batch in args.batch:
-            methods: list[tuple[str, int | None, Callable[[str, int], Any]]] = []
+            methods: list[tuple[str, int | None, Method]] = []
             if "hf_generate" in args.methods:
                 methods.append(("hf_generate", None, base_model_method(base, batch, length)))
             if "best_of_n" in args.methods:
@@ -288,7 +288,7 @@ def _baseline_rows(
                     _measure(
                         env,
                         config,
-                        lambda seed, method=method: method(PROMPT, seed),
+                        lambda seed, method=method: method([PROMPT], [seed]),
                         device,
                         args.repeats,
                         batch * length,

@@ -9,6 +9,9 @@ from typing import Any
 
 from fastdia.errors import ConfigError
 
+BENCH_BASELINES = "base@decode,best-of-4@decode,best-of-16@decode,tilt-only"
+"""The benchmark's baseline rows: every one matched to the decode's temperature."""
+
 
 def add_parser(sub: Any) -> None:
     """Register ``bench`` and its ``sentiment`` benchmark."""
@@ -36,6 +39,7 @@ def add_parser(sub: Any) -> None:
         new_tokens=20,
         score="continuation",
         rewards="sentiment",
+        baselines=BENCH_BASELINES,
         out="bench-sentiment.json",
     )
 

@@ -19,6 +19,7 @@ DEFAULT_BASELINES = (
     "tilt-only,noise-latent"
 )
 DRAWS = 1000
+PROMPTS_PER_BATCH = 8
 DEFAULT_JUDGES = "gemma3-270m,afinn"
 STANDARD_TOP_P = 0.95  # the base model's top-p in the rows not matched to the decode
 
@@ -111,6 +112,13 @@ def add_eval_options(p: argparse.ArgumentParser, *, bench: bool = False) -> None
         default="text",
         help="what the rewards and sentiment judges read: the whole text (default) or the "
         "continuation alone (the DExperts protocol)",
+    )
+    p.add_argument(
+        "--prompts-per-batch",
+        type=int,
+        default=PROMPTS_PER_BATCH,
+        help="prompts whose samples every method writes in one batch (fastdia's texts do not "
+        "depend on it; the base model's rows draw from one stream per batch)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -258,6 +266,8 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
     guide, report = build_rewards(args.guide), build_rewards(args.rewards)
     if args.num_samples < 1 or args.new_tokens < 2:
         raise ConfigError("--num-samples must be >= 1 and --new-tokens >= 2")
+    if args.prompts_per_batch < 1:
+        raise ConfigError(f"--prompts-per-batch must be >= 1, got {args.prompts_per_batch}")
     if args.on_eos == "stop":
         raise ConfigError(
             "fastdia eval compares continuations of a fixed length: it masks the end tokens "
@@ -410,7 +420,14 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
         rows, samples = [], []
         for name, kind, settings, method in methods:
             row, per_sample = ev.evaluate_method(
-                base, method, prompts, report, seed=args.seed, judges=judges, score=args.score
+                base,
+                method,
+                prompts,
+                report,
+                seed=args.seed,
+                judges=judges,
+                score=args.score,
+                group=args.prompts_per_batch,
             )
             rows.append({"name": name, "kind": kind, "settings": settings, **row})
             samples.append(per_sample)

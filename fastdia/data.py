@@ -184,29 +184,55 @@ def sample_continuations(
     top_p: float = 0.95,
     suppress: Sequence[int] = (),
 ) -> torch.Tensor:
-    """``n`` base-model samples of exactly ``length`` tokens starting with ``prompt_ids``.
+    """``n`` base-model samples of exactly ``length`` tokens starting with ``prompt_ids``
+    (:func:`sample_prompts` with one prompt). Returns ``[n, length]`` int64 on the CPU, the
+    prompt included."""
+    new = length - len(prompt_ids)
+    return sample_prompts(
+        base, [prompt_ids], n, new, temperature=temperature, top_p=top_p, suppress=suppress
+    )[0]
 
-    Sampling uses the KV cache, ``temperature`` and ``top_p`` (no top-k), and the global
-    torch generator; the end-of-text token is suppressed until ``length`` (and the
-    ``suppress`` ids never drawn). Returns ``[n, length]`` int64 on the CPU, the prompt
+
+@torch.no_grad()
+def sample_prompts(
+    base: BaseModel,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    suppress: Sequence[int] = (),
+) -> list[torch.Tensor]:
+    """``n`` base-model samples of ``new_tokens`` tokens after each of ``prompts`` (token
+    ids), all in one batch of ``len(prompts) * n`` rows.
+
+    Shorter prompts are padded on the left and masked out (the model's positions follow
+    the mask), so a prompt's samples do not depend on its neighbours' lengths except
+    through the shared random stream. Sampling uses the KV cache, ``temperature`` and
+    ``top_p`` (no top-k), and the global torch generator; the end-of-text token is
+    suppressed until ``new_tokens`` (and the ``suppress`` ids never drawn). Returns one
+    ``[n, len(prompt) + new_tokens]`` int64 tensor on the CPU per prompt, the prompt
     included.
     """
     model = base.model
-    prompt = torch.tensor([list(prompt_ids)] * n, device=model.device)
-    new = length - prompt.shape[1]
+    width = max(len(p) for p in prompts)
+    pad = base.tokenizer.eos_token_id
+    rows = [[pad] * (width - len(p)) + list(p) for p in prompts for _ in range(n)]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(n)]
     out = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
+        torch.tensor(rows, device=model.device),
+        attention_mask=torch.tensor(mask, device=model.device),
         do_sample=True,
-        max_new_tokens=new,
-        min_new_tokens=new,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=0,
-        pad_token_id=base.tokenizer.eos_token_id,
+        pad_token_id=pad,
         suppress_tokens=list(suppress) or None,
-    )
-    return out[:, :length].cpu()
+    )[:, : width + new_tokens].cpu()
+    return [out[i * n : (i + 1) * n, width - len(p) :] for i, p in enumerate(prompts)]
 
 
 STATES_KIND = "last-hidden-float16"  # what a shard's "states" are (meta.json "states")

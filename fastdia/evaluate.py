@@ -55,7 +55,7 @@ import torch
 
 from fastdia import stats
 from fastdia.base_model import BaseModel
-from fastdia.data import sample_continuations
+from fastdia.data import sample_prompts
 from fastdia.errors import ConfigError
 from fastdia.stats import RowSamples, distinct_by_prompt
 
@@ -267,8 +267,11 @@ def judge_row(
     return out
 
 
-Method = Callable[[str, int], tuple[torch.Tensor, float]]
-"""``method(prompt, seed) -> (ids [n, L] int64 on the CPU, seconds)``: one prompt's samples."""
+Method = Callable[[Sequence[str], Sequence[int]], tuple[list[torch.Tensor], float]]
+"""``method(prompts, seeds) -> (ids, seconds)``: the samples of a group of prompts, written
+in one batch; prompt ``i``'s samples take the seeds ``seeds[i] ..`` (the base model's
+rows: the group's stream starts at ``seeds[0]``); ``ids[i]`` ``[n, L_i]`` int64 on the CPU,
+the prompt included."""
 
 
 def evaluate_method(
@@ -280,14 +283,20 @@ def evaluate_method(
     seed: int = 0,
     judges: Sequence[Any] = (),
     score: str = "text",
+    group: int = 1,
 ) -> tuple[dict[str, Any], RowSamples]:
-    """Run ``method`` on every prompt and summarise (scoring time included): the row's
-    metrics and its per-sample values (:func:`summarise`), judged by ``judges``; the
-    rewards read ``score`` (:func:`scored_texts`)."""
+    """Run ``method`` on every prompt, ``group`` prompts per batch, and summarise (scoring
+    time included): the row's metrics and its per-sample values (:func:`summarise`), judged
+    by ``judges``; the rewards read ``score`` (:func:`scored_texts`). Prompt ``i`` takes the
+    seed ``seed + 1000 i`` (disjoint per-row seeds across prompts)."""
+    if group < 1:
+        raise ConfigError(f"prompts per batch must be >= 1, got {group}")
     batches, seconds = [], 0.0
-    for i, prompt in enumerate(prompts):
-        ids, sec = method(prompt, seed + 1000 * i)  # disjoint per-row seeds across prompts
-        batches.append(Batch(ids, base.space.encode(prompt), prompt))
+    for first in range(0, len(prompts), group):
+        chunk = list(prompts[first : first + group])
+        seeds = [seed + 1000 * i for i in range(first, first + len(chunk))]
+        ids, sec = method(chunk, seeds)
+        batches += [Batch(x, base.space.encode(p), p) for x, p in zip(ids, chunk, strict=True)]
         seconds += sec
     start = time.perf_counter()
     values = reward(scored_texts(base, batches, score))
@@ -337,20 +346,19 @@ def base_model_method(
     """The base model's own samples at ``temperature`` and ``top_p``, the ``suppress`` ids
     never drawn."""
 
-    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
-        torch.manual_seed(seed)
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[list[torch.Tensor], float]:
+        torch.manual_seed(seeds[0])
         start = time.perf_counter()
-        ids = base.space.encode(prompt)
-        out = sample_continuations(
+        ids = sample_prompts(
             base,
-            ids,
+            [base.space.encode(p) for p in prompts],
             num_samples,
-            len(ids) + new_tokens,
+            new_tokens,
             temperature=temperature,
             top_p=top_p,
             suppress=suppress,
         )
-        return out, time.perf_counter() - start
+        return ids, time.perf_counter() - start
 
     return run
 
@@ -369,36 +377,46 @@ def best_of_n_method(
     """Best of ``n`` base-model samples (``temperature``, ``top_p``) by ``score`` (the
     true reward), per output sample.
 
-    The time includes writing all ``n * num_samples`` samples and scoring them.
+    The time includes writing all ``n * num_samples`` samples of every prompt and scoring
+    them.
     """
 
-    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
-        torch.manual_seed(seed)
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[list[torch.Tensor], float]:
+        torch.manual_seed(seeds[0])
         start = time.perf_counter()
-        prompt_ids = base.space.encode(prompt)
-        ids = sample_continuations(
+        drawn = sample_prompts(
             base,
-            prompt_ids,
+            [base.space.encode(p) for p in prompts],
             n * num_samples,
-            len(prompt_ids) + new_tokens,
+            new_tokens,
             temperature=temperature,
             top_p=top_p,
             suppress=suppress,
         )
-        values = score(base.space.decode_batch(ids)).view(num_samples, n)
-        best = values.argmax(dim=1) + torch.arange(num_samples) * n
-        return ids[best], time.perf_counter() - start
+        values = score([t for ids in drawn for t in base.space.decode_batch(ids)])
+        values = values.view(len(prompts), num_samples, n)
+        best = values.argmax(dim=2) + torch.arange(num_samples) * n  # [prompts, samples]
+        picked = [ids[b] for ids, b in zip(drawn, best, strict=True)]
+        return picked, time.perf_counter() - start
 
     return run
 
 
 def sampler_method(sampler: Any, num_samples: int, new_tokens: int) -> Method:
-    """fastdia's sampler (one plan per prompt-length bucket, reused across prompts); a
-    prompt's samples take the seeds ``seed .. seed + num_samples - 1``."""
+    """fastdia's sampler (one plan per batch shape, reused across groups): prompt ``i``'s
+    samples take the seeds ``seeds[i] .. seeds[i] + num_samples - 1``, so its texts do not
+    depend on the group it runs in."""
 
-    def run(prompt: str, seed: int) -> tuple[torch.Tensor, float]:
-        out = sampler.sample(num_samples, new_tokens, prompt=prompt, seed=seed)
-        return out.token_ids, out.seconds
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> tuple[list[torch.Tensor], float]:
+        rows = [p for p in prompts for _ in range(num_samples)]
+        row_seeds = [s + j for s in seeds for j in range(num_samples)]
+        out = sampler.sample(len(rows), new_tokens, prompt=rows, seed=row_seeds)
+        ids = []
+        for i in range(len(prompts)):
+            rows_i = slice(i * num_samples, (i + 1) * num_samples)
+            prompt_i = torch.tensor(out.prompt_ids[rows_i.start], dtype=torch.int64)
+            ids.append(torch.cat([prompt_i.expand(num_samples, -1), out.tokens[rows_i]], dim=1))
+        return ids, out.seconds
 
     return run
 

@@ -304,12 +304,33 @@ def test_best_of_n_keeps_the_best_by_the_score(tiny_base):
         seen.append(values)
         return values
 
-    ids, seconds = best_of_n_method(tiny_base, 3, 8, 4, score)("The movie", 0)
-    p = len(tiny_base.space.encode("The movie"))
-    assert ids.shape == (3, p + 8) and seconds > 0  # the prompt, then 8 new tokens
-    values = seen[0].view(3, 4)  # 3 outputs, each the best of its own 4 draws
-    got = torch.tensor([float(len(t)) for t in tiny_base.space.decode_batch(ids)])
-    assert torch.equal(got, values.max(dim=1).values)
+    prompts = ["The movie", "A long and winding road led to"]
+    out, seconds = best_of_n_method(tiny_base, 3, 8, 4, score)(prompts, [0, 1000])
+    assert len(seen) == 1 and seen[0].numel() == 2 * 3 * 4  # one batch: 2 prompts x 12
+    assert seconds > 0
+    for i, (prompt, ids) in enumerate(zip(prompts, out, strict=True)):
+        p = tiny_base.space.encode(prompt)
+        assert ids.shape == (3, len(p) + 8)  # the prompt, then 8 new tokens
+        assert ids[:, : len(p)].tolist() == [p] * 3  # no padding left in
+        values = seen[0].view(2, 3, 4)[i]  # 3 outputs, each the best of its own 4 draws
+        got = torch.tensor([float(len(t)) for t in tiny_base.space.decode_batch(ids)])
+        assert torch.equal(got, values.max(dim=1).values)
+
+
+def test_padded_prompts_sample_as_alone(default_base):
+    """A short prompt padded on the left beside a long one continues as it does alone: at
+    a temperature near 0 both draw the argmax, so any leak of the padding into attention
+    or positions would change the tokens."""
+    from fastdia.data import sample_prompts
+
+    short = default_base.space.encode("The movie")
+    long = default_base.space.encode("A long and winding road led to the old house on the hill")
+    assert len(long) > len(short) + 3
+    cold = {"temperature": 1e-6, "top_p": 1.0}
+    together = sample_prompts(default_base, [short, long], 2, 6, **cold)
+    alone = [sample_prompts(default_base, [p], 2, 6, **cold)[0] for p in (short, long)]
+    for a, b in zip(together, alone, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_baseline_specs():
@@ -370,13 +391,13 @@ def test_baseline_rows_run_with_the_settings_they_report(
     save_checkpoint(tmp_path / "ckpt", den, critics, space=tiny_base.space, base_model="tiny")
 
     calls = []
-    real = ev.sample_continuations
+    real = ev.sample_prompts
 
-    def record(base, prompt_ids, n, length, **kw):
-        calls.append({"n": n, "new": length - len(prompt_ids), **kw})
-        return real(base, prompt_ids, n, length, **kw)
+    def record(base, prompts, n, new_tokens, **kw):
+        calls.append({"n": n, "new": new_tokens, **kw})
+        return real(base, prompts, n, new_tokens, **kw)
 
-    monkeypatch.setattr(ev, "sample_continuations", record)
+    monkeypatch.setattr(ev, "sample_prompts", record)
     prompts = tmp_path / "p.txt"
     prompts.write_text("The movie\n")
     out = tmp_path / "e.json"
@@ -421,3 +442,30 @@ def test_baseline_rows_run_with_the_settings_they_report(
         (0.5, 0.8),
         (1.0, 0.95),
     ]
+
+
+def test_fastdia_rows_write_the_same_texts_in_any_group(default_base):
+    """fastdia's eval rows seed every sample by its prompt and index, so a prompt's samples
+    are the same whether it runs alone or batched with a longer prompt."""
+    from fastdia.evaluate import sampler_method
+    from fastdia.pipeline import (
+        build_sampler,
+        resolve_checkpoint,
+        sampler_config,
+        sampling_settings,
+    )
+
+    checkpoint = resolve_checkpoint(None)
+    settings = sampling_settings(checkpoint, steps=4) | {"on_eos": "mask"}
+    sampler = build_sampler(
+        default_base, sampler_config(settings), rewards=[("sentiment", 1.0)], checkpoint=checkpoint
+    ).sampler
+    method = sampler_method(sampler, 2, 6)
+    prompts = ["The movie was", "My neighbour told me yesterday that the old bakery"]
+    together, _ = method(prompts, [0, 1000])
+    for prompt, seed, ids in zip(prompts, [0, 1000], together, strict=True):
+        alone, _ = method([prompt], [seed])
+        assert torch.equal(ids, alone[0])
+        assert ids[:, : len(default_base.space.encode(prompt))].tolist()[0] == (
+            default_base.space.encode(prompt)
+        )

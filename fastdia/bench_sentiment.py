@@ -56,16 +56,19 @@ PUBLISHED: tuple[dict[str, Any], ...] = tuple(
 """The published toward-positive rows (% positive continuations), apart from ours."""
 
 
-def load_prompts(name: str, count: int, folder: Path = BENCH_DIR) -> list[str]:
-    """The first ``count`` prompts of the shipped set ``name`` (``neutral``, ``negative``,
-    ``positive``).
+def load_prompts(
+    name: str, count: int, folder: Path = BENCH_DIR, sets: Sequence[str] = SETS
+) -> list[str]:
+    """The first ``count`` prompts of the shipped set ``name`` of a benchmark (``folder``
+    holds one ``NAME.jsonl`` per set of ``sets``; default: this benchmark's ``neutral``,
+    ``negative``, ``positive``), one JSON object with a ``"prompt"`` per line.
 
     Raises:
         ConfigError: an unknown set, a missing or malformed file, or ``count`` outside
             ``[1, size of the set]``.
     """
-    if name not in SETS:
-        raise ConfigError(f"unknown benchmark set {name!r}; known: {', '.join(SETS)}")
+    if name not in sets:
+        raise ConfigError(f"unknown benchmark set {name!r}; known: {', '.join(sets)}")
     path = folder / f"{name}.jsonl"
     if not path.is_file():
         raise ConfigError(
@@ -204,10 +207,10 @@ def task_outputs(out: Path, direction: str) -> Path:
     return out.with_name(f"{out.stem}-to-{direction}.json")
 
 
-def run(args: Any, eval_args: Any, command: Sequence[str]) -> dict[str, Any]:
+def run(args: Any, eval_args: Any, command: Sequence[str]) -> dict[str, Any] | None:
     """Run the benchmark: one eval per direction over its two prompt sets (``eval_args``:
     the eval's options, completed here per direction), then the merged JSON, Markdown and
-    PNG at ``args.out``."""
+    PNG at ``args.out`` (written by rank 0 under ``torchrun``; the others return None)."""
     from fastdia.cli_eval import run_eval
 
     out = Path(args.out)
@@ -218,7 +221,11 @@ def run(args: Any, eval_args: Any, command: Sequence[str]) -> dict[str, Any]:
         eval_args.guide = GUIDES[direction]
         eval_args.out = str(task_outputs(out, direction))
         eval_args.plot = None
-        runs[direction] = run_eval(eval_args, sets)
+        result = run_eval(eval_args, sets)
+        if result is not None:  # rank 0 (under torchrun) or the one process
+            runs[direction] = result
+    if not runs:
+        return None
     config = {
         "num_prompts": args.num_prompts,
         "samples_per_prompt": args.samples_per_prompt,

@@ -160,6 +160,7 @@ def _requests(args: argparse.Namespace) -> list[PromptRecord]:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Run ``fastdia sample``: validate, load once, sample in batches, print."""
+    from fastdia import distributed as dist
     from fastdia import ops
     from fastdia.base_model import load_base_model
     from fastdia.ops import registry
@@ -175,7 +176,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     # 1. cheap checks, before anything heavy
     checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)
-    settings = sampling_settings(checkpoint, **sampling_overrides(args))
+    settings = sampling_settings(checkpoint, args.reward, **sampling_overrides(args))
     config = sampler_config(
         settings,
         rounding=args.rounding,
@@ -195,7 +196,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for op in ops.SAMPLER_OPS:
         registry.resolve_backend(args.backend, op, device)
     rewards = build_rewards(args.reward)
-    out_file = _open_out(args.out)
+    w = dist.world(device)  # under torchrun: this rank's share of the rows, rank 0 writes
+    device = dist.rank_device(device, w)
+    out_file = _open_out(args.out) if w.is_main else None
 
     # 2. load and build, once
     base = load_base_model(args.base_model, device=device)
@@ -221,12 +224,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
             prompts.append(req.prompt)
             seeds.append((base_seed + i) % 2**31)
             owners.append((index, i))
+    # a rank's rows (all of them in one process); a row's text depends on its prompt and
+    # seed only, so the shares write what one process writes
+    mine = list(w.indices(len(prompts)))
+    prompts, seeds, owners = ([x[i] for i in mine] for x in (prompts, seeds, owners))
 
     # 3. sample, score, print
     many = args.prompts_file is not None
-    as_json = args.json or many or args.out is not None
-    progress = _progress(len(prompts), many)
+    as_json = args.json or many or args.out is not None or w.distributed
+    progress = _progress(len(prompts), many and w.is_main)
     written = 0
+    held: list[dict[str, Any]] = []  # a rank's records, written by rank 0 at the end
 
     def emit(out: Any) -> None:
         nonlocal written
@@ -248,7 +256,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 "rewards": {name: float(values[j]) for name, values in true.items()},
                 "critic": {name: float(v[j]) for name, v in out.critic_values.items()},
             }
-            if as_json:
+            if w.distributed:
+                held.append(record)
+            elif as_json:
                 print(json.dumps(record), file=out_file, flush=True)
             else:
                 scores = " ".join(f"{k}={v:+.3f}" for k, v in record["rewards"].items())
@@ -269,11 +279,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     if progress is not None:
         progress.close()
+    delivered, seconds = result.new_tokens, result.seconds
+    if w.distributed:  # rank 0 writes every rank's records in row order
+        shares = w.gather((held, delivered, seconds))
+        dist.finish()
+        if shares is None:
+            return 0
+        records = sorted(
+            (r for part, _, _ in shares for r in part),
+            key=lambda r: (r["prompt_index"], r["sample"]),
+        )
+        for record in records:
+            print(json.dumps(record), file=out_file, flush=True)
+        delivered = sum(n for _, n, _ in shares)
+        seconds = max(t for _, _, t in shares)  # the ranks run side by side
     backend = sampler.backends[ops.GUIDED_STEP]
     summary = {
-        "tokens_per_s": result.tokens_per_s,
-        "new_tokens_delivered": result.new_tokens,
-        "seconds": result.seconds,
+        "tokens_per_s": delivered / seconds if seconds > 0 else float("inf"),
+        "new_tokens_delivered": delivered,
+        "seconds": seconds,
+        "world_size": w.size,
         "backend": backend,
         "steps": config.steps,
         "rows": result.steps,
@@ -299,8 +324,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": summary}), file=out_file, flush=True)
     else:
         print(
-            f"{result.new_tokens} new tokens in {result.seconds:.2f} s "
-            f"({result.tokens_per_s:.1f} tokens/s, backend {backend}, {device})"
+            f"{delivered} new tokens in {seconds:.2f} s "
+            f"({summary['tokens_per_s']:.1f} tokens/s, backend {backend}, {device})"
         )
     if out_file is not sys.stdout:
         out_file.close()

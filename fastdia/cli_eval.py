@@ -87,10 +87,10 @@ def add_eval_options(p: argparse.ArgumentParser, *, bench: bool = False) -> None
     )
     p.add_argument(
         "--tilt-only-tilt",
-        type=float,
         default=None,
-        help="the tilt-only row's tilt (default: the checkpoint's sampling.json "
-        "tilt_only_tilt, chosen on the tuning prompts, else the default's tilt)",
+        help="the tilt-only row's tilt, or comma-separated tilts (one row each: its trade-off "
+        "line) (default: the checkpoint's sampling.json tilt_only_tilt, chosen on the tuning "
+        "prompts, else the default's tilt)",
     )
     p.add_argument(
         "--judges",
@@ -238,14 +238,22 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from fastdia import distributed
+
     run_eval(args)
+    distributed.finish()
     return 0
 
 
-def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def run_eval(
+    args: argparse.Namespace, sets: dict[str, list[str]] | None = None
+) -> dict[str, Any] | None:
     """``fastdia eval`` with ``args`` (its options); ``sets``: prompt lists by name instead
     of ``args.prompt_sets``. Writes ``args.out`` (JSON), the Markdown table beside it and
-    the plot, and returns the result."""
+    the plot, and returns the result. Under ``torchrun`` every rank writes its share of
+    each row's prompts and rank 0 alone scores, judges and writes (the others return
+    None)."""
+    from fastdia import distributed
     from fastdia import evaluate as ev
     from fastdia.base_model import load_base_model
     from fastdia.cli_options import sampling_overrides
@@ -280,7 +288,8 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
     except OSError as exc:
         raise ConfigError(f"--out {args.out}: cannot create its folder ({exc})") from exc
     # every method writes all its tokens: the end tokens are masked (for the baselines too)
-    default = sampling_settings(checkpoint, **sampling_overrides(args)) | {"on_eos": "mask"}
+    default = sampling_settings(checkpoint, args.guide, **sampling_overrides(args))
+    default |= {"on_eos": "mask"}
     configs: list[tuple[str, dict[str, Any]]] = []
     for lam in lambdas or [default["guidance"]]:
         tag = " (default)" if lam == default["guidance"] else ""
@@ -310,19 +319,21 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
     if args.draws < 1:
         raise ConfigError(f"--draws must be >= 1, got {args.draws}")
     judge_specs = parse_judges(args.judges)
-    tilt_only = args.tilt_only_tilt
-    if tilt_only is None:
-        tilt_only = sampling_defaults(checkpoint).get("tilt_only_tilt", default["tilt"])
-    if not math.isfinite(tilt_only) or tilt_only < 0:
-        raise ConfigError(f"--tilt-only-tilt must be a finite number >= 0, got {tilt_only}")
+    if args.tilt_only_tilt is not None:
+        tilt_only = _floats(str(args.tilt_only_tilt), "--tilt-only-tilt")
+    else:
+        recommended = sampling_defaults(checkpoint, args.guide)
+        tilt_only = [recommended.get("tilt_only_tilt", default["tilt"])]
     if sets is None:
         sets = {
             Path(s).stem if Path(s).suffix else s: ev.prompt_set(s)
             for s in args.prompt_sets.split(",")
         }
     device = default_device(args.device)
+    world = distributed.world(device)
+    device = distributed.rank_device(device, world)
     base = load_base_model(args.base_model, device=device)
-    judges = load_judges(judge_specs, device)
+    judges = load_judges(judge_specs, device) if world.is_main else []
     weights = list(zip(guide.names, guide.weights, strict=True))
     n, length = args.num_samples, args.new_tokens
     banned = special_tokens(
@@ -342,7 +353,9 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
             base, config, rewards=weights, checkpoint=checkpoint, device=device
         ).sampler
 
-    methods: list[tuple[str, str, dict[str, Any], Any]] = []
+    # (name, kind, settings, method, family, strength): a family's rows differ in one
+    # strength (lambda, tilt, N) and make one line of the trade-off plot
+    methods: list[tuple[str, str, dict[str, Any], Any, str, float | None]] = []
     for spec in parsed:
         temp, top_p = spec.at(t_decode)
         common = {"new_tokens": length, "num_samples": n}
@@ -356,30 +369,20 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
                 method = ev.best_of_n_method(base, n, length, spec.n, score, **kw)
                 name = f"best-of-{spec.n} ({label})"
             settings = {"temperature": temp, "top_p": top_p, "n": spec.n} | common
-            methods.append((name, "baseline", settings, method))
+            family = f"best-of-N ({label})"
+            methods.append((name, "baseline", settings, method, family, float(spec.n or 1)))
         elif spec.kind == "tilt-only":
             # the same LM decode with the latent term removed: no diffusion runs
-            settings = default | {"latent_weight": 0.0, "tilt": tilt_only}
-            name = f"tilt-only decode (T={temp:g}, tilt {tilt_only:g})"
-            methods.append(
-                (
-                    name,
-                    "baseline",
-                    settings,
-                    ev.sampler_method(fastdia_sampler(settings), n, length),
-                )
-            )
+            for tilt in tilt_only:
+                settings = default | {"latent_weight": 0.0, "tilt": tilt}
+                name = f"tilt-only decode (T={temp:g}, tilt {tilt:g})"
+                method = ev.sampler_method(fastdia_sampler(settings), n, length)
+                methods.append((name, "baseline", settings, method, "tilt-only decode", tilt))
         elif spec.kind == "noise-latent":
             settings = default | {"noise_latent": True}
             name = "fastdia, pure-noise latent (ablation)"
-            methods.append(
-                (
-                    name,
-                    "ablation",
-                    settings,
-                    ev.sampler_method(fastdia_sampler(settings), n, length),
-                )
-            )
+            method = ev.sampler_method(fastdia_sampler(settings), n, length)
+            methods.append((name, "ablation", settings, method, name, None))
         else:  # critic: the base model (T = 1) with beta = --baseline-tilt x the critics'
             # per-token values as a logit bias, no tilt-once, no diffusion
             lam = default["guidance"] or 1.0
@@ -393,18 +396,13 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
                 "tilt": args.baseline_tilt * window / lam,
             }
             name = f"critic-weighted decoding (T=1, beta {args.baseline_tilt:g})"
-            methods.append(
-                (
-                    name,
-                    "baseline",
-                    settings,
-                    ev.sampler_method(fastdia_sampler(settings), n, length),
-                )
-            )
+            method = ev.sampler_method(fastdia_sampler(settings), n, length)
+            methods.append((name, "baseline", settings, method, name, None))
     for name, settings in configs:
-        methods.append(
-            (name, "fastdia", settings, ev.sampler_method(fastdia_sampler(settings), n, length))
-        )
+        method = ev.sampler_method(fastdia_sampler(settings), n, length)
+        variant = name.startswith("fastdia lambda=")
+        family = "fastdia" if variant else name
+        methods.append((name, "fastdia", settings, method, family, settings["guidance"]))
 
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "func"}
@@ -418,8 +416,8 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
     }
     for set_name, prompts in sets.items():
         rows, samples = [], []
-        for name, kind, settings, method in methods:
-            row, per_sample = ev.evaluate_method(
+        for name, kind, settings, method, family, strength in methods:
+            got = ev.evaluate_method(
                 base,
                 method,
                 prompts,
@@ -428,12 +426,30 @@ def run_eval(args: argparse.Namespace, sets: dict[str, list[str]] | None = None)
                 judges=judges,
                 score=args.score,
                 group=args.prompts_per_batch,
+                world=world,
             )
-            rows.append({"name": name, "kind": kind, "settings": settings, **row})
+            if got is None:  # another rank scores and writes
+                continue
+            row, per_sample = got
+            rows.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "family": family,
+                    "strength": strength,
+                    "settings": settings,
+                    **row,
+                }
+            )
             samples.append(per_sample)
             _print_row(set_name, rows[-1])
+        if not world.is_main:
+            continue
         ev.add_intervals(rows, samples, draws=args.draws, seed=args.seed)
         result["sets"][set_name] = rows
+    if not world.is_main:
+        return None
+    result["config"]["world_size"] = world.size
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     Path(args.out).with_suffix(".md").write_text(ev.markdown_table(result, report.names[0]))
     png = args.plot or str(Path(args.out).with_suffix(".png"))

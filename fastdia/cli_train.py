@@ -204,11 +204,16 @@ def _data(args: argparse.Namespace, base: Any, *, states: bool = False) -> tuple
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
+    from fastdia import distributed as dist
     from fastdia.data import DEFAULT_PROMPTS, generate_dataset
+    from fastdia.device import default_device
 
     prompts = DEFAULT_PROMPTS
     if args.prompts:
         prompts = tuple(p for p in Path(args.prompts).read_text().splitlines() if p.strip())
+    w = dist.world(args.device)  # under torchrun: rank r writes shards r, r + W, ...
+    if w.distributed:
+        args.device = dist.rank_device(default_device(args.device), w)
     base, _ = _setup(args)
     generate_dataset(
         base,
@@ -222,9 +227,12 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         states=args.states,
-        progress=not args.no_progress,
+        progress=not args.no_progress and w.is_main,
+        world=w,
     )
-    print(json.dumps({"out": args.out, "num_sequences": args.num_sequences}))
+    dist.finish()
+    if w.is_main:
+        print(json.dumps({"out": args.out, "num_sequences": args.num_sequences}))
     return 0
 
 

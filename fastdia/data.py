@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fastdia.base_model import BaseModel
+from fastdia.distributed import SINGLE, World
 from fastdia.errors import AssetMissingError, ConfigError
 from fastdia.models.checkpoint import write_atomic, write_json_atomic
 
@@ -262,6 +263,7 @@ def generate_dataset(
     seed: int = 0,
     states: bool = False,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> Path:
     """Sample ``num_sequences`` windows of ``length`` tokens from the base model into shards.
 
@@ -271,6 +273,11 @@ def generate_dataset(
     windows (:func:`base_states`, ``"states" [n, length, d]`` float16; read them with
     :func:`load_states`): what a denoiser conditioned on the base model reads. Resumable:
     finished shards are kept and skipped; a folder made with other settings is refused.
+
+    Under ``torchrun`` (``world``, :mod:`fastdia.distributed`) rank ``r`` writes shards
+    ``r, r + W, ...``: each shard's draws come from its own seed (``seed``, shard index),
+    so the files are the ones one process writes, whatever the world size; rank 0 writes
+    ``meta.json``, and every rank waits for the others at the end.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -307,10 +314,14 @@ def generate_dataset(
     encoded = [base.space.encode(p) for p in prompts]
     if not encoded or any(not p or len(p) >= length for p in encoded):
         raise ConfigError(f"need prompts of 1 to {length - 1} tokens")
-    write_json_atomic(meta_path, meta)
+    world.barrier()  # every rank has read the old meta.json before rank 0 replaces it
+    if world.is_main:
+        write_json_atomic(meta_path, meta)
     n_shards = math.ceil(num_sequences / shard_size)
-    bar = tqdm(total=num_sequences, desc="sampling", unit="seq", disable=not progress)
-    for shard in range(n_shards):
+    mine = world.indices(n_shards)
+    total = sum(min(shard_size, num_sequences - s * shard_size) for s in mine)
+    bar = tqdm(total=total, desc="sampling", unit="seq", disable=not progress)
+    for shard in mine:
         path = folder / f"shard-{shard:05d}.safetensors"
         size = min(shard_size, num_sequences - shard * shard_size)
         if path.is_file():
@@ -336,6 +347,7 @@ def generate_dataset(
             ).contiguous()
         write_atomic(path, lambda tmp, tensors=tensors: save_file(tensors, tmp))
     bar.close()
+    world.barrier()  # the folder is whole when any rank returns
     return folder
 
 

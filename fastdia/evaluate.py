@@ -56,6 +56,7 @@ import torch
 from fastdia import stats
 from fastdia.base_model import BaseModel
 from fastdia.data import sample_prompts
+from fastdia.distributed import SINGLE, World
 from fastdia.errors import ConfigError
 from fastdia.stats import RowSamples, distinct_by_prompt
 
@@ -173,6 +174,10 @@ def summarise(
         entry = {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0}
         if name == "sentiment":
             entry["positive_frac"] = (v > POSITIVE).double().mean().item()
+        if name == "nontoxic":
+            tox = (1 - v).tolist()
+            entry["expected_max_toxicity"] = stats.expected_max_toxicity(tox, prompt_of)
+            entry["toxicity_prob"] = stats.toxicity_probability(tox, prompt_of)
         rewards[name] = entry
     row = {
         "num_samples": len(texts),
@@ -189,7 +194,9 @@ def summarise(
     }
     sentiment = values.get("sentiment")
     positive = None if sentiment is None else (sentiment > POSITIVE).double().tolist()
-    judged = judge_row(base, judges, batches, texts, positive, degenerate)
+    nontoxic = values.get("nontoxic")
+    toxicity = None if nontoxic is None else (1 - nontoxic.double()).tolist()
+    judged = judge_row(base, judges, batches, texts, positive, degenerate, toxicity)
     row["judges"] = judged.pop("row")
     samples = RowSamples.build(
         prompt=prompt_of,
@@ -198,6 +205,7 @@ def summarise(
         tokens=[int(x.numel()) for o in own for x in o],
         degenerate=degenerate,
         generated=generated,
+        toxicity=toxicity,
         **judged,
     )
     return row, samples
@@ -226,14 +234,19 @@ def judge_row(
     texts: list[str],
     positive: list[float] | None,
     degenerate: list[bool],
+    toxicity: list[float] | None = None,
 ) -> dict[str, Any]:
     """Every judge on a row's samples: ``{"row": {judge: {metric: value}},
-    "judge_positive": [n] or None, "judge_scores": [(nll, tokens)] or None}`` (the first
-    judge of each kind gives the per-sample values behind the intervals).
+    "judge_positive": [n] or None, "judge_scores": [(nll, tokens)] or None,
+    "judge_toxic": [n] or None}`` (the first judge of each kind gives the per-sample values
+    behind the intervals).
 
     A sentiment judge reports its positive rate and, where the reward has one too, the
     reward-hacking rate: samples the reward calls positive and the judge does not, or
-    degenerate ones.
+    degenerate ones. A toxicity judge reports the share of samples it flags, its toxicity
+    probability (prompts with a flagged sample) and, where the row has the reward's
+    ``toxicity`` (``[n]``), the reward-hacking rate: samples the reward calls non-toxic
+    (toxicity below 0.5) that the judge flags, or degenerate ones.
     """
     from fastdia import judges as jd
 
@@ -243,14 +256,30 @@ def judge_row(
         for _ in range(b.ids.shape[0])
     ]
     conts = [base.space.decode(row[len(b.prompt) :]) for b in batches for row in b.ids]
+    prompt_of = [i for i, b in enumerate(batches) for _ in range(b.ids.shape[0])]
     report: dict[str, dict[str, float]] = {}
-    out: dict[str, Any] = {"judge_positive": None, "judge_scores": None}
+    out: dict[str, Any] = {"judge_positive": None, "judge_scores": None, "judge_toxic": None}
     for judge in judges:
         if judge.kind == "lm":
             scores = judge.nll(prompts, conts)
             report[judge.name] = {"perplexity": jd.perplexity(scores)}
             if out["judge_scores"] is None:
                 out["judge_scores"] = scores
+        elif judge.kind == "toxicity":
+            flagged = [float(f) for f in judge.toxic(texts)]
+            entry = {
+                "toxic_frac": sum(flagged) / len(flagged),
+                "toxicity_prob": stats.toxicity_probability(flagged, prompt_of),
+            }
+            if toxicity is not None:
+                hacked = [
+                    (t < stats.TOXIC and f > 0) or d
+                    for t, f, d in zip(toxicity, flagged, degenerate, strict=True)
+                ]
+                entry["reward_hacking_frac"] = sum(hacked) / len(hacked)
+            report[judge.name] = entry
+            if out["judge_toxic"] is None:
+                out["judge_toxic"] = flagged
         else:
             flags = judge.positive(texts)
             entry = {"positive_frac": sum(flags) / len(flags)}
@@ -284,20 +313,34 @@ def evaluate_method(
     judges: Sequence[Any] = (),
     score: str = "text",
     group: int = 1,
-) -> tuple[dict[str, Any], RowSamples]:
+    world: World = SINGLE,
+) -> tuple[dict[str, Any], RowSamples] | None:
     """Run ``method`` on every prompt, ``group`` prompts per batch, and summarise (scoring
     time included): the row's metrics and its per-sample values (:func:`summarise`), judged
     by ``judges``; the rewards read ``score`` (:func:`scored_texts`). Prompt ``i`` takes the
-    seed ``seed + 1000 i`` (disjoint per-row seeds across prompts)."""
+    seed ``seed + 1000 i`` (disjoint per-row seeds across prompts).
+
+    Under ``torchrun`` (``world``) rank ``r`` writes the groups ``r, r + W, ...``, and rank
+    0 gathers them, scores and summarises (the others return None); the seconds are summed
+    over ranks, so seconds per 100 tokens stay what one process pays.
+    """
     if group < 1:
         raise ConfigError(f"prompts per batch must be >= 1, got {group}")
-    batches, seconds = [], 0.0
-    for first in range(0, len(prompts), group):
+    done: list[tuple[int, list[Batch]]] = []
+    seconds = 0.0
+    for first in world.take(range(0, len(prompts), group)):
         chunk = list(prompts[first : first + group])
         seeds = [seed + 1000 * i for i in range(first, first + len(chunk))]
         ids, sec = method(chunk, seeds)
-        batches += [Batch(x, base.space.encode(p), p) for x, p in zip(ids, chunk, strict=True)]
+        batches = [Batch(x, base.space.encode(p), p) for x, p in zip(ids, chunk, strict=True)]
+        done.append((first, batches))
         seconds += sec
+    shares = world.gather((done, seconds))
+    if shares is None:
+        return None
+    groups = sorted((g for part, _ in shares for g in part), key=lambda g: g[0])
+    batches = [b for _, chunk in groups for b in chunk]
+    seconds = sum(sec for _, sec in shares)
     start = time.perf_counter()
     values = reward(scored_texts(base, batches, score))
     seconds += time.perf_counter() - start  # what a user pays to score the samples
@@ -498,7 +541,10 @@ def _err(value: float, lo_hi: list[float] | None) -> list[list[float]] | None:
 
 
 def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
-    """Positive rate (or mean reward) against perplexity, one panel per prompt set."""
+    """Positive rate (or mean reward) against perplexity, one panel per prompt set; the
+    rows of one family (``row["family"]``: fastdia over lambda, the tilt-only decode over
+    its tilt, best-of-N over N) joined by a line in order of strength: the trade-off
+    curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -529,6 +575,25 @@ def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
                 xytext=(4, 3),
                 textcoords="offset points",
             )
+        families: dict[str, list[tuple[float, float, float]]] = {}
+        for row in rows:
+            if row.get("strength") is not None:
+                entry = row["rewards"][reward_name]
+                y = entry.get("positive_frac", entry["mean"])
+                point = (row["strength"], row["perplexity"], y)
+                families.setdefault(row["family"], []).append(point)
+        for family, points in families.items():
+            if len(points) > 1:
+                points.sort()
+                ax.plot([p[1] for p in points], [p[2] for p in points], "-", alpha=0.5)
+                ax.annotate(
+                    family,
+                    points[-1][1:],
+                    fontsize=7,
+                    xytext=(4, -9),
+                    textcoords="offset points",
+                    style="italic",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("base-model perplexity of the continuation (log scale)")
         label = "positive fraction" if reward_name == "sentiment" else f"mean {reward_name}"

@@ -150,7 +150,7 @@ class Generator:
         from fastdia.device import default_device
         from fastdia.models.checkpoint import SAMPLING_KEYS, load_checkpoint
         from fastdia.ops import registry
-        from fastdia.pipeline import resolve_checkpoint, sampler_config, sampling_settings
+        from fastdia.pipeline import resolve_checkpoint, sampler_config
 
         if (model is None) != (tokenizer is None):
             raise ConfigError("pass both model= and tokenizer= (a loaded pair), or neither")
@@ -166,10 +166,12 @@ class Generator:
             raise ConfigError(f"max_samplers must be >= 1, got {max_samplers}")
         self.random_init = random_init
         self.checkpoint = None if random_init else resolve_checkpoint(checkpoint)
-        self.settings = sampling_settings(self.checkpoint, **(settings or {}))
+        self.default_reward = canonical_reward(reward)
+        self._given = dict(settings or {})
+        self._settings: dict[str, dict[str, Any]] = {}
+        self.settings = self.settings_for(self.default_reward)
         self.backend = backend
         sampler_config(self.settings, backend=backend)  # range checks, before loading
-        self.default_reward = canonical_reward(reward)
         if model is not None and device is None:  # where the given model already is
             device = str(getattr(model, "device", "cpu"))
         self.device = default_device(device)
@@ -194,10 +196,21 @@ class Generator:
         self.block_size: int = sampler.block_size
         self.context: int | None = sampler.context_length()
 
+    def settings_for(self, reward: str) -> dict[str, Any]:
+        """The sampling settings of rows guided by the canonical ``reward`` spec: the given
+        settings over the checkpoint's (its per-reward defaults, where it has them)."""
+        from fastdia.pipeline import sampling_settings
+
+        if reward not in self._settings:
+            self._settings[reward] = sampling_settings(self.checkpoint, reward, **self._given)
+        return self._settings[reward]
+
     # ---- validation (cheap, no sampling; safe beside a running batch) ------------------
-    def guidance(self, guidance: float | None) -> float:
-        """The guidance a row runs with: ``guidance``, else the settings' (checkpoint's)."""
-        return float(self.settings["guidance"] if guidance is None else guidance)
+    def guidance(self, guidance: float | None, reward: str | None = None) -> float:
+        """The guidance a row runs with: ``guidance``, else the settings' for ``reward``
+        (default: the default reward)."""
+        settings = self.settings_for(reward or self.default_reward)
+        return float(settings["guidance"] if guidance is None else guidance)
 
     def check(
         self, prompt: Prompt, key: GroupKey, *, tokenizer: Any = None
@@ -242,7 +255,8 @@ class Generator:
                 f"{self.block_size}) exceed the base model's context of {self.context} tokens; "
                 "shorten the prompt or ask for fewer new tokens"
             )
-        guidance = None if key.guidance == self.settings["guidance"] else key.guidance
+        same = key.guidance == self.settings_for(spec)["guidance"]
+        guidance = None if same else key.guidance
         return ids, GroupKey(spec, guidance, key.new_tokens, key.chat)
 
     def rewards(self, spec: str) -> Any:
@@ -264,7 +278,7 @@ class Generator:
         if key in self._assemblies:
             self._assemblies.move_to_end(key)
             return self._assemblies[key]
-        settings = dict(self.settings)
+        settings = dict(self.settings_for(key[0]))
         if guidance is not None:
             settings["guidance"] = guidance
         rewards = self.rewards(key[0])

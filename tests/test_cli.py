@@ -494,3 +494,31 @@ def test_train_critic_bad_settings_fail_before_loading(capsys, monkeypatch, flag
     argv = ["train-critic", "--data", "nowhere", "--out", "nowhere", "--reward", "sentiment"]
     code, _, err = _run(capsys, *argv, *flags)
     assert code == 2 and message in err, err
+
+
+def test_per_reward_defaults_apply_when_that_reward_guides_alone(
+    capsys, tiny_args, tiny_checkpoint, tmp_path
+):
+    (tiny_checkpoint / "sampling.json").write_text(
+        '{"guidance": 3.5, "tilt": 0.1, "per_reward": {"nontoxic": {"guidance": 7, "why": "x"}}}'
+    )
+    assert sampling_defaults(tiny_checkpoint)["guidance"] == 3.5
+    assert sampling_defaults(tiny_checkpoint, "sentiment")["guidance"] == 3.5
+    chosen = sampling_defaults(tiny_checkpoint, "nontoxic:2")
+    assert chosen["guidance"] == 7 and chosen["tilt"] == 0.1  # the rest stays top-level
+    assert sampling_defaults(tiny_checkpoint, "nontoxic,sentiment")["guidance"] == 3.5
+    argv = [*tiny_args, "--checkpoint", str(tiny_checkpoint), "--json"]
+    code, out, _ = _run(capsys, *argv, "--reward", "nontoxic")
+    assert code == 0 and _records(out)[1]["guidance"] == 7.0
+    code, out, _ = _run(capsys, *argv, "--reward", "nontoxic", "--guidance", "2")
+    assert code == 0 and _records(out)[1]["guidance"] == 2.0  # the command line still wins
+    for text, message in [
+        ('{"per_reward": {"nontoxic": {"guidance": -1}}}', '"per_reward.nontoxic.guidance"'),
+        ('{"per_reward": {"nontoxic": {"speed": 1}}}', "unknown keys per_reward.nontoxic.speed"),
+        ('{"per_reward": {"nontoxic": {"block_size": 8}}}', "which every reward shares"),
+        ('{"per_reward": [1]}', "must map reward names to objects"),
+    ]:
+        (tmp_path / "sampling.json").write_text(text)
+        with pytest.raises(CheckpointError) as info:
+            sampling_defaults(tmp_path)
+        assert message in str(info.value)

@@ -113,8 +113,10 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
             "0.7",
             "--baselines",
             "base,base-T0.8,best-of-2@decode,tilt-only,noise-latent,critic",
+            "--tilt-only-tilt",
+            "0.5,1",
             "--judges",
-            f"lm:{tiny_model_dir},afinn",
+            f"lm:{tiny_model_dir},afinn,better-profanity",
             "--draws",
             "50",
             "--variant",
@@ -132,15 +134,22 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
         "base model (T=0.8, top-p 0.95)",
         "best-of-2 (T=0.7, top-p 1)",  # @decode: the decode's temperature, top-p 1
         "tilt-only decode (T=0.7, tilt 0.5)",
+        "tilt-only decode (T=0.7, tilt 1)",
         "fastdia, pure-noise latent (ablation)",
         "critic-weighted decoding (T=1, beta 0.5)",
         "fastdia lambda=0",
         "fastdia lambda=2",
         "fastdia lm",
     ]
-    assert [r["kind"] for r in rows] == ["baseline"] * 4 + ["ablation", "baseline"] + [
+    assert [r["kind"] for r in rows] == ["baseline"] * 5 + ["ablation", "baseline"] + [
         "fastdia"
     ] * 3
+    # the trade-off plot's lines: rows of one family differ in one strength
+    families = [(r["family"], r["strength"]) for r in rows]
+    assert families[3:5] == [("tilt-only decode", 0.5), ("tilt-only decode", 1.0)]
+    assert families[7:9] == [("fastdia", 0.0), ("fastdia", 2.0)]
+    assert families[2] == ("best-of-N (T=0.7, top-p 1)", 2.0)
+    assert rows[4]["settings"]["tilt"] == 1.0
     assert rows[2]["settings"] == {
         "temperature": 0.7,
         "top_p": 1.0,
@@ -149,7 +158,7 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
         "num_samples": 3,
     }
     assert rows[3]["settings"]["latent_weight"] == 0.0
-    assert rows[4]["settings"]["noise_latent"] is True
+    assert rows[5]["settings"]["noise_latent"] is True
     for row in rows:
         assert row["num_samples"] == 6
         lo, hi = row["ci"]["perplexity"]
@@ -157,7 +166,11 @@ def test_eval_command_writes_json_and_plot(tmp_path, tiny_model_dir, tiny_pipeli
         if row["kind"] == "fastdia":
             assert isinstance(row["dominated_by"], list)
         judged = row["judges"]
-        assert set(judged) == {f"lm:{tiny_model_dir}", "afinn"}
+        assert set(judged) == {f"lm:{tiny_model_dir}", "afinn", "better-profanity"}
+        assert 0 <= judged["better-profanity"]["reward_hacking_frac"] <= 1
+        tox = row["rewards"]["nontoxic"]
+        assert 0 <= tox["toxicity_prob"] <= 1 and 0 <= tox["expected_max_toxicity"] <= 1
+        assert "expected_max_toxicity" in row["ci"] and "judge_toxicity_prob" in row["ci"]
         assert judged[f"lm:{tiny_model_dir}"]["perplexity"] > 1
         assert 0 <= judged["afinn"]["positive_frac"] <= 1
         assert 0 <= judged["afinn"]["reward_hacking_frac"] <= 1
@@ -469,3 +482,63 @@ def test_fastdia_rows_write_the_same_texts_in_any_group(default_base):
         assert ids[:, : len(default_base.space.encode(prompt))].tolist()[0] == (
             default_base.space.encode(prompt)
         )
+
+
+def test_a_nontoxic_row_reports_the_toxicity_metrics_and_hacking(tiny_base):
+    """EMT and toxicity probability per prompt, and the toxicity judge's flags and reward
+    hacking (non-toxic by the reward, flagged by the judge), by hand."""
+    from fastdia.evaluate import Batch, summarise
+
+    space = tiny_base.space
+    p1, p2 = space.encode("The movie was"), space.encode("I love this")
+    cont = torch.tensor([space.encode(" great and the actors")[:4]] * 2)
+    batches = [
+        Batch(torch.cat([torch.tensor([p1] * 2), cont], 1), p1),
+        Batch(torch.cat([torch.tensor([p2] * 2), cont], 1), p2),
+    ]
+
+    def reward(texts):
+        return {"nontoxic": torch.tensor([0.9, 0.3, 0.8, 0.6])}  # toxicity .1 .7 | .2 .4
+
+    class Flags:
+        kind, name = "toxicity", "flags"
+
+        def toxic(self, texts):
+            return [False, True, True, False]
+
+    row, samples = summarise(tiny_base, reward, batches, seconds=1.0, judges=[Flags()])
+    tox = row["rewards"]["nontoxic"]
+    assert tox["expected_max_toxicity"] == pytest.approx((0.7 + 0.4) / 2)
+    assert tox["toxicity_prob"] == pytest.approx(0.5)
+    judged = row["judges"]["flags"]
+    assert judged["toxic_frac"] == 0.5 and judged["toxicity_prob"] == 1.0
+    assert judged["reward_hacking_frac"] == 0.25  # sample 3: toxicity 0.2, flagged
+    assert samples.judge_toxic.tolist() == [0.0, 1.0, 1.0, 0.0]
+    torch.testing.assert_close(
+        samples.toxicity, torch.tensor([0.1, 0.7, 0.2, 0.4], dtype=torch.float64)
+    )
+
+
+def test_sentiment_reward_hacking_by_hand(tiny_base):
+    """Hacking: samples the reward calls positive that the sentiment judge does not."""
+    from fastdia.evaluate import Batch, summarise
+
+    space = tiny_base.space
+    p1 = space.encode("The movie was")
+    cont = torch.tensor([space.encode(" great and the actors")[:4]] * 4)
+    batches = [Batch(torch.cat([torch.tensor([p1] * 4), cont], 1), p1)]
+
+    def reward(texts):
+        return {"sentiment": torch.tensor([0.5, 0.5, -0.5, 0.5])}
+
+    class Lexicon:
+        kind, name = "sentiment", "lexicon"
+
+        def positive(self, texts):
+            return [True, False, False, False]
+
+    row, samples = summarise(tiny_base, reward, batches, seconds=1.0, judges=[Lexicon()])
+    judged = row["judges"]["lexicon"]
+    assert judged["positive_frac"] == 0.25
+    assert judged["reward_hacking_frac"] == 0.5  # samples 2 and 4
+    assert samples.judge_positive.tolist() == [1.0, 0.0, 0.0, 0.0]

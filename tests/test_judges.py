@@ -85,3 +85,12 @@ def test_gemma_judge_loads_offline_and_tells_text_from_salad():
     scores = judge.nll([prompt, prompt], [fluent, salad])
     assert perplexity(scores[:1]) * 20 < perplexity(scores[1:])
     assert type(judge.model).__name__.startswith("Gemma")
+
+
+def test_profanity_judge_flags_listed_words():
+    from fastdia.judges import PROFANITY, ToxicityJudge
+
+    (spec,) = parse_judges(PROFANITY)
+    assert spec.kind == "toxicity"
+    judge = ToxicityJudge()
+    assert judge.toxic(["what the fuck", "a lovely day", "sh1t happens"]) == [True, False, True]

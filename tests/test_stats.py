@@ -114,3 +114,28 @@ def test_bleu_and_self_bleu_by_hand():
     # self-BLEU: two identical samples score 1 each; a group of one is skipped
     assert self_bleu([[[1, 2, 3, 4], [1, 2, 3, 4]], [[5, 6]]]) == pytest.approx(1.0)
     assert math.isnan(self_bleu([[[1, 2]]]))
+
+
+def test_toxicity_metrics_by_hand():
+    from fastdia.stats import expected_max_toxicity, toxicity_probability
+
+    prompt = [0, 0, 1, 1, 2]
+    toxicity = [0.2, 0.7, 0.1, 0.4, 0.5]
+    # worst per prompt: 0.7, 0.4, 0.5 -> mean 1.6 / 3; toxic (>= 0.5): prompts 0 and 2
+    assert expected_max_toxicity(toxicity, prompt) == pytest.approx(1.6 / 3)
+    assert toxicity_probability(toxicity, prompt) == pytest.approx(2 / 3)
+    row = RowSamples.build(
+        prompt=prompt,
+        positive=None,
+        nll=[1.0] * 5,
+        tokens=[1] * 5,
+        degenerate=[False] * 5,
+        generated=[[1, 2]] * 5,
+        toxicity=toxicity,
+        judge_toxic=[0.0, 0.0, 1.0, 0.0, 0.0],
+    )
+    reps = replicates(row, torch.tensor([[0, 1, 2], [1, 1, 2], [0, 0, 0]]))
+    assert reps["expected_max_toxicity"].tolist() == pytest.approx([1.6 / 3, 1.3 / 3, 0.7])
+    assert reps["toxicity_prob"].tolist() == pytest.approx([2 / 3, 1 / 3, 1.0])
+    assert reps["judge_toxicity_prob"].tolist() == pytest.approx([1 / 3, 2 / 3, 0.0])
+    assert "positive_frac" not in reps

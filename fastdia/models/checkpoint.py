@@ -195,13 +195,23 @@ EVAL_KEYS: dict[str, SamplingKey] = {
 NOTE_KEYS = ("why",)  # free-text keys of sampling.json (explanations, not settings)
 
 
-def sampling_defaults(folder: str | Path) -> dict[str, Any]:
-    """The sampling settings ``folder/sampling.json`` recommends (``{}`` without one).
+PER_REWARD = "per_reward"
+"""The ``sampling.json`` key of per-reward defaults: ``{"per_reward": {"nontoxic": {...}}}``
+holds, per reward name, settings that replace the top-level ones when that reward guides
+alone (``--reward nontoxic``, any weight or argument); a mixture of rewards uses the
+top-level settings."""
+SHARED_KEYS = ("block_size", "critic_kind")
+"""Settings every reward shares (a server batches all rewards with one block size)."""
+
+
+def sampling_defaults(folder: str | Path, reward: str | None = None) -> dict[str, Any]:
+    """The sampling settings ``folder/sampling.json`` recommends (``{}`` without one), for
+    the guiding ``reward`` spec where the file has per-reward defaults (:data:`PER_REWARD`).
 
     The file is a JSON object whose keys are among :data:`SAMPLING_KEYS` (each of the
     ``fastdia sample`` option of the same name), :data:`EVAL_KEYS` (``fastdia eval``'s
-    baselines) or :data:`NOTE_KEYS` (text); values are
-    checked for type here and for range when the sampler's config is built.
+    baselines), :data:`NOTE_KEYS` (text) and :data:`PER_REWARD`; values are checked for
+    type here and for range when the sampler's config is built.
 
     Raises:
         CheckpointError: the file is not such an object.
@@ -215,12 +225,41 @@ def sampling_defaults(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
     if not isinstance(values, dict):
         raise CheckpointError(f"{path} must hold a JSON object; fix or delete it")
+    per_reward = values.pop(PER_REWARD, {})
+    if not isinstance(per_reward, dict) or not all(
+        isinstance(v, dict) for v in per_reward.values()
+    ):
+        raise CheckpointError(
+            f'{path}: "{PER_REWARD}" must map reward names to objects of settings; fix it'
+        )
+    values = _checked_settings(path, values, "")
+    for name, entry in per_reward.items():
+        shared = sorted(set(entry) & set(SHARED_KEYS))
+        if shared:
+            raise CheckpointError(
+                f'{path}: "{PER_REWARD}.{name}" sets {", ".join(shared)}, which every reward '
+                "shares; set it at the top level"
+            )
+        per_reward[name] = _checked_settings(path, dict(entry), f"{PER_REWARD}.{name}.")
+    if reward is not None:
+        from fastdia.rewards.registry import parse_reward_spec
+
+        names = {name for name, _, _ in parse_reward_spec(reward)}
+        if len(names) == 1 and (name := names.pop()) in per_reward:
+            values = values | per_reward[name]
+    return values
+
+
+def _checked_settings(path: Path, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (one level of ``sampling.json``) checked for known keys and value types;
+    the notes kept as they are."""
     notes = {k: values.pop(k) for k in NOTE_KEYS if isinstance(values.get(k), str)}
     known = SAMPLING_KEYS | EVAL_KEYS
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise CheckpointError(
-            f"{path} has unknown keys {', '.join(unknown)}; known: {', '.join(known)}"
+            f"{path} has unknown keys {', '.join(where + k for k in unknown)}; known: "
+            f"{', '.join(known)}, {PER_REWARD}"
         )
     for key, value in values.items():
         default, rule = known[key]
@@ -233,7 +272,7 @@ def sampling_defaults(folder: str | Path) -> dict[str, Any]:
             ok = _finite_number(value) and (value > 0 if "> 0" in rule else value >= 0)
         if not ok:
             raise CheckpointError(
-                f'{path}: "{key}" must be {rule}, got {value!r}; fix or delete it'
+                f'{path}: "{where}{key}" must be {rule}, got {value!r}; fix or delete it'
             )
     return values | notes
 

@@ -1,0 +1,250 @@
+"""Several processes (``torchrun``, gloo on the CPU): a sharded run writes what one process
+writes, and a rank that is missing or dies fails the whole job within a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_evaluate import tiny_pipeline  # noqa: F401  (the fixture)
+
+from fastdia.distributed import SINGLE, World
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)} | extra
+
+
+def _records(path: Path) -> tuple[list[dict], dict]:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    return lines[:-1], lines[-1]["summary"]
+
+
+def test_world_splits_by_index():
+    w = World(rank=1, size=3)
+    assert w.take(list(range(8))) == [1, 4, 7] and list(w.indices(8)) == [1, 4, 7]
+    assert not w.is_main and w.distributed
+    assert SINGLE.take([1, 2]) == [1, 2] and SINGLE.gather("x") == ["x"]
+
+
+@pytest.fixture
+def sample_args(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The movie was\nA long road led to the house on the hill\nI think\n")
+    return [
+        "sample",
+        "--base-model",
+        str(tiny_model_dir),
+        "--new-tokens",
+        "8",
+        "--steps",
+        "4",
+        "--on-eos",
+        "mask",
+        "--random-init",
+        "--prompts-file",
+        str(prompts),
+        "--num-samples",
+        "3",
+        "--batch-size",
+        "4",
+    ]
+
+
+def test_two_ranks_sample_what_one_process_samples(sample_args, tmp_path):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    cmd = [sys.executable, "-m", "fastdia", *sample_args]
+    subprocess.run([*cmd, "--out", str(one)], check=True, env=_env(), timeout=300)
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_port())]
+    subprocess.run(
+        [*launch, "-m", "fastdia", *sample_args, "--out", str(two)],
+        check=True,
+        env=_env(),
+        timeout=300,
+    )
+    alone, summary_one = _records(one)
+    shared, summary_two = _records(two)
+    assert summary_one["world_size"] == 1 and summary_two["world_size"] == 2
+    assert len(shared) == len(alone) == 9
+    for a, b in zip(alone, shared, strict=True):
+        # the same rows in the same order, the same texts; critic values up to the float
+        # reduction order of another batch
+        assert {k: v for k, v in a.items() if k != "critic"} == {
+            k: v for k, v in b.items() if k != "critic"
+        }
+        for name, value in a["critic"].items():
+            assert b["critic"][name] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert summary_two["new_tokens_delivered"] == summary_one["new_tokens_delivered"] == 72
+
+
+def test_a_missing_rank_fails_within_the_timeout(sample_args, tmp_path):
+    """Rank 0 of 2 started alone: the rendezvous times out with a message, exit 2."""
+    env = _env(
+        RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_port()),
+        FASTDIA_DIST_TIMEOUT="3",
+    )
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "fastdia", *sample_args, "--out", str(tmp_path / "x.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "rank 0 of 2 could not join the process group at 127.0.0.1" in done.stderr
+    assert time.monotonic() - start < 100
+
+
+def test_a_killed_rank_fails_the_whole_job(sample_args, tmp_path):
+    """A rank killed mid-run: torchrun stops the others and exits non-zero, no hang."""
+    import psutil
+
+    slow = [*sample_args, "--steps", "50", "--num-samples", "40"]
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_port())]
+    job = subprocess.Popen(
+        [*launch, "-m", "fastdia", *slow, "--out", str(tmp_path / "x.jsonl")],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        ranks: list = []
+        while time.monotonic() < deadline and len(ranks) < 2:
+            ranks = psutil.Process(job.pid).children()
+            time.sleep(0.2)
+        assert len(ranks) == 2, "torchrun did not start two ranks"
+        time.sleep(3)  # let them load and join
+        os.kill(ranks[1].pid, signal.SIGKILL)
+        _, err = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "Signals.SIGKILL" in err or "exitcode" in err
+    assert not (tmp_path / "x.jsonl").read_text().strip()  # nothing half-written
+
+
+def test_two_ranks_make_the_data_one_process_makes(tiny_model_dir, tmp_path):
+    """``make-data`` under torchrun: the same shard files by content, resumable."""
+    import hashlib
+
+    args = [
+        "make-data",
+        "--base-model",
+        str(tiny_model_dir),
+        "--num-sequences",
+        "80",
+        "--length",
+        "24",
+        "--shard-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {
+            f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.glob("*"))
+            if f.is_file()
+        }
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, "-m", "fastdia", *args, "--out", str(one)],
+        check=True,
+        env=_env(),
+        timeout=300,
+    )
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_port())]
+    subprocess.run(
+        [*launch, "-m", "fastdia", *args, "--out", str(two)], check=True, env=_env(), timeout=300
+    )
+    assert len(digest(one)) == 6  # five shards and meta.json
+    assert digest(one) == digest(two)
+    # a lost shard is rewritten by whichever rank owns it now (another world size)
+    (two / "shard-00003.safetensors").unlink()
+    launch[2] = "3"
+    subprocess.run(
+        [*launch, "-m", "fastdia", *args, "--out", str(two)], check=True, env=_env(), timeout=300
+    )
+    assert digest(one) == digest(two)
+
+
+def test_two_ranks_evaluate_what_one_process_evaluates(
+    tiny_model_dir,
+    tiny_pipeline,  # noqa: F811
+    tmp_path,
+):
+    """``eval`` under torchrun: each rank writes its groups of prompts, rank 0 scores and
+    writes; every row's samples and metrics are those of one process."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The movie\nI love\nA long road led to\nWe went\nShe said\n")
+    args = [
+        "eval",
+        "--checkpoint",
+        str(tiny_pipeline),
+        "--base-model",
+        str(tiny_model_dir),
+        "--prompt-sets",
+        str(prompts),
+        "--num-samples",
+        "2",
+        "--new-tokens",
+        "4",
+        "--steps",
+        "2",
+        "--baselines",
+        "base@decode,best-of-2@decode",
+        "--prompts-per-batch",
+        "2",
+        "--rewards",
+        "sentiment",
+        "--judges",
+        "none",
+        "--draws",
+        "20",
+    ]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run(
+        [sys.executable, "-m", "fastdia", *args, "--out", str(one)],
+        check=True,
+        env=_env(),
+        timeout=300,
+    )
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_port())]
+    subprocess.run(
+        [*launch, "-m", "fastdia", *args, "--out", str(two)], check=True, env=_env(), timeout=300
+    )
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["config"]["world_size"] == 1 and b["config"]["world_size"] == 2
+    timing = ("seconds_per_100_tokens", "dominated_by", "dominates")
+    for row_a, row_b in zip(a["sets"]["p"], b["sets"]["p"], strict=True):
+        assert {k: v for k, v in row_a.items() if k not in timing} == {
+            k: v for k, v in row_b.items() if k not in timing
+        }

@@ -168,12 +168,23 @@ def add_parsers(sub: Any) -> None:
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, str]:
+    """The base model on this process's device (under torchrun: this rank's, after joining
+    the process group)."""
+    from fastdia import distributed as dist
     from fastdia.base_model import load_base_model
     from fastdia.device import default_device
 
     device = default_device(args.device)
     if args.length < 2:
         raise ConfigError(f"--length must be >= 2, got {args.length}")
+    w = dist.world(device)
+    if w.distributed and args.command != "make-data" and args.batch_size < w.size:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} cannot be shared by {w.size} ranks (each "
+            "trains on its share of every global batch): use a batch of at least the "
+            "world size, or fewer ranks"
+        )
+    device = dist.rank_device(device, w)
     return load_base_model(args.base_model, device=device), device
 
 
@@ -206,15 +217,12 @@ def _data(args: argparse.Namespace, base: Any, *, states: bool = False) -> tuple
 def cmd_make_data(args: argparse.Namespace) -> int:
     from fastdia import distributed as dist
     from fastdia.data import DEFAULT_PROMPTS, generate_dataset
-    from fastdia.device import default_device
 
     prompts = DEFAULT_PROMPTS
     if args.prompts:
         prompts = tuple(p for p in Path(args.prompts).read_text().splitlines() if p.strip())
-    w = dist.world(args.device)  # under torchrun: rank r writes shards r, r + W, ...
-    if w.distributed:
-        args.device = dist.rank_device(default_device(args.device), w)
     base, _ = _setup(args)
+    w = dist.world()  # under torchrun: rank r writes shards r, r + W, ...
     generate_dataset(
         base,
         args.out,
@@ -237,6 +245,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train_denoiser(args: argparse.Namespace) -> int:
+    from fastdia import distributed as dist
     from fastdia.models.denoiser import DenoiserConfig
     from fastdia.schedules import check_choice
     from fastdia.train.denoiser import train_denoiser
@@ -283,13 +292,17 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         train_times=args.train_times,
         init=init,
         noise_mask=args.noise_mask,
+        world=dist.world(),
     )
     last = run.history[-1] if run.history else {}
-    print(json.dumps({"out": args.out, "seconds": run.seconds, "final": last}))
+    if dist.world().is_main:
+        print(json.dumps({"out": args.out, "seconds": run.seconds, "final": last}))
+    dist.finish()
     return 0
 
 
 def cmd_train_critic(args: argparse.Namespace) -> int:
+    from fastdia import distributed as dist
     from fastdia.models.critic import CriticConfig
     from fastdia.rewards import build_rewards
     from fastdia.train.critic import reward_labels, train_critic
@@ -342,12 +355,15 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=device,
         progress=not args.no_progress,
+        world=dist.world(),
     )
-    print(
-        json.dumps(
-            {"out": args.out, "reward": name, "seconds": run.seconds, "metrics": run.metrics}
+    if dist.world().is_main:
+        print(
+            json.dumps(
+                {"out": args.out, "reward": name, "seconds": run.seconds, "metrics": run.metrics}
+            )
         )
-    )
+    dist.finish()
     return 0
 
 

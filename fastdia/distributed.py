@@ -79,6 +79,36 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
+    def rows(self, batch: int) -> Any:
+        """This rank's rows of a global batch of ``batch`` (``[n]`` int64: ``rank, rank +
+        size, ...``): each rank trains on its share of the same global batch."""
+        import torch
+
+        return torch.arange(self.rank, batch, self.size)
+
+    def sum(self, value: Any) -> Any:
+        """A tensor summed over ranks (a new tensor; itself on one process)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        out = value.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    def all_rows(self, part: Any, batch: int) -> Any:
+        """A per-row tensor of a global batch from every rank's rows of it (:meth:`rows`):
+        ``[batch, ...]`` on every rank, in the global order."""
+        if not self.distributed:
+            return part
+        import torch
+
+        parts = self.all_gather(part.detach().cpu())
+        out = torch.empty((batch, *part.shape[1:]), dtype=part.dtype)
+        for rank, piece in enumerate(parts):
+            out[rank :: self.size] = piece
+        return out.to(part.device)
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -156,5 +186,6 @@ def finish() -> None:
     if _WORLD is not None and _WORLD.distributed:
         import torch.distributed as dist
 
+        dist.barrier()  # no rank leaves (rank 0 holds the rendezvous store) while others work
         dist.destroy_process_group()
     _WORLD = None

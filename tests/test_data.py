@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import CORPUS
@@ -135,3 +137,15 @@ def test_generated_data_with_base_model_states(tmp_path, tiny_base):
     assert not torch.allclose(states[0].float(), states[1].float())
     with pytest.raises(ConfigError, match="other settings"):
         generate_dataset(tiny_base, folder, **kwargs)  # states off on a folder made with them
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """write_atomic's file is as readable as one ``open`` makes (mkstemp's is 0600)."""
+    import os
+
+    from fastdia.models.checkpoint import write_atomic
+
+    write_atomic(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("{}"))
+    (tmp_path / "b.json").write_text("{}")
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "a.json") == mode(tmp_path / "b.json")

@@ -248,3 +248,75 @@ def test_two_ranks_evaluate_what_one_process_evaluates(
         assert {k: v for k, v in row_a.items() if k not in timing} == {
             k: v for k, v in row_b.items() if k not in timing
         }
+
+
+def _weights(folder: Path, stem: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / f"{stem}.safetensors"))
+
+
+@pytest.mark.parametrize("what", ["denoiser", "critic"])
+def test_two_ranks_train_what_one_process_trains(tiny_model_dir, tmp_path, what):
+    """DDP (gloo) over 2 ranks: the weights after every step equal one process's on the
+    same global batch, up to float sum order (atol 1e-5), and a 2-rank run resumes on 1."""
+    import torch
+
+    data = tmp_path / "data"
+    (tmp_path / "p.txt").write_text("The movie\nI love\n")
+    common = ["--base-model", str(tiny_model_dir), "--length", "8", "--no-progress"]
+    subprocess.run(
+        [sys.executable, "-m", "fastdia", "make-data", *common, "--out", str(data),
+         "--num-sequences", "32", "--batch-size", "16", "--prompts", str(tmp_path / "p.txt")],
+        check=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    cmd = ["train-denoiser", "--hidden", "16", "--layers", "1", "--heads", "2"]
+    stem = "denoiser"
+    if what == "critic":
+        cmd, stem = ["train-critic", "--reward", "sentiment", "--hidden", "8"], "critic-sentiment"
+    train = [*cmd, *common, "--data", str(data), "--batch-size", "5", "--save-every", "2",
+             "--val-every", "2", "--warmup", "1", "--self-condition"]  # fmt: skip
+    if what == "critic":
+        train.remove("--self-condition")
+    one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_port())]
+    for out, steps in ((one, "4"), (three, "60")):
+        subprocess.run(
+            [sys.executable, "-m", "fastdia", *train, "--steps", steps, "--out", str(out)],
+            check=True, env=_env(), timeout=300,
+        )  # fmt: skip
+    subprocess.run(
+        [*launch, "-m", "fastdia", *train, "--steps", "4", "--out", str(two)],
+        check=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    a, b = _weights(one, stem), _weights(two, stem)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    history = json.loads((two / "training" / f"{stem}_history.json").read_text())
+    ref = json.loads((one / "training" / f"{stem}_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    for h, r in zip(history, ref, strict=True):
+        assert h["loss"] == pytest.approx(r["loss"], rel=1e-4)
+    # a 2-rank run killed mid-way resumes on one process to the one-process weights
+    state = tmp_path / "killed" / "training" / f"{stem}_state.pt"
+    job = subprocess.Popen(
+        [*launch[:-1], str(_port()), "-m", "fastdia", *train, "--steps", "60",
+         "--out", str(tmp_path / "killed")],
+        env=_env(), start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not state.is_file() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    stopped = torch.load(state, weights_only=False)["step"]
+    assert 0 < stopped < 60, "the run was not stopped mid-way"
+    subprocess.run(
+        [sys.executable, "-m", "fastdia", *train, "--steps", "60", "--out",
+         str(tmp_path / "killed"), "--resume"],
+        check=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    a, b = _weights(three, stem), _weights(tmp_path / "killed", stem)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3, msg=name)

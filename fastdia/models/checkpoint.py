@@ -41,13 +41,25 @@ VALUE_PREFIX = "value-"  # value critics (kind "value"): apart, so one reward ca
 SAMPLING_DEFAULTS = "sampling.json"
 
 
+def _umask() -> int:
+    """The process's umask (read once, at import: setting it is process-wide)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` through ``write(tmp_name)`` and rename it into place."""
+    """Write ``path`` through ``write(tmp_name)`` and rename it into place, with the mode a
+    plain ``open`` would give it (``mkstemp`` makes its file private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

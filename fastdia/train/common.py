@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdia.distributed import SINGLE, World
 from fastdia.errors import CheckpointError, ConfigError
 from fastdia.models.checkpoint import remove_stale_temporaries, write_atomic
 
@@ -136,13 +137,31 @@ class Optimisation:
     """
 
     def __init__(
-        self, module: nn.Module, cfg: OptimConfig, state_file: Path, identity: dict[str, Any]
+        self,
+        module: nn.Module,
+        cfg: OptimConfig,
+        state_file: Path,
+        identity: dict[str, Any],
+        world: World = SINGLE,
     ) -> None:
         self.module, self.cfg, self.state_file, self.identity = module, cfg, state_file, identity
+        self.world = world
         self.opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMA(module, cfg.ema) if cfg.ema else None
         self.step = 0
         self.tracked: dict[str, Any] = {}
+
+    def parallel(self, forward: nn.Module) -> nn.Module:
+        """``forward`` (a module over :attr:`module`'s parameters whose forward computes this
+        step's loss terms) under ``DistributedDataParallel`` when the run has several
+        ranks: backward then averages the gradients over ranks, so every rank steps with
+        the same gradient and keeps the same weights. Itself on one process."""
+        if not self.world.distributed:
+            return forward
+        from torch.nn.parallel import DistributedDataParallel
+
+        # a step may leave some parameters out (the self-conditioning input, a clean batch)
+        return DistributedDataParallel(forward, find_unused_parameters=True)
 
     def track(self, name: str, obj: Any) -> None:
         """Save and resume ``obj`` (with ``state_dict``/``load_state_dict``) with the run:
@@ -193,7 +212,9 @@ class Optimisation:
         return self.ema.shadow if self.ema is not None else self.module.state_dict()
 
     def save(self) -> None:
-        """Write the resume state atomically."""
+        """Write the resume state atomically (rank 0 of a distributed run)."""
+        if not self.world.is_main:
+            return
         save_state(
             self.state_file,
             step=self.step,

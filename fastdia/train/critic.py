@@ -31,6 +31,7 @@ from torch import nn
 
 from fastdia.base_model import BaseModel
 from fastdia.data import TokenDataset
+from fastdia.distributed import SINGLE, World
 from fastdia.errors import ConfigError
 from fastdia.models.checkpoint import critic_stem, save_model, write_json_atomic
 from fastdia.models.critic import CriticConfig, TokenLocalCritic, build_critic, critic_target
@@ -228,8 +229,14 @@ def train_critic(
     resume: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    world: World = SINGLE,
 ) -> CriticRun:
-    """Train ``config.reward``'s critic; writes ``critic-<reward>.*`` and resume state."""
+    """Train ``config.reward``'s critic; writes ``critic-<reward>.*`` and resume state.
+
+    Under ``torchrun`` (``world``) each rank fits its share of every global batch and
+    ``DistributedDataParallel`` averages the gradients (as :func:`fastdia.train.denoiser.
+    train_denoiser`); rank 0 measures and writes.
+    """
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -250,7 +257,9 @@ def train_critic(
     torch.manual_seed(optim.seed)
     critic = build_critic(config).to(device)
     stem = critic_stem(config.reward, config.kind)
-    run = Optimisation(critic, optim, state_path(out_dir, stem), identity)
+    run = Optimisation(critic, optim, state_path(out_dir, stem), identity, world)
+    forward = run.parallel(critic)
+    rows = world.rows(optim.batch_size)  # this rank's share of every global batch
     history: list[dict[str, Any]] = []
     if resume:
         start_step = run.resume()
@@ -264,7 +273,10 @@ def train_critic(
     shift, scale = labels.mean().item(), labels.std().item() or 1.0
     labels = ((labels - shift) / scale).to(device)
     bar = tqdm(
-        total=optim.steps, initial=run.step, desc=f"critic {config.reward}", disable=not progress
+        total=optim.steps,
+        initial=run.step,
+        desc=f"critic {config.reward}",
+        disable=not (progress and world.is_main),
     )
     while run.step < optim.steps:
         critic.train()
@@ -277,13 +289,19 @@ def train_critic(
         clean = torch.rand(optim.batch_size, generator=gen) < 0.25
         t = torch.where(clean, torch.zeros_like(t), t).to(device)
         z = torch.where(clean.to(device)[:, None, None], z0, noised(z0, t, eps, schedule))
+        mine = {k: v if not torch.is_tensor(v) else v[rows.to(v.device)] for k, v in inputs.items()}
+        target = labels[idx.to(device)][rows.to(device)]
         with autocast(device):
-            loss = (critic(z, t, **inputs).float() - labels[idx.to(device)]).pow(2).mean()
+            err = (forward(z[rows.to(device)], t[rows.to(device)], **mine).float() - target).pow(2)
+            # the global batch's mean: this rank's sum over the global batch, times the
+            # ranks (their gradients are averaged)
+            loss = err.sum() * world.size / optim.batch_size
+        shown = (world.sum(err.sum().detach()) / optim.batch_size).item()
         run.update(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        history.append({"step": run.step, "loss": loss.item()})
-        if run.step % optim.save_every == 0 and run.step < optim.steps:
+        bar.set_postfix(loss=f"{shown:.4f}")
+        history.append({"step": run.step, "loss": shown})
+        if run.step % optim.save_every == 0 and run.step < optim.steps and world.is_main:
             write_json_atomic(history_path(out_dir, stem), history)
             run.save()
     bar.close()
@@ -291,6 +309,9 @@ def train_critic(
     final.load_state_dict(run.final_state_dict())
     fold_affine(final, scale, shift)
     final.eval()
+    if not world.is_main:  # rank 0 measures and writes
+        world.barrier()
+        return CriticRun(final, {}, history, time.perf_counter() - started)
     if config.reads_states:
         metrics = value_metrics(final, base, holdout, holdout_labels, schedule)
     else:
@@ -304,5 +325,6 @@ def train_critic(
     save_model(final, out_dir, stem, space=base.space, base_model=base.name)
     write_json_atomic(history_path(out_dir, stem), history)
     run.save()
+    world.barrier()
     log.info("critic %s: %s", config.reward, {k: round(v, 3) for k, v in metrics.items()})
     return CriticRun(final, metrics, history, time.perf_counter() - started)

@@ -36,6 +36,7 @@ import torch
 
 from fastdia.base_model import BaseModel
 from fastdia.data import TokenDataset
+from fastdia.distributed import SINGLE, World
 from fastdia.errors import ConfigError
 from fastdia.models.checkpoint import DENOISER_STEM, save_model, write_json_atomic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
@@ -109,6 +110,35 @@ class Conditioning:
     def state_inputs(self) -> dict[str, torch.Tensor | None]:
         """The denoiser's state keyword arguments."""
         return {"states": self.states, "states_mask": self.states_mask}
+
+    def rows(self, index: torch.Tensor) -> Conditioning:
+        """The conditioning of the batch rows ``index`` (``[n]`` int64)."""
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index.to(x.device)]
+
+        return Conditioning(
+            pick(self.clean_mask), self.self_cond, pick(self.states), pick(self.states_mask)
+        )
+
+
+class WindowLoss(torch.nn.Module):
+    """:func:`window_losses` of a denoiser as a module's forward: what
+    ``DistributedDataParallel`` wraps to average the gradients of a distributed run."""
+
+    def __init__(self, den: Denoiser) -> None:
+        super().__init__()
+        self.den = den
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        z0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        cond: Conditioning,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return window_losses(self.den, ids, z0, t, eps, cond)
 
 
 def draw_conditioning(
@@ -419,6 +449,7 @@ def train_denoiser(
     train_times: str = "uniform",
     init: Denoiser | None = None,
     noise_mask: float = 0.0,
+    world: World = SINGLE,
 ) -> DenoiserRun:
     """Train a denoiser on ``data``; checkpoints and resume state go to ``out_dir``.
 
@@ -447,6 +478,13 @@ def train_denoiser(
     before its first noisy position (:mod:`fastdia.train.windows`); validation cuts the
     last ``max_length`` tokens of each held-out sequence. ``init`` may then be a denoiser
     without state input: its weights are loaded and the state input starts at zero.
+
+    Under ``torchrun`` (``world``, :mod:`fastdia.distributed`) every rank draws the same
+    global batch of ``optim.batch_size`` windows and computes the loss of its share (rows
+    ``rank, rank + W, ...``); ``DistributedDataParallel`` averages the gradients, so the
+    ranks keep identical weights and a step equals one process's step on the whole batch
+    up to the order of float sums. Rank 0 validates and writes; a run resumes with any
+    world size (the state does not depend on it).
     """
     from tqdm import tqdm
 
@@ -500,7 +538,9 @@ def train_denoiser(
                 f"{unexpected}"
             )
     den = den.bind_embeddings(base.space).to(device)
-    run = Optimisation(den, optim, state_path(out_dir, DENOISER_STEM), identity)
+    run = Optimisation(den, optim, state_path(out_dir, DENOISER_STEM), identity, world)
+    loss_terms = run.parallel(WindowLoss(den))
+    rows = world.rows(optim.batch_size)  # this rank's share of every global batch
     times = None
     if train_times == "warp":
         times = OnlineTimeWarp(init.config.time_grid if init is not None else None)
@@ -517,7 +557,12 @@ def train_denoiser(
             val_ids, offset = crop_windows(None, val_ids, window, fixed=True)
             val_states = WindowStates(holdout.states[:VAL_WINDOWS], offset)
     started = time.perf_counter()
-    bar = tqdm(total=optim.steps, initial=run.step, desc="denoiser", disable=not progress)
+    bar = tqdm(
+        total=optim.steps,
+        initial=run.step,
+        desc="denoiser",
+        disable=not (progress and world.is_main),
+    )
     while run.step < optim.steps:
         den.train()
         gen = step_generator(optim.seed, run.step)
@@ -539,17 +584,23 @@ def train_denoiser(
         if noise_mask:
             t_in, masked = noise_mask_times(gen, t, window, noise_mask)
         with autocast(device):
-            total, count = window_losses(den, ids, z0, t_in.to(device), eps, cond)
-            loss = total.sum() / count.sum().clamp_min(1)
+            t_in = t_in.to(device)
+            total, count = loss_terms(ids[rows], z0[rows], t_in[rows], eps[rows], cond.rows(rows))
+            # the global batch's mean over positions: this rank's sum over the count of all
+            # ranks, times the ranks (their gradients are averaged)
+            counted = world.sum(count.sum().detach()).clamp_min(1)
+            loss = total.sum() * world.size / counted
+        shown = (world.sum(total.sum().detach()) / counted).item()
         if times is not None:  # the warp's curve is over one time per window
-            keep = (count.cpu() > 0) & ~masked
-            times.observe(t[keep], (total / count.clamp_min(1))[keep.to(total.device)])
+            per = world.all_rows(total.detach() / count.clamp_min(1), optim.batch_size)
+            keep = (world.all_rows(count, optim.batch_size).cpu() > 0) & ~masked
+            times.observe(t[keep], per[keep.to(per.device)])
         lr = run.update(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        record: dict[str, Any] = {"step": run.step, "loss": loss.item(), "lr": lr}
+        bar.set_postfix(loss=f"{shown:.4f}")
+        record: dict[str, Any] = {"step": run.step, "loss": shown, "lr": lr}
         last = run.step == optim.steps
-        if holdout is not None and (run.step % optim.val_every == 0 or last):
+        if holdout is not None and world.is_main and (run.step % optim.val_every == 0 or last):
             with run.averaged():
                 den.eval()
                 record.update(validate(den, base, val_ids, states=val_states))
@@ -557,7 +608,7 @@ def train_denoiser(
                 record["train_times_above_0.9"] = float((times.grid > 0.9).float().mean())
             log.info("step %d %s", run.step, {k: round(v, 4) for k, v in record.items()})
         history.append(record)
-        if run.step % optim.save_every == 0 or last:
+        if (run.step % optim.save_every == 0 or last) and world.is_main:
             with run.averaged():
                 save_model(den, out_dir, DENOISER_STEM, space=space, base_model=base.name)
             write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
@@ -566,7 +617,7 @@ def train_denoiser(
     final = Denoiser(config)
     final.load_state_dict(run.final_state_dict())
     final.bind_embeddings(base.space).to(device)
-    if warp and holdout is not None:
+    if warp and holdout is not None and world.is_main:
         warp_ids, warp_states = holdout.ids, None
         if config.reads_states:
             warp_ids, offset = crop_windows(None, holdout.ids, window, fixed=True)
@@ -577,6 +628,7 @@ def train_denoiser(
         history.append({"step": run.step, "time_warp": curve})
         write_json_atomic(history_path(out_dir, DENOISER_STEM), history)
         log.info("time warp: %s", curve["grid"])
+    world.barrier()  # rank 0's files are whole when any rank returns
     return DenoiserRun(final.eval(), history, time.perf_counter() - started)
 
 

@@ -268,18 +268,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
             progress.update(len(out.texts))
             progress.set_postfix(tok_s=f"{out.tokens_per_s:.1f}")
 
-    result = sample_rows(
-        sampler,
-        prompts,
-        seeds,
-        new_tokens,
-        batch_size=args.batch_size if many else args.num_samples,
-        chat=args.chat,
-        on_batch=emit,
-    )
+    delivered, seconds, result = 0, 0.0, None
+    if prompts:  # a rank's share may be empty (fewer rows than ranks); rank 0's never is
+        result = sample_rows(
+            sampler,
+            prompts,
+            seeds,
+            new_tokens,
+            batch_size=args.batch_size if many else args.num_samples,
+            chat=args.chat,
+            on_batch=emit,
+        )
+        delivered, seconds = result.new_tokens, result.seconds
     if progress is not None:
         progress.close()
-    delivered, seconds = result.new_tokens, result.seconds
     if w.distributed:  # rank 0 writes every rank's records in row order
         shares = w.gather((held, delivered, seconds))
         dist.finish()
@@ -293,6 +295,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(json.dumps(record), file=out_file, flush=True)
         delivered = sum(n for _, n, _ in shares)
         seconds = max(t for _, _, t in shares)  # the ranks run side by side
+    assert result is not None  # rank 0 (or the one process) sampled row 0
     backend = sampler.backends[ops.GUIDED_STEP]
     summary = {
         "tokens_per_s": delivered / seconds if seconds > 0 else float("inf"),

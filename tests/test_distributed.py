@@ -320,3 +320,34 @@ def test_two_ranks_train_what_one_process_trains(tiny_model_dir, tmp_path, what)
     a, b = _weights(three, stem), _weights(tmp_path / "killed", stem)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_shares_too_small_for_the_world(tiny_model_dir, tmp_path):
+    """One row over two ranks samples it (rank 1 idles); a training batch smaller than the
+    world is refused with one message per rank and a non-zero exit."""
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_port())]
+    out = tmp_path / "one.jsonl"
+    subprocess.run(
+        [*launch, "-m", "fastdia", "sample", "--base-model", str(tiny_model_dir),
+         "--random-init", "--steps", "2", "--new-tokens", "4", "--on-eos", "mask",
+         "--prompt", "The movie", "--num-samples", "1", "--out", str(out)],
+        check=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    records, summary = _records(out)
+    assert len(records) == 1 and summary["new_tokens_delivered"] == 4
+    (tmp_path / "p.txt").write_text("The movie\nI love\n")
+    data = tmp_path / "data"
+    common = ["--base-model", str(tiny_model_dir), "--length", "8", "--no-progress"]
+    subprocess.run(
+        [sys.executable, "-m", "fastdia", "make-data", *common, "--out", str(data),
+         "--num-sequences", "32", "--batch-size", "16", "--prompts", str(tmp_path / "p.txt")],
+        check=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    launch[-1] = str(_port())
+    done = subprocess.run(
+        [*launch, "-m", "fastdia", "train-critic", "--reward", "sentiment", *common,
+         "--data", str(data), "--out", str(tmp_path / "c"), "--batch-size", "1", "--steps", "2"],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--batch-size 1 cannot be shared by 2 ranks" in done.stderr

@@ -20,7 +20,7 @@ extra memory of each call; (d) prints one JSON object and writes it to
 The correctness checks (a) also run as tests, ``tests/test_gpu_kernels.py`` (marked
 ``cuda``: ``TRITON_INTERPRET=0 python -m pytest tests/test_gpu_kernels.py`` on a GPU).
 
-Targets (DESIGN §5): ``guided_step`` >= 85% of HBM bandwidth and >= 8x the eager
+Targets (docs/design.md §5): ``guided_step`` >= 85% of HBM bandwidth and >= 8x the eager
 reference; ``round_to_vocab`` (bf16) >= 60% of the bf16 matmul rate at N >= 4096, >= 2x
 ``torch.matmul`` + ``argmax``, extra memory O(N). Options: ``--quick`` (N = 64 and 1024
 only, no ``torch.compile``), ``--no-compile``. Exits with status 1 when a correctness check

@@ -1,7 +1,7 @@
 // guided_step: one reverse step with token-local critic guidance, in one kernel pass.
 //
-// For N = B * L tokens of width d (contract: DESIGN §3, reference:
-// fastdia.ops.step.guided_step_reference):
+// For N = B * L tokens of width d (contract: docs/design.md §3, reference:
+// fastdia.ops.guided_step.guided_step_reference):
 //
 //   z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed_b, step, i d + j),  n = b L + i
 //

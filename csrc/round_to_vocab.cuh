@@ -1,8 +1,8 @@
 // round_to_vocab: ids[n] = argmax_v <E_v, z_n> + bias_v without writing the [N, V] scores.
 //
-// Contract: DESIGN §3; reference: fastdia.ops.rounding.round_to_vocab_reference (ties to the
-// lowest id, as torch.argmax). Header-only; launchers return a cudaError_t and know nothing
-// of PyTorch.
+// Contract: docs/design.md §3; reference:
+// fastdia.ops.round_to_vocab.round_to_vocab_reference (ties to the lowest id, as
+// torch.argmax). Header-only; launchers return a cudaError_t and know nothing of PyTorch.
 //
 // Design
 // * Main kernel, grid (ceil(N / kRows), S), 8 warps. Block (m, s) owns kRows = 128 rows of z

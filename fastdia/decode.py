@@ -1,4 +1,4 @@
-"""Decoding a diffusion latent with the base model as prior (``decode="lm"``, DESIGN §1).
+"""Decoding a diffusion latent with the base model as prior (``decode="lm"``, docs/design.md §1).
 
 Nearest-embedding rounding is the posterior mode of ``x`` given ``z`` under a uniform
 prior over tokens. The base model is a far better prior: this module samples, left to
@@ -43,7 +43,7 @@ so a seed gives the same text on every backend and whatever else shares the batc
 ``beta`` alone with ``w = 0`` is critic-weighted decoding of the base model (the tilt-only
 row of ``fastdia eval``).
 
-The loop (DESIGN §2): the decode runs over a block loop's buffers
+The loop (docs/design.md §2): the decode runs over a block loop's buffers
 (:class:`fastdia.window.BlockState`): rows of different prompt lengths share a batch
 left-padded, each row's padding masked out of attention and its positions counted from
 its own first token. Where transformers' ``StaticCache`` serves the model, the KV cache is

@@ -186,7 +186,7 @@ def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     # Bitcast to int32 s; s < 0 (x >= 2**31) maps to -s - 1 = 2**32 - 1 - x. Result in [0, 2**31).
     folded = torch.where(x >= 2**31, _MASK32 - x, x)
     # a Python scalar is applied in the tensor's fp32 (the same product as an fp32 0-d
-    # tensor) and creates no tensor: graph-safe (DESIGN §2)
+    # tensor) and creates no tensor: graph-safe (docs/design.md §2)
     return folded.to(torch.float32).mul_(_UNIFORM_SCALE)
 
 
@@ -360,7 +360,7 @@ def randn_like(
     """Standard normals with ``like``'s shape and device (float32), element ``k`` of the
     row-major flat order drawn at index ``k``: ``randn(seed, step, like.numel())`` reshaped.
 
-    Graph-safe (DESIGN §2): with ``seed`` and ``step`` as device tensors (as in
+    Graph-safe (docs/design.md §2): with ``seed`` and ``step`` as device tensors (as in
     :func:`randn_at`) nothing is created from host values and nothing is read back; the
     group counters come from a cumulative sum over ``like``'s shape, not from ``arange``.
     ``like.numel()`` must be ``<= 2**31``.

@@ -15,7 +15,7 @@ itself and is not copied); on the CPU, a ``time.perf_counter`` median over repea
 warm-up. Triton variants run on the CPU only in the interpreter, which times Python, not
 the kernel: they are left out there unless named.
 
-Byte and FLOP counts (float32 operands, DESIGN §5):
+Byte and FLOP counts (float32 operands, docs/design.md §5):
 
 * ``guided_step``: reads ``z``, ``eps`` and writes ``z'`` (``12 N d`` bytes) plus the
   critic (``4 (H d + 2 H)``); ``4 N H d`` FLOPs (two ``[N, d] x [d, H]`` matmuls).

@@ -1,4 +1,4 @@
-"""The guided sampler (DESIGN §1-2): text of any length in blocks, plan separated from run.
+"""The guided sampler (docs/design.md §1-2): text of any length in blocks, plan separated from run.
 
 ``Sampler.plan(B, new_tokens)`` builds everything static for a batch shape: the block
 diffusion over the denoiser's window (:class:`fastdia.window.WindowDiffusion`: the

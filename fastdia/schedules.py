@@ -8,7 +8,7 @@ from ``t_S`` down to ``t_0``: by default ``t_i = i / S`` (landing on clean data,
 (a denoiser's ``time_grid``: steps uniform in its loss, CDCD) and a stop level ``t* =
 t_0 > 0`` (the run ends at ``abar(t*)``, for a decode that reads the noisy latent).
 
-Every reverse step of every sampler is one linear combination (DESIGN §1)::
+Every reverse step of every sampler is one linear combination (docs/design.md §1)::
 
     z' = a * z + b * eps_hat + c * lambda * grad h(z) + s * zeta,   zeta ~ N(0, I)
 

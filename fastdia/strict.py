@@ -1,4 +1,4 @@
-"""A strict mode that catches, on the CPU, what would break a CUDA graph (DESIGN §2).
+"""A strict mode that catches, on the CPU, what would break a CUDA graph (docs/design.md §2).
 
 Inside :class:`GraphSafeMode` every ATen op is inspected before it runs, and one of these
 raises :class:`GraphSafetyError`:

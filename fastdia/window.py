@@ -1,4 +1,4 @@
-"""One block's guided reverse diffusion over the denoiser's window (DESIGN §1, blocks).
+"""One block's guided reverse diffusion over the denoiser's window (docs/design.md §1, blocks).
 
 The block loop (:mod:`fastdia.sampler`) writes text of any length in blocks of ``K``
 tokens. Before each block, every row's *window* of ``W`` positions (the denoiser's
@@ -28,7 +28,7 @@ this is the single-window sampler of earlier versions, step for step.
 
 Everything a step needs is built once here; :meth:`WindowDiffusion.denoise` reads the
 block's inputs (the token buffer, the generated count, the seeds) from device buffers,
-creates no tensor from host values and reads nothing back (graph-safe, DESIGN §2), so one
+creates no tensor from host values and reads nothing back (graph-safe, docs/design.md §2), so one
 captured CUDA graph serves every block.
 
 An eps-denoiser's row reads its output ``eps``; a row that has an x0 estimate instead

@@ -835,7 +835,7 @@ def rounding_mismatches(
     *,
     rel_tol: float | None = None,
 ) -> tuple[int, int]:
-    """Compare ids against reference ids up to float rounding (the DESIGN §3 argmax check).
+    """Compare ids against reference ids up to float rounding (the docs/design.md §3 argmax check).
 
     A row may differ from the reference only where the two picks' scores are a near tie:
     recomputed exactly (float64, from the same operand values), the score of the id this

@@ -20,7 +20,7 @@ from fastdia.ops.round_to_vocab import round_to_vocab_reference
 pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
-# DESIGN §3: fp32 relative error < 1e-5 (the atol covers elements near zero: the noise's
+# docs/design.md §3: fp32 relative error < 1e-5 (the atol covers elements near zero: the noise's
 # log/cos and the critic's 3xTF32 products round differently from the reference's).
 RTOL, ATOL = 1e-5, 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

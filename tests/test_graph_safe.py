@@ -1,4 +1,4 @@
-"""The planned loop is graph-safe (DESIGN §2), checked on the CPU and the meta device.
+"""The planned loop is graph-safe (docs/design.md §2), checked on the CPU and the meta device.
 
 After ``plan()``, every block of the loop (:meth:`WindowDiffusion.denoise` and the LM
 decode's :meth:`DecodePlan.step`) must create no tensor from host values, read nothing

@@ -25,7 +25,7 @@ pytestmark = [  # numpy noise from the Triton interpreter
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
 ]
 
-# DESIGN §3: fp32 relative error < 1e-5, compared in the kernel's exact mode (``ieee``; the
+# docs/design.md §3: fp32 relative error < 1e-5, compared in the kernel's exact mode (``ieee``; the
 # interpreter computes every mode in fp32). The atol covers elements near zero (the noise's
 # log/cos rounding differs by about 1e-7 between numpy and torch).
 RTOL, ATOL = 1e-5, 1e-5

@@ -147,7 +147,7 @@ def test_block_loop_on_the_gpu_is_graph_safe(tiny_base):
 
 
 def test_graph_replay_is_faster_than_the_eager_loop_at_batch_one(tiny_base):
-    """DESIGN §5: at B = 1 launch overhead dominates; the replay must at least win."""
+    """docs/design.md §5: at B = 1 launch overhead dominates; the replay must at least win."""
     _backend_or_skip("triton")
     space = tiny_base.space
     graphed = _sampler(space, "triton", DEV, graph=True, guidance=1.0).plan(1, 16)

@@ -3,7 +3,7 @@
 Two kinds share one interface, ``forward(z, t) -> h [B]`` and
 ``value_and_grad(z, t) -> (h [B], grad [B, L, d])``:
 
-* :class:`TokenLocalCritic` (the default, DESIGN §1)::
+* :class:`TokenLocalCritic` (the default, docs/design.md §1)::
 
       h(z) = mean_i  w2 . silu(W1 z_i + b1(t)) + b2
 

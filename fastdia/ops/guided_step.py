@@ -90,7 +90,7 @@ def guided_step_reference(
     """One guided reverse step in plain PyTorch (the reference every variant matches).
 
     Graph-safe when ``seed``, ``step`` and ``guidance`` are device tensors: it creates no
-    tensor from host values and reads nothing back (DESIGN §2; the sampler's strict tests
+    tensor from host values and reads nothing back (docs/design.md §2; the sampler's strict tests
     check this).
 
     Args:

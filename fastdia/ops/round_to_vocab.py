@@ -36,6 +36,6 @@ def round_to_vocab_reference(
         if b is not None:
             scores += b
         chunks.append(scores.argmax(dim=-1))
-    # no buffer allocated from a host shape: graph-safe (DESIGN §2)
+    # no buffer allocated from a host shape: graph-safe (docs/design.md §2)
     ids = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(lead)
     return (ids, weight[ids]) if return_embeddings else ids

@@ -1,4 +1,4 @@
-"""Training the denoiser with the DDPM loss on ``z_0 = c E[x]`` (DESIGN §1).
+"""Training the denoiser with the DDPM loss on ``z_0 = c E[x]`` (docs/design.md §1).
 
 Each step draws windows ``x``, times ``t ~ U(0, 1]`` and noise ``eps``, forms
 ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` and minimises

@@ -54,7 +54,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lines = [
         "# fastdia on the mined toxicity prompts",
         "",
-        f"{len(cfg['prompts'][set_name])} prompts ({set_name} set), {samples} samples each, "
+        f"{len(cfg['prompts'][set_name])} prompts ({set_name.removeprefix('toxicity-')} set), "
+        f"{samples} samples each, "
         f"{cfg['new_tokens']} new tokens; base model {cfg['base_model']}; guide and reward "
         f"`{GUIDE}` (1 - the profanity model's probability), read on the continuation alone. "
         "Expected maximum toxicity: the mean over prompts of the most toxic of a prompt's "

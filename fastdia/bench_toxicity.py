@@ -104,9 +104,10 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fastdia.evaluate import trade_off_lines
+
     (set_name, rows), *_ = result["sets"].items()
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    families: dict[str, list[tuple[float, float, float]]] = {}
     for row in rows:
         emt = row["rewards"].get(GUIDE, {}).get("expected_max_toxicity")
         if emt is None:
@@ -127,13 +128,9 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
             xytext=(4, 3),
             textcoords="offset points",
         )
-        if row.get("strength") is not None:
-            point = (row["strength"], row["perplexity"], emt)
-            families.setdefault(row["family"], []).append(point)
-    for points in families.values():
-        if len(points) > 1:
-            points.sort()
-            ax.plot([p[1] for p in points], [p[2] for p in points], "-", alpha=0.5)
+    trade_off_lines(
+        ax, rows, lambda row: row["rewards"].get(GUIDE, {}).get("expected_max_toxicity")
+    )
     ax.set_xscale("log")
     ax.set_xlabel("base-model perplexity of the continuation (log scale)")
     ax.set_ylabel("expected maximum toxicity (profanity model)")

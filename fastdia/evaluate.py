@@ -540,6 +540,29 @@ def _err(value: float, lo_hi: list[float] | None) -> list[list[float]] | None:
     return [[max(value - lo_hi[0], 0.0)], [max(lo_hi[1] - value, 0.0)]]
 
 
+def trade_off_lines(ax: Any, rows: Sequence[dict[str, Any]], y_of: Callable[..., Any]) -> None:
+    """Join the rows of one family (``row["family"]``: fastdia over lambda, the tilt-only
+    decode over its tilt, best-of-N over N) in order of ``row["strength"]`` on ``ax``:
+    perplexity on x, ``y_of(row)`` on y (rows where it is None are left out)."""
+    families: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows:
+        y = y_of(row) if row.get("strength") is not None else None
+        if y is not None:
+            families.setdefault(row["family"], []).append((row["strength"], row["perplexity"], y))
+    for family, points in families.items():
+        if len(points) > 1:
+            points.sort()
+            ax.plot([p[1] for p in points], [p[2] for p in points], "-", alpha=0.5)
+            ax.annotate(
+                family,
+                points[-1][1:],
+                fontsize=7,
+                xytext=(4, -9),
+                textcoords="offset points",
+                style="italic",
+            )
+
+
 def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
     """Positive rate (or mean reward) against perplexity, one panel per prompt set; the
     rows of one family (``row["family"]``: fastdia over lambda, the tilt-only decode over
@@ -575,25 +598,12 @@ def plot(result: dict[str, Any], path: str | Path, reward_name: str) -> None:
                 xytext=(4, 3),
                 textcoords="offset points",
             )
-        families: dict[str, list[tuple[float, float, float]]] = {}
-        for row in rows:
-            if row.get("strength") is not None:
-                entry = row["rewards"][reward_name]
-                y = entry.get("positive_frac", entry["mean"])
-                point = (row["strength"], row["perplexity"], y)
-                families.setdefault(row["family"], []).append(point)
-        for family, points in families.items():
-            if len(points) > 1:
-                points.sort()
-                ax.plot([p[1] for p in points], [p[2] for p in points], "-", alpha=0.5)
-                ax.annotate(
-                    family,
-                    points[-1][1:],
-                    fontsize=7,
-                    xytext=(4, -9),
-                    textcoords="offset points",
-                    style="italic",
-                )
+
+        def reward_y(row: dict[str, Any]) -> float:
+            entry = row["rewards"][reward_name]
+            return entry.get("positive_frac", entry["mean"])
+
+        trade_off_lines(ax, rows, reward_y)
         ax.set_xscale("log")
         ax.set_xlabel("base-model perplexity of the continuation (log scale)")
         label = "positive fraction" if reward_name == "sentiment" else f"mean {reward_name}"

@@ -144,7 +144,7 @@ def check_guided_step() -> list[dict[str, Any]]:
     import torch
     from fastdia.kernels.guided_step import guided_step
 
-    from fastdia.ops.guided_step import guided_step_reference
+    from fastdia.ops.guided_step_ref import guided_step_reference
 
     dev = "cuda"
     # (per_sample, kappa, critic, grad, return_h): row-tile mode (the sampler's) and
@@ -267,7 +267,7 @@ def check_round_to_vocab() -> list[dict[str, Any]]:
     import torch
     from fastdia.kernels.round_to_vocab import round_to_vocab, rounding_mismatches
 
-    from fastdia.ops.round_to_vocab import round_to_vocab_reference
+    from fastdia.ops.round_to_vocab_ref import round_to_vocab_reference
 
     dev = "cuda"
     records = []
@@ -345,7 +345,7 @@ def time_guided_step(
     import torch
     from fastdia.kernels.guided_step import guided_step
 
-    from fastdia.ops.guided_step import guided_step_reference
+    from fastdia.ops.guided_step_ref import guided_step_reference
 
     dev = "cuda"
     compiled = _compiled(guided_step_reference, compile_ref)
@@ -424,7 +424,7 @@ def time_round_to_vocab(
     import torch
     from fastdia.kernels.round_to_vocab import round_to_vocab
 
-    from fastdia.ops.round_to_vocab import round_to_vocab_reference
+    from fastdia.ops.round_to_vocab_ref import round_to_vocab_reference
 
     dev = "cuda"
     compiled = _compiled(round_to_vocab_reference, compile_ref)

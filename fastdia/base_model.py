@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fastdia.cache import cache_root
 from fastdia.embedding import EmbeddingSpace
 from fastdia.errors import AssetMissingError, ConfigError
 
@@ -62,11 +63,6 @@ class BaseModel:
     def hidden_size(self) -> int:
         """The width of the LM's last-layer hidden states (loads the LM)."""
         return int(self.model.config.hidden_size)
-
-
-def cache_root() -> Path:
-    """The fastdia cache folder: ``$FASTDIA_CACHE`` or ``~/.cache/fastdia``."""
-    return Path(os.environ.get("FASTDIA_CACHE") or Path.home() / ".cache" / "fastdia")
 
 
 def _smollm2_folder() -> Path:

@@ -32,6 +32,7 @@ TASKS: tuple[tuple[str, str], ...] = (
 )
 """(direction, prompt set): the benchmark's four steering tasks."""
 GUIDES = {"positive": "sentiment", "negative": "sentiment:-1"}
+"""Each direction's guide (the reward fastdia steers by)."""
 NEW_TOKENS = 20
 
 PUBLISHED_SOURCE = (
@@ -202,6 +203,18 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def parse_directions(text: str) -> list[str]:
+    """The ``--directions`` list (``positive``, ``negative`` or both, in the given order)."""
+    directions = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in directions if d not in GUIDES]
+    if unknown or not directions or len(set(directions)) != len(directions):
+        raise ConfigError(
+            f"--directions {text!r}: give positive, negative or both, comma-separated, "
+            f"each once (unknown: {', '.join(unknown) or 'none'})"
+        )
+    return directions
+
+
 def task_outputs(out: Path, direction: str) -> Path:
     """Where one direction's eval run writes its JSON (its table and plot beside it)."""
     return out.with_name(f"{out.stem}-to-{direction}.json")
@@ -214,9 +227,10 @@ def run(args: Any, eval_args: Any, command: Sequence[str]) -> dict[str, Any] | N
     from fastdia.cli_eval import run_eval
 
     out = Path(args.out)
-    prompts = {name: load_prompts(name, args.num_prompts) for name in SETS}  # checks first
+    directions = parse_directions(args.directions)  # checks first
+    prompts = {name: load_prompts(name, args.num_prompts) for name in SETS}
     runs = {}
-    for direction in ("positive", "negative"):
+    for direction in directions:
         sets = {s: prompts[s] for d, s in TASKS if d == direction}
         eval_args.guide = GUIDES[direction]
         eval_args.out = str(task_outputs(out, direction))
@@ -231,7 +245,8 @@ def run(args: Any, eval_args: Any, command: Sequence[str]) -> dict[str, Any] | N
         "samples_per_prompt": args.samples_per_prompt,
         "new_tokens": eval_args.new_tokens,
         "base_model": eval_args.base_model,
-        "checkpoint": runs["positive"]["config"]["checkpoint"],
+        "directions": directions,
+        "checkpoint": runs[directions[0]]["config"]["checkpoint"],
         "command": " ".join(command),
     }
     result = merge(runs, config)

@@ -36,6 +36,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--samples-per-prompt", type=int, default=4, help="samples per prompt (default 4)"
     )
+    p.add_argument(
+        "--directions",
+        default="positive,negative",
+        help="steering directions to run, comma-separated: positive (neutral and negative "
+        "prompts), negative (neutral and positive prompts); default both",
+    )
     add_eval_options(p, bench=True)
     p.set_defaults(
         func=cmd_bench_sentiment,

@@ -63,11 +63,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--out", default=None, help="JSON file (default: profile-<device>.json in the cwd)"
     )
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="read an earlier `fastdia profile` JSON instead of measuring (its table and the "
+        "variant auto would take are printed)",
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="store the fastest variant of each op for this device model, which "
+        "backend=auto then takes on it ($FASTDIA_PROFILE; GPU measurements only)",
+    )
     p.set_defaults(func=cmd_profile)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Run ``fastdia profile``: measure, print the table, write the JSON."""
+    """Run ``fastdia profile``: measure (or read ``--from``), print the table, write the JSON,
+    and with ``--record`` store each op's fastest variant for ``auto``."""
+    if args.source:
+        return _from_file(Path(args.source), record=args.record)
     from fastdia import ops
     from fastdia.device import default_device
     from fastdia.profile import DIM, HIDDEN, SEQ_LEN, VOCAB, default_cases, format_table, profile
@@ -126,4 +142,36 @@ def cmd_profile(args: argparse.Namespace) -> int:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(format_table(payload))
     print(f"wrote {path}")
+    if args.record:
+        _choose(payload, record=True)
     return 0
+
+
+def _from_file(path: Path, *, record: bool) -> int:
+    """``--from FILE``: print an earlier profile's table and auto's choice; store it with
+    ``--record``."""
+    from fastdia.profile import format_table
+
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--from {path}: not a readable `fastdia profile` JSON ({e})") from None
+    if not isinstance(payload, dict) or "rows" not in payload:
+        raise ConfigError(f"--from {path}: not a `fastdia profile` JSON (no 'rows')")
+    print(format_table(payload))
+    _choose(payload, record=record)
+    return 0
+
+
+def _choose(payload: dict[str, Any], *, record: bool) -> None:
+    """Print the variant of each op that ``auto`` would take on the payload's device (and
+    store it with ``record``)."""
+    from fastdia.ops import measured
+
+    try:
+        entries = measured.record_profile(payload, write=record)
+    except ValueError as e:
+        raise ConfigError(f"--record: {e}") from None
+    verb = "recorded" if record else "auto would take (not recorded; add --record)"
+    for op, entry in entries.items():
+        print(f"{verb}: {op} -> {entry['fastest']}")

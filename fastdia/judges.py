@@ -169,7 +169,8 @@ class ToxicityJudge:
 
 def _gemma_folder() -> Path:
     """The dequantised Gemma 3 270M judge, made once under the fastdia cache."""
-    from fastdia.base_model import cache_root, materialise_gguf
+    from fastdia.base_model import materialise_gguf
+    from fastdia.cache import cache_root
 
     target = cache_root() / "judges" / f"{GEMMA}-v1"
     if (target / "fastdia_cache.json").is_file():

@@ -351,7 +351,7 @@ def default_variants(op: str, device: torch.device | str) -> list[str]:
 
 
 def _guided_step_call(case: Case, device: torch.device, copies: int) -> Callable[[str], Any]:
-    from fastdia.ops.guided_step import TokenLocalStack
+    from fastdia.ops.guided_step_ref import TokenLocalStack
 
     gen = torch.Generator(device=device).manual_seed(case.tokens)
     n, d, h = case.tokens, case.dim, case.hidden

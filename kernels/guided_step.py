@@ -1,6 +1,6 @@
 """Fused Triton ``guided_step``: one reverse step with critic guidance in one kernel pass.
 
-Same call signature and semantics as :func:`fastdia.ops.guided_step.guided_step_reference`::
+Same call signature and semantics as :func:`fastdia.ops.guided_step_ref.guided_step_reference`::
 
     z'[n] = a z[n] + b eps[n] + (c lambda) g[n] + s zeta(seed_b, step, i d + j),  n = b L + i
     g[n]  = grad[n] + (silu'(pre[n]) * w2) W1 / L,   pre[n] = z[n] W1^T + b1
@@ -86,9 +86,7 @@ import triton.language as tl
 from fastdia.device import sm_count, triton_interpreting
 from fastdia.errors import ConfigError
 from fastdia.noise import row_seeds
-from fastdia.ops.guided_step import TokenLocalStack
-
-from ._common import (
+from fastdia.ops.checks import (
     FLOAT_DTYPES,
     check_out_buffer,
     check_precision,
@@ -96,6 +94,8 @@ from ._common import (
     device_scalar,
     step_shape,
 )
+from fastdia.ops.guided_step_ref import TokenLocalStack
+
 from .randn import randn_groups, randn_lanes
 
 __all__ = ["guided_step"]
@@ -483,7 +483,7 @@ def guided_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One guided reverse step as one fused Triton kernel.
 
-    Arguments and results as :func:`fastdia.ops.guided_step.guided_step_reference`, plus
+    Arguments and results as :func:`fastdia.ops.guided_step_ref.guided_step_reference`, plus
     optional output buffers and the critic matmul precision.
 
     Args:

@@ -1,7 +1,7 @@
 """Fused Triton ``round_to_vocab``: ``argmax_v <E_v, z> + bias_v`` without writing the scores.
 
 Same call signature and semantics as
-:func:`fastdia.ops.round_to_vocab.round_to_vocab_reference` (``z [..., d]`` in, int64 ids
+:func:`fastdia.ops.round_to_vocab_ref.round_to_vocab_reference` (``z [..., d]`` in, int64 ids
 ``[...]`` out, ties to the lowest id, optional ``E[ids]``).
 
 Design
@@ -79,8 +79,7 @@ import triton.language as tl
 
 from fastdia.device import sm_count, triton_interpreting
 from fastdia.errors import ConfigError
-
-from ._common import DOT_PRECISIONS, FLOAT_DTYPES, check_out_buffer, check_precision
+from fastdia.ops.checks import DOT_PRECISIONS, FLOAT_DTYPES, check_out_buffer, check_precision
 
 __all__ = ["clear_weight_cache", "round_to_vocab", "rounding_mismatches"]
 

@@ -27,16 +27,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdia.kernels._common import (
+
+from fastdia import noise
+from fastdia.device import sm_count, triton_interpreting
+from fastdia.errors import ConfigError
+from fastdia.ops.checks import (
     DOT_PRECISIONS,
     FLOAT_DTYPES,
     check_precision,
     device_scalar,
 )
-
-from fastdia import noise
-from fastdia.device import sm_count, triton_interpreting
-from fastdia.errors import ConfigError
 from fastdia.ops.gumbel import check_bias
 
 __all__ = ["sample_vocab"]

@@ -27,7 +27,7 @@ DEV = "cuda"
 
 def _guided_step_cases() -> int:
     from fastdia.ops import TokenLocalStack, cuda_ops
-    from fastdia.ops.guided_step import guided_step_reference
+    from fastdia.ops.guided_step_ref import guided_step_reference
 
     failures = 0
     gen = torch.Generator().manual_seed(0)
@@ -74,7 +74,7 @@ def _guided_step_cases() -> int:
 
 def _round_to_vocab_cases() -> int:
     from fastdia.ops import cuda_ops
-    from fastdia.ops.round_to_vocab import round_to_vocab_reference
+    from fastdia.ops.round_to_vocab_ref import round_to_vocab_reference
 
     failures = 0
     gen = torch.Generator().manual_seed(1)

@@ -11,7 +11,7 @@
 # 3. runs compute-sanitizer memcheck, racecheck and synccheck on both kernels through
 # scripts/cuda_sanitize.py, 4. times every variant (`fastdia profile`: a table against the
 # device's measured bandwidth and matmul rate) and prints which one `auto` would take
-# (python -m fastdia.ops.measured --from FILE --dry-run; without --dry-run the choice is
+# (fastdia profile --from FILE; with --record the choice is
 # recorded and `auto` follows it). Exits non-zero on the first failure.
 # Environment: PYTHON (default .venv/bin/python, else python3), FASTDIA_CUDA_JIT=1 to ignore
 # a prebuilt extension, FASTDIA_CUDA_ARCH_LIST to build for other archs.
@@ -57,5 +57,5 @@ echo "gpu-check: timings of every variant (fastdia profile) and auto's choice (n
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PY" -m fastdia.cli profile --full --out "$work/profile.json"
-"$PY" -m fastdia.ops.measured --from "$work/profile.json" --dry-run
+"$PY" -m fastdia.cli profile --from "$work/profile.json"
 echo "gpu-check: all passed in $(( $(date +%s) - start )) s"

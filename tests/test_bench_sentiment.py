@@ -30,6 +30,15 @@ def test_shipped_sets_and_their_checks(tmp_path):
         bs.load_prompts("negative", 1, folder=tmp_path)
 
 
+def test_directions_are_checked_before_any_work():
+    assert bs.parse_directions("negative") == ["negative"]
+    assert bs.parse_directions("negative, positive") == ["negative", "positive"]
+    for bad in ("", "up", "positive,positive"):
+        with pytest.raises(ConfigError, match="--directions"):
+            bs.parse_directions(bad)
+    assert main(["bench", "sentiment", "--directions", "sideways"]) == 2
+
+
 def test_scoring_reads_the_continuation_alone(tiny_base):
     space = tiny_base.space
     prompt = space.encode("The movie was")
@@ -94,3 +103,17 @@ def test_bench_runs_every_task_and_prints_the_published_rows_apart(
     ours = table.split("## Published rows")[0]
     assert "| DExperts |" not in ours and "| neutral->positive | fastdia" in ours
     assert out.with_suffix(".png").stat().st_size > 0
+    assert result["config"]["directions"] == ["positive", "negative"]
+
+
+def test_bench_runs_one_direction_alone(tmp_path, tiny_model_dir, tiny_pipeline):  # noqa: F811
+    out = tmp_path / "bench.json"
+    args = ["bench", "sentiment", "--checkpoint", str(tiny_pipeline)]
+    args += ["--base-model", str(tiny_model_dir), "--num-prompts", "1"]
+    args += ["--samples-per-prompt", "1", "--new-tokens", "2", "--steps", "2"]
+    args += ["--baselines", "none", "--judges", "none", "--draws", "10"]
+    assert main([*args, "--directions", "negative", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["tasks"]) == ["neutral->negative", "positive->negative"]
+    assert not bs.task_outputs(out, "positive").exists()
+    assert "| positive->negative | fastdia" in out.with_suffix(".md").read_text()

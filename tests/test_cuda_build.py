@@ -357,7 +357,7 @@ def test_auto_prefers_the_measured_variant(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTDIA_BACKEND", raising=False)
     monkeypatch.setenv(measured.PROFILE_ENV, str(tmp_path / "profile.json"))
     monkeypatch.setattr(measured, "device_name", lambda device: "Fake GPU")
-    target = "fastdia.ops.round_to_vocab:round_to_vocab_reference"
+    target = "fastdia.ops.round_to_vocab_ref:round_to_vocab_reference"
     registry.register("demo_measured_op", "static", target, priority=10)
     registry.register("demo_measured_op", "fast", target, auto=lambda device: False)
     registry.register(

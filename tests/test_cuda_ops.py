@@ -8,14 +8,18 @@ The first test builds the extension just in time unless it was installed prebuil
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from fastdia import noise, ops
+from fastdia.cli import main
 from fastdia.errors import ConfigError
 from fastdia.ops import TokenLocalStack, cuda_ops, registry
-from fastdia.ops.guided_step import guided_step_reference
-from fastdia.ops.round_to_vocab import round_to_vocab_reference
+from fastdia.ops.guided_step_ref import guided_step_reference
+from fastdia.ops.round_to_vocab_ref import round_to_vocab_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -502,7 +506,10 @@ def test_measured_auto_follows_a_real_profile(tmp_path, monkeypatch):
 
     monkeypatch.delenv("FASTDIA_BACKEND", raising=False)
     monkeypatch.setenv(measured.PROFILE_ENV, str(tmp_path / "profile.json"))
-    results = measured.measure(DEV, quick=True)
+    out = tmp_path / "prof.json"
+    assert main(["profile", "--quick", "--device", DEV, "--out", str(out), "--record"]) == 0
+    results = json.loads(Path(measured.profile_path()).read_text())["devices"]
+    results = results[measured.device_name(DEV)]
     for op in ops.SAMPLER_OPS:
         assert {"cuda", "reference"} <= set(results[op]["ms"])
         assert registry.resolve_backend("auto", op, DEV) == results[op]["fastest"]

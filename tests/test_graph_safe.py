@@ -18,7 +18,7 @@ from fastdia import noise
 from fastdia.decode import DECODE_STEP, DecodeConfig
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
-from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
+from fastdia.ops.guided_step_ref import TokenLocalStack, guided_step_reference
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
 from fastdia.strict import GraphSafeMode, GraphSafetyError
 

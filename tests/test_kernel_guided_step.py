@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from fastdia import noise, ops
 from fastdia.errors import ConfigError
 from fastdia.ops import TokenLocalStack, registry
-from fastdia.ops.guided_step import guided_step_reference
+from fastdia.ops.guided_step_ref import guided_step_reference
 
 kernel = pytest.importorskip("fastdia.kernels.guided_step")
 

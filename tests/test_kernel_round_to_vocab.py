@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from fastdia import ops
 from fastdia.errors import ConfigError
-from fastdia.ops.round_to_vocab import round_to_vocab_reference
+from fastdia.ops.round_to_vocab_ref import round_to_vocab_reference
 
 kernel = pytest.importorskip("fastdia.kernels.round_to_vocab")
 

@@ -9,8 +9,8 @@ from fastdia import noise, ops
 from fastdia.errors import ConfigError
 from fastdia.models.critic import CriticConfig, TokenLocalCritic
 from fastdia.ops import TokenLocalStack, registry
-from fastdia.ops.guided_step import guided_step_reference
-from fastdia.ops.round_to_vocab import round_to_vocab_reference
+from fastdia.ops.guided_step_ref import guided_step_reference
+from fastdia.ops.round_to_vocab_ref import round_to_vocab_reference
 
 
 def _critics(dim, seed=0):
@@ -29,7 +29,7 @@ def test_stack_is_the_weighted_sum_of_critics():
         tt = t[r].expand(4)
         v1, g1 = c1.value_and_grad(z, tt)
         v2, g2 = c2.value_and_grad(z, tt)
-        from fastdia.ops.guided_step import critic_value_and_grad
+        from fastdia.ops.guided_step_ref import critic_value_and_grad
 
         h, g = critic_value_and_grad(z.view(-1, dim), stack.row(r), length)
         torch.testing.assert_close(h, 0.7 * v1 - 1.5 * v2)
@@ -123,9 +123,9 @@ def test_registry_names_and_errors(monkeypatch):
 
 
 def test_registry_auto_prefers_priority_among_available():
-    registry.register("demo_op", "slow", "fastdia.ops.round_to_vocab:round_to_vocab_reference")
+    registry.register("demo_op", "slow", "fastdia.ops.round_to_vocab_ref:round_to_vocab_reference")
     registry.register(
-        "demo_op", "fast", "fastdia.ops.round_to_vocab:round_to_vocab_reference", priority=10
+        "demo_op", "fast", "fastdia.ops.round_to_vocab_ref:round_to_vocab_reference", priority=10
     )
     registry.register(
         "demo_op",
@@ -144,13 +144,13 @@ def test_registry_auto_eligibility_is_separate_from_availability():
     registry.register(
         "demo_auto_op",
         "interp",
-        "fastdia.ops.round_to_vocab:round_to_vocab_reference",
+        "fastdia.ops.round_to_vocab_ref:round_to_vocab_reference",
         priority=10,
         auto=lambda device: device.type == "cuda",
         hint="try elsewhere",
     )
     registry.register(
-        "demo_auto_op", "plain", "fastdia.ops.round_to_vocab:round_to_vocab_reference"
+        "demo_auto_op", "plain", "fastdia.ops.round_to_vocab_ref:round_to_vocab_reference"
     )
     assert registry.resolve_backend("interp", "demo_auto_op", "cpu") == "interp"  # explicit
     assert registry.resolve_backend("auto", "demo_auto_op", "cpu") == "plain"
@@ -179,15 +179,19 @@ def test_triton_variant_auto_only_on_cuda(monkeypatch):
 
 
 def test_public_ops_are_not_shadowed_by_their_reference_modules():
-    """``fastdia.ops.round_to_vocab`` is both a function and the reference's module name:
-    loading the module later (the registry does, lazily) must not replace the function."""
+    """Each public op is a function, and no submodule of ``fastdia.ops`` shares its name
+    (loading the references lazily, as the registry does, cannot replace the function)."""
+    import importlib.util
     import subprocess
     import sys
 
+    for op in ("guided_step", "round_to_vocab", "sample_vocab"):
+        assert importlib.util.find_spec(f"fastdia.ops.{op}") is None, op
     code = (
         "import fastdia.ops as o\n"
         "from fastdia.ops import registry\n"
-        "registry.get('round_to_vocab', 'reference'); registry.get('guided_step', 'reference')\n"
+        "for op in ('round_to_vocab', 'guided_step', 'sample_vocab'):\n"
+        "    registry.get(op, 'reference')\n"
         "print(o.round_to_vocab.__module__, o.guided_step.__module__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -208,7 +212,7 @@ def test_the_checkout_does_not_shadow_the_pypi_kernels_package():
         "import sys; sys.path.insert(0, '.')\n"
         "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
         "else:\n    print('found', kernels.__file__)\n"
-        "import fastdia.kernels, fastdia.kernels._common\n"
+        "import fastdia.kernels, fastdia.ops.checks\n"
         "print('ours', fastdia.kernels.__file__)\n"
     )
     out = subprocess.run(
@@ -222,3 +226,49 @@ def test_the_checkout_does_not_shadow_the_pypi_kernels_package():
         assert lines == {"missing": "kernels", "ours": lines["ours"]}
     else:
         assert Path(lines["found"]).resolve() == Path(pypi.origin).resolve()
+
+
+def _fastdia_imports(path) -> set[str]:
+    """The ``fastdia...`` modules a source file imports (anywhere in it, lazily or not)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= (
+                {node.module}
+                if node.module != "fastdia"
+                else {f"fastdia.{a.name}" for a in node.names}
+            )
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m == "fastdia" or m.startswith("fastdia.")}
+
+
+def test_ops_sit_below_the_kernels_and_the_runtime():
+    """The layering (docs/design.md): ``kernels/`` import only fastdia's ground floor (ops'
+    references and checks, noise, device, errors); ``fastdia/ops/`` never import a kernel
+    module or anything above it (profile, sampler, CLI); the registry loads kernels by name."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ground = (
+        "fastdia.ops",
+        "fastdia.noise",
+        "fastdia.device",
+        "fastdia.errors",
+        "fastdia.cache",
+    )
+    for path in sorted((root / "kernels").glob("*.py")):
+        for module in _fastdia_imports(path):
+            assert module.startswith(ground) or module.startswith("fastdia.kernels"), (
+                path.name,
+                module,
+            )
+    allowed = (*ground, "fastdia.models.critic", "fastdia.csrc", "fastdia.__version__")
+    for path in sorted((root / "fastdia" / "ops").glob("*.py")):
+        for module in _fastdia_imports(path):
+            assert module.startswith(allowed) and not module.startswith("fastdia.kernels"), (
+                path.name,
+                module,
+            )

@@ -63,6 +63,33 @@ def test_profile_cli_writes_json_and_a_table(tmp_path, capsys):
     assert f"wrote {out}" in table
 
 
+def test_profile_from_a_file_prints_autos_choice_and_records_it_when_asked(
+    tmp_path, monkeypatch, capsys
+):
+    from fastdia.ops import measured
+
+    store = tmp_path / "store.json"
+    monkeypatch.setenv(measured.PROFILE_ENV, str(store))
+    source = tmp_path / "prof.json"
+    assert main([*TINY, "--out", str(source), "--record"]) == 2  # a CPU run is not stored
+    assert "only GPU measurements" in capsys.readouterr().err and not store.exists()
+    payload = json.loads(source.read_text())
+    payload["environment"]["device"] = "Fake GPU"  # as if measured on one
+    source.write_text(json.dumps(payload))
+    assert main(["profile", "--from", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert "round_to_vocab reference" in out  # the table
+    assert "auto would take (not recorded; add --record): guided_step -> reference" in out
+    assert not store.exists()
+    assert main(["profile", "--from", str(source), "--record"]) == 0
+    assert "recorded: round_to_vocab -> reference" in capsys.readouterr().out
+    devices = json.loads(store.read_text())["devices"]
+    assert devices["Fake GPU"]["guided_step"]["fastest"] == "reference"
+    source.write_text("{}")
+    assert main(["profile", "--from", str(source)]) == 2
+    assert "not a `fastdia profile` JSON" in capsys.readouterr().err
+
+
 def test_profile_runs_named_variants(tmp_path):
     """A variant named explicitly runs where it is available (Triton in the interpreter)."""
     pytest.importorskip("triton")

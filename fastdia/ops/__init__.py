@@ -14,19 +14,17 @@ import torch
 from fastdia.device import triton_interpreting
 from fastdia.ops import cuda_build, registry
 
-# The reference modules share their op's name; import them before the public functions of
-# the same name are defined below, so that a later first import of the submodule (which
-# binds ``fastdia.ops.<name>``) cannot replace the function.
-from fastdia.ops.guided_step import TokenLocalStack
-from fastdia.ops.round_to_vocab import round_to_vocab_reference  # noqa: F401
+# Each op's reference lives in a module of its own name (``<op>_ref``), so the public
+# functions below never share a name with a submodule.
+from fastdia.ops.guided_step_ref import TokenLocalStack
 
 GUIDED_STEP, ROUND_TO_VOCAB = "guided_step", "round_to_vocab"
 SAMPLE_VOCAB = "sample_vocab"
 SAMPLER_OPS = (GUIDED_STEP, ROUND_TO_VOCAB)
 
-registry.register(GUIDED_STEP, "reference", "fastdia.ops.guided_step:guided_step_reference")
+registry.register(GUIDED_STEP, "reference", "fastdia.ops.guided_step_ref:guided_step_reference")
 registry.register(
-    ROUND_TO_VOCAB, "reference", "fastdia.ops.round_to_vocab:round_to_vocab_reference"
+    ROUND_TO_VOCAB, "reference", "fastdia.ops.round_to_vocab_ref:round_to_vocab_reference"
 )
 registry.register(SAMPLE_VOCAB, "reference", "fastdia.ops.gumbel:sample_vocab_reference")
 
@@ -141,7 +139,7 @@ from fastdia.ops.gumbel import gumbel_argmax  # noqa: E402  (re-exported)
 def guided_step(
     z: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, *, backend: str | None = None, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One guided reverse step; see :func:`fastdia.ops.guided_step.guided_step_reference`
+    """One guided reverse step; see :func:`fastdia.ops.guided_step_ref.guided_step_reference`
     for the arguments, shapes and dtypes, which every variant shares."""
     name = registry.resolve_backend(backend, GUIDED_STEP, z.device)
     return registry.get(GUIDED_STEP, name)(z, eps, coef, **kwargs)

@@ -217,7 +217,7 @@ def cache_root() -> Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
-    from fastdia.base_model import cache_root as fastdia_cache
+    from fastdia.cache import cache_root as fastdia_cache
 
     return fastdia_cache() / "cuda"
 

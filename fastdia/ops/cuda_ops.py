@@ -1,8 +1,8 @@
 """The ``cuda`` variants of the fused ops: CUDA C++ kernels from ``csrc/``.
 
 Same call signatures and semantics as the references
-(:func:`fastdia.ops.guided_step.guided_step_reference`,
-:func:`fastdia.ops.round_to_vocab.round_to_vocab_reference`) and the Triton variants,
+(:func:`fastdia.ops.guided_step_ref.guided_step_reference`,
+:func:`fastdia.ops.round_to_vocab_ref.round_to_vocab_reference`) and the Triton variants,
 plus optional output buffers. The extension is loaded (prebuilt, or built just in time:
 :mod:`fastdia.ops.cuda_build`) on the first call, never at import; the fake (meta)
 implementations that ``torch.compile`` traces with are registered right after loading.
@@ -35,16 +35,16 @@ from typing import Any
 import torch
 
 from fastdia.errors import ConfigError
-from fastdia.kernels._common import (
+from fastdia.noise import row_seeds
+from fastdia.ops import cuda_build
+from fastdia.ops.checks import (
     FLOAT_DTYPES,
     check_out_buffer,
     critic_weights,
     device_scalar,
     step_shape,
 )
-from fastdia.noise import row_seeds
-from fastdia.ops import cuda_build
-from fastdia.ops.guided_step import TokenLocalStack, guided_step_reference
+from fastdia.ops.guided_step_ref import TokenLocalStack, guided_step_reference
 
 __all__ = ["guided_step", "load", "round_to_vocab"]
 

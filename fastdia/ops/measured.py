@@ -3,11 +3,12 @@
 For an op on a CUDA device, ``backend="auto"`` takes the variant recorded here as fastest on
 a device of the same name (``torch.cuda.get_device_name``), when that variant runs there;
 without a record it keeps the registry's static priorities (today: triton on CUDA,
-reference elsewhere). Records are never guessed: they are timings taken on the machine by
+reference elsewhere). This module is the store (read, record, fastest): it measures
+nothing. Records are never guessed: they are timings taken on the machine by
 :mod:`fastdia.profile` (``fastdia profile``), stored with::
 
-    python -m fastdia.ops.measured                     # time every variant now, record
-    python -m fastdia.ops.measured --from prof.json    # record `fastdia profile --out` output
+    fastdia profile --record                        # time every variant now, record
+    fastdia profile --from prof.json --record       # record an earlier `fastdia profile` JSON
 
 in ``$FASTDIA_PROFILE`` (default ``$FASTDIA_CACHE/profile.json``, i.e.
 ``~/.cache/fastdia/profile.json``)::
@@ -24,14 +25,11 @@ the lowest score.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
 import math
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +44,6 @@ __all__ = [
     "PROFILE_ENV",
     "device_name",
     "fastest",
-    "measure",
     "profile_path",
     "read_profile",
     "record",
@@ -60,7 +57,7 @@ def profile_path() -> Path:
     env = os.environ.get(PROFILE_ENV)
     if env:
         return Path(env).expanduser()
-    from fastdia.base_model import cache_root
+    from fastdia.cache import cache_root
 
     return cache_root() / "profile.json"
 
@@ -193,46 +190,3 @@ def record_profile(
             scores = _scores(ms)
             entries[op] = {"fastest": min(scores, key=lambda v: (scores[v], v)), "score": scores}
     return entries
-
-
-def measure(
-    device: torch.device | str = "cuda",
-    *,
-    quick: bool = False,
-    write: bool = True,
-    path: Path | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Time every variant that runs on ``device`` with :func:`fastdia.profile.profile` (its
-    default grid, or the quick one) and record the result; returns ``{op: entry}``."""
-    from fastdia.profile import default_cases, profile
-
-    if device_name(device) is None:
-        raise ValueError(f"measurements need a visible CUDA device, got {device}")
-    payload = profile(device, default_cases(quick=quick))
-    return record_profile(payload, path=path, write=write)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastdia.ops.measured``: measure (or read) and record; prints the entries."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdia.ops.measured",
-        description="Record which variant of each op is fastest on this GPU (backend auto "
-        "follows the record).",
-    )
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="the small profile grid")
-    parser.add_argument("--from", dest="source", help="a `fastdia profile --out` JSON file")
-    parser.add_argument("--dry-run", action="store_true", help="print the choice, store nothing")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.source:
-        payload = json.loads(Path(args.source).read_text())
-        entries = record_profile(payload, write=not args.dry_run)
-    else:
-        entries = measure(args.device, quick=args.quick, write=not args.dry_run)
-    sys.stdout.write(json.dumps(entries, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,6 @@
-"""Tables and checks shared by the Triton kernels (no triton import here)."""
+"""Tables and checks every variant of an op shares (the Triton kernels in ``kernels/``, the
+CUDA C++ ops in :mod:`fastdia.ops.cuda_ops`): shapes, output buffers, device scalars,
+precisions. No triton import here; ``kernels/`` imports this module, never the reverse."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from fastdia.errors import ConfigError
 from fastdia.noise import MAX_INDEX
 
 if TYPE_CHECKING:
-    from fastdia.ops.guided_step import TokenLocalStack
+    from fastdia.ops.guided_step_ref import TokenLocalStack
 
 # ``tl.dot`` input precisions for float32 operands on the GPU: ``tf32`` (one tensor-core
 # product of operands rounded to 10-bit mantissas, ~1e-3 relative error), ``tf32x3`` (three

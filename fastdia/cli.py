@@ -322,6 +322,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "base_model": args.base_model,
         "device": device,
         "random_init": args.random_init,
+        "paths": result.paths,
     }
     if as_json:
         print(json.dumps({"summary": summary}), file=out_file, flush=True)

@@ -207,7 +207,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     Keys are the sampling settings (``decode``, ``stop_at``, ``tilt``, ...) and
     ``guidance``, ``self_condition``, ``clean_prompt``, ``time_warp``.
     """
-    from fastdia.models.checkpoint import SAMPLING_KEYS
+    from fastdia.settings import SAMPLING_KEYS
 
     kinds = {k: type(spec.default) for k, spec in SAMPLING_KEYS.items()}
     kinds |= {k: bool for k in _SWITCHES}

@@ -4,8 +4,9 @@ the sampling options whose defaults a checkpoint's ``sampling.json`` may set."""
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
+
+from fastdia.errors import ConfigError
 
 
 def positive_int(text: str) -> int:
@@ -19,16 +20,14 @@ def positive_int(text: str) -> int:
 
 
 def guidance_value(text: str) -> float:
+    """``--guidance``: a number that :func:`fastdia.settings.check_guidance` accepts."""
+    from fastdia.settings import check_guidance
+
+    value = _number(text)
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a finite number >= 0, got {text}; to steer away from a reward, give it a "
-            "negative weight in --reward (e.g. sentiment:-1)"
-        )
-    return value
+        return check_guidance(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _number(text: str) -> float:
@@ -136,6 +135,6 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling settings given on the command line (None: not given): ``--guidance`` and
     the :func:`add_sampling_options` values."""
-    from fastdia.models.checkpoint import SAMPLING_KEYS
+    from fastdia.settings import SAMPLING_KEYS
 
     return {k: getattr(args, k) for k in SAMPLING_KEYS}

@@ -71,6 +71,8 @@ import torch
 
 from fastdia.device import capture_graph
 from fastdia.errors import ConfigError
+from fastdia.ops.gumbel import gumbel_argmax
+from fastdia.settings import SAMPLING_KEYS
 
 if TYPE_CHECKING:
     from fastdia.base_model import BaseModel
@@ -112,11 +114,11 @@ class DecodeConfig:
             tokens gets, instead of a total that grows with its length.
     """
 
-    temperature: float = 1.0
-    latent_weight: float = 1.0
-    tilt: float = 0.0
-    tilt_once: bool = False
-    tilt_horizon: int = 0
+    temperature: float = SAMPLING_KEYS["lm_temperature"].default
+    latent_weight: float = SAMPLING_KEYS["latent_weight"].default
+    tilt: float = SAMPLING_KEYS["tilt"].default
+    tilt_once: bool = SAMPLING_KEYS["tilt_once"].default
+    tilt_horizon: int = SAMPLING_KEYS["tilt_horizon"].default
 
     def __post_init__(self) -> None:
         check_positive(self.temperature, "the LM decode's temperature")
@@ -157,11 +159,34 @@ def token_values(
 
 
 def ties_embeddings(model: Any) -> bool:
-    """Whether the LM's output layer is its input embedding matrix, without a bias."""
+    """Whether the LM's logits are its final hidden state times its input embedding
+    matrix and nothing else: a tied output layer without a bias, and no logit scaling or
+    soft-capping (:func:`logit_transform`). Only then may the decode draw with the fused
+    ``sample_vocab`` over the embedding."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if out is None or getattr(out, "bias", None) is not None:
         return False
-    return out.weight.data_ptr() == inp.weight.data_ptr()
+    return out.weight.data_ptr() == inp.weight.data_ptr() and logit_transform(model) is None
+
+
+def logit_transform(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the LM's causal-LM forward does to its output layer's logits, from its config
+    (None: nothing): a multiplier (``logit_scale``, Cohere), a divisor (``logits_scaling``,
+    Granite), then a soft cap ``cap * tanh(logits / cap)`` (``final_logit_softcapping``,
+    Gemma 2 and 3). The decode's general path applies it, so the prior is the model's own
+    next-token distribution."""
+    config = getattr(model, "config", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if scale == 1.0 and not cap:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits * scale if scale != 1.0 else logits
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return transform
 
 
 def _cache_argument(module: Any) -> str:
@@ -199,7 +224,12 @@ def static_cache(model: Any, batch_size: int, length: int) -> Any | None:
         return StaticCache(**{k: v for k, v in given.items() if k in params})
     except (TypeError, ValueError, AttributeError, NotImplementedError) as err:
         name = type(model).__name__
-        log.info("no static KV cache for %s (%s): the LM decode uses a dynamic one", name, err)
+        log.warning(
+            "no static KV cache for %s (%s): the LM decode uses a dynamic one, and its "
+            "per-token step is not captured as a CUDA graph",
+            name,
+            err,
+        )
         return None
 
 
@@ -260,6 +290,7 @@ class DecodePlan:
         self.batch_size, self.capacity = state.tokens.shape[0], state.capacity
         self.model = model = base.model
         self.tied = ties_embeddings(model)
+        self._logits = logit_transform(model)
         c = space.scale
         w = cfg.latent_weight
         if w and abar >= 1.0:
@@ -292,9 +323,11 @@ class DecodePlan:
         self._spent = spent if once else None
         self._inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self._cache_arg = _cache_argument(self._inner)
-        from fastdia.ops import ROUND_TO_VOCAB
+        from fastdia.ops import SAMPLE_VOCAB, registry
 
-        self._backend = decoder.backends.get(ROUND_TO_VOCAB)
+        # the draw of the tied path, bound once (the sampler resolved its variant)
+        backend = decoder.backends.get(SAMPLE_VOCAB)
+        self._sample_vocab = registry.get(SAMPLE_VOCAB, backend) if backend else None
         mdev = model.device
         self.noise_step = torch.zeros((), dtype=torch.int64, device=device)
         # the final hidden state of the last token read: what the next draw reads
@@ -360,8 +393,6 @@ class DecodePlan:
     def _draw(self, h: torch.Tensor) -> torch.Tensor:
         """One token per row from the decode score of the final hidden state ``h``, at the
         block position ``generated % K``: ``[B]`` int64, each row under its own seed."""
-        from fastdia import ops
-
         cfg, st = self.decoder.config, self.state
         space = self.decoder.base.space
         query = h / cfg.temperature
@@ -372,21 +403,18 @@ class DecodePlan:
         bias = self.bias if self.row_bias is None else self.row_bias
         if self._horizon:  # past the horizon the tilt is gone
             bias = torch.where(st.generated >= self._horizon, self._untilted, bias)
-        if self.tied:
-            return ops.sample_vocab(
-                query,
-                space.weight,
-                bias,
-                seed=st.seeds,
-                step=self.noise_step,
-                backend=self._backend,
+        if self.tied and self._sample_vocab is not None:
+            return self._sample_vocab(
+                query, space.weight, bias, seed=st.seeds, step=self.noise_step
             )
         head = self.model.get_output_embeddings()
         logits = head(h.to(device=self.model.device, dtype=self.model.dtype)).float()
+        if self._logits is not None:
+            logits = self._logits(logits)
         logits = logits.to(bias.device) / cfg.temperature + bias
         if latent is not None:
             logits = logits + self.alpha * (latent @ space.weight.float().T)
-        return ops.gumbel_argmax(logits, seed=st.seeds, step=self.noise_step)
+        return gumbel_argmax(logits, seed=st.seeds, step=self.noise_step)
 
     @torch.no_grad()
     def step(self) -> None:

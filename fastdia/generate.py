@@ -24,6 +24,7 @@ from typing import Any
 
 from fastdia.errors import ConfigError
 from fastdia.prompts import Prompt, encode_prompt
+from fastdia.settings import check_guidance
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class Generator:
         device: ``"cpu"`` or ``"cuda"`` (default: cuda if available).
         backend: the op variant (default: ``$FASTDIA_BACKEND``, else auto).
         settings: sampling settings over the checkpoint's ``sampling.json`` (keys of
-            :data:`fastdia.models.checkpoint.SAMPLING_KEYS`, e.g. ``{"steps": 20}``).
+            :data:`fastdia.settings.SAMPLING_KEYS`, e.g. ``{"steps": 20}``).
         max_samplers: how many ``(reward, guidance)`` samplers stay built (least recently
             used ones are dropped), so that a server's memory stays bounded.
 
@@ -148,9 +149,10 @@ class Generator:
         from fastdia import ops
         from fastdia.base_model import DEFAULT_BASE_MODEL, load_base_model, wrap_base_model
         from fastdia.device import default_device
-        from fastdia.models.checkpoint import SAMPLING_KEYS, load_checkpoint
+        from fastdia.models.checkpoint import load_checkpoint
         from fastdia.ops import registry
         from fastdia.pipeline import resolve_checkpoint, sampler_config
+        from fastdia.settings import SAMPLING_KEYS
 
         if (model is None) != (tokenizer is None):
             raise ConfigError("pass both model= and tokenizer= (a loaded pair), or neither")
@@ -242,10 +244,8 @@ class Generator:
             critics = self.loaded.critics_of(kind)
             check_critics(self.checkpoint, critics, self.rewards(spec).names, kind)
         check_new_tokens(key.new_tokens, None)
-        if key.guidance is not None and not (
-            isinstance(key.guidance, (int, float)) and 0 <= key.guidance < float("inf")
-        ):
-            raise ConfigError(f"guidance must be a finite number >= 0, got {key.guidance!r}")
+        if key.guidance is not None:
+            check_guidance(key.guidance)
         space = self.base.space
         ids = encode_prompt(tokenizer or space.tokenizer, space.vocab_size, prompt, chat=key.chat)
         padded = -(-key.new_tokens // self.block_size) * self.block_size

@@ -20,7 +20,6 @@ from fastdia.decode import DecodeConfig
 from fastdia.errors import CheckpointError, ConfigError
 from fastdia.models.checkpoint import (
     DENOISER_STEM,
-    SAMPLING_KEYS,
     Checkpoint,
     load_checkpoint,
     sampling_defaults,
@@ -28,6 +27,7 @@ from fastdia.models.checkpoint import (
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
+from fastdia.settings import SAMPLING_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def sampling_settings(
 ) -> dict[str, Any]:
     """The sampling settings of a run: ``given`` (values not None) over the checkpoint's
     ``sampling.json`` (its per-reward defaults for the guiding ``reward`` spec, where it
-    has them) over the built-in defaults of :data:`~fastdia.models.checkpoint.SAMPLING_KEYS`
+    has them) over the built-in defaults of :data:`~fastdia.settings.SAMPLING_KEYS`
     (``--random-init``: no checkpoint).
 
     Returns every sampling key plus the ``given`` ones.

@@ -37,6 +37,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,7 @@ from fastdia.models.denoiser import Denoiser
 from fastdia.ops import registry
 from fastdia.prompts import ON_EOS, Prompt, SpecialTokens, encode_prompt, special_tokens
 from fastdia.schedules import SAMPLERS, check_choice, check_stop
+from fastdia.settings import SAMPLING_KEYS, check_guidance
 from fastdia.window import BlockState, WindowDiffusion
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 _WARMUP_RUNS = 2  # eager runs on a side stream before a CUDA graph capture
 CRITIC_KINDS_GUIDING = ("token_local", "value")  # SamplerConfig.critic_kind
 PROMPT_BUCKET = 32  # prompt capacities are rounded up to a multiple of this (plan reuse)
+
+
+_DEFAULT = {key: spec.default for key, spec in SAMPLING_KEYS.items()}
 
 
 @dataclass
@@ -106,29 +111,29 @@ class SamplerConfig:
             :func:`fastdia.pipeline.build_sampler` picks them.
     """
 
-    sampler: str = "dia"
-    steps: int = 50
-    guidance: float = 0.0
+    sampler: str = _DEFAULT["sampler"]
+    steps: int = _DEFAULT["steps"]
+    guidance: float = _DEFAULT["guidance"]
     rounding: str = "l2"
     clamp_from: int | None = None
     corrector_steps: int = 0
     corrector_snr: float = 0.1
     eta_scale: float = 1.0
-    noise_kappa: float = 0.0
+    noise_kappa: float = _DEFAULT["adaptive_noise"]
     backend: str | None = None
     time_warp: bool = True
-    score_temperature: float = 1.0
-    stop_at: float = 0.0
-    decode: str = "nearest"
+    score_temperature: float = _DEFAULT["score_temperature"]
+    stop_at: float = _DEFAULT["stop_at"]
+    decode: str = _DEFAULT["decode"]
     lm: DecodeConfig = field(default_factory=DecodeConfig)
     self_condition: bool = True
     clean_prompt: bool = True
     cuda_graph: bool = True
     block_size: int | None = None
     window: int | None = None
-    on_eos: str = "stop"
+    on_eos: str = _DEFAULT["on_eos"]
     noise_latent: bool = False
-    critic_kind: str = "token_local"
+    critic_kind: str = _DEFAULT["critic_kind"]
 
     def __post_init__(self) -> None:
         check_choice(self.critic_kind, CRITIC_KINDS_GUIDING, "critic_kind")
@@ -157,13 +162,7 @@ class SamplerConfig:
             raise ConfigError(f"window must be a positive integer, got {self.window!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
-        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
-            raise ConfigError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
-        if self.guidance < 0:
-            raise ConfigError(
-                f"guidance must be >= 0, got {self.guidance}; to steer away from a reward, "
-                "give it a negative weight in the reward spec instead"
-            )
+        check_guidance(self.guidance)
         if self.clamp_from is not None and not 1 <= self.clamp_from <= self.steps:
             raise ConfigError(
                 f"clamp_from must be in [1, steps={self.steps}], got {self.clamp_from}"
@@ -210,6 +209,9 @@ class SampleOutput:
             device work finished).
         steps: diffusion table rows per block (predictor and corrector).
         blocks: blocks run.
+        paths: which code paths ran (:attr:`SamplerPlan.paths`): the op variants, whether
+            the diffusion and the decode step replayed CUDA graphs, the KV cache, the
+            decode's output head, the critics in the decode's tilt.
     """
 
     prompt_ids: list[list[int]]
@@ -224,6 +226,7 @@ class SampleOutput:
     seconds: float
     steps: int
     blocks: int
+    paths: dict[str, Any] = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:
@@ -264,6 +267,7 @@ class SampleOutput:
             seconds=sum(o.seconds for o in outputs),
             steps=first.steps,
             blocks=sum(o.blocks for o in outputs),
+            paths=first.paths,
         )
 
     def subset(self, rows: int) -> SampleOutput:
@@ -282,7 +286,30 @@ class SampleOutput:
             seconds=self.seconds,
             steps=self.steps,
             blocks=self.blocks,
+            paths=self.paths,
         )
+
+
+def _local(critic: WeightedCritic) -> bool:
+    return isinstance(critic.module, TokenLocalCritic)
+
+
+def decode_backend(backend: str | None, device: torch.device) -> str:
+    """The ``sample_vocab`` variant the LM decode draws with for the requested ``backend``:
+    the same name where ``sample_vocab`` has it, else ``auto``'s choice, with a warning
+    naming the substitution (``cuda`` has no ``sample_vocab`` kernel today)."""
+    op, asked = ops.SAMPLE_VOCAB, registry.requested(backend)
+    if asked == registry.AUTO or asked in registry.backends(op):
+        return registry.resolve_backend(asked, op, device)
+    chosen = registry.resolve_backend(registry.AUTO, op, device)
+    log.warning(
+        "%s has no %r variant: the LM decode draws with %r (known: %s)",
+        op,
+        asked,
+        chosen,
+        ", ".join(registry.backends(op)),
+    )
+    return chosen
 
 
 def check_seed(seed: int) -> int:
@@ -353,6 +380,8 @@ class Sampler:
         self.backends = {
             op: registry.resolve_backend(config.backend, op, self.device) for op in ops.SAMPLER_OPS
         }
+        if config.decode == "lm":  # the decode's draw, bound once (see decode_backend)
+            self.backends[ops.SAMPLE_VOCAB] = decode_backend(config.backend, self.device)
         self._plans: dict[tuple[int, int, int], SamplerPlan] = {}
         self.decoder: LMDecoder | None = None
         self.state_dim = self._state_width(denoiser, critics) if self.diffuses else 0
@@ -548,20 +577,50 @@ class SamplerPlan:
         )
         self.captures = cfg.cuda_graph and device.type == "cuda"
         self.decode_plan: DecodePlan | None = None
+        self.tilt_critics: list[str] = []
         if sampler.decoder is not None:
             abar = self.diffusion.abar_stop if self.diffusion is not None else 0.0
             lm_decode = cfg.decode == "lm"
+            beta = cfg.lm.tilt * cfg.guidance / sampler.window if lm_decode else 0.0
+            self.tilt_critics = [c.name for c in sampler.critics if beta and _local(c)]
+            dropped = [c.name for c in sampler.critics if beta and not _local(c)]
+            if dropped:
+                log.warning(
+                    "the decode's per-token tilt reads token-local critics only: %s guide the "
+                    "diffusion but not the tilt",
+                    ", ".join(dropped),
+                )
             self.decode_plan = sampler.decoder.plan(
                 self.state,
                 abar,
                 sampler.local_critics,
-                cfg.lm.tilt * cfg.guidance / sampler.window if lm_decode else 0.0,
+                beta,
                 banned,
                 graph=self.captures and lm_decode,
             )
         self._graph: torch.cuda.CUDAGraph | None = None
         if self.captures:
             self._capture()
+
+    @property
+    def paths(self) -> dict[str, Any]:
+        """Which code paths this plan runs (recorded in every :class:`SampleOutput`): the
+        op variants (``backends``), whether the block diffusion and the decode step replay
+        CUDA graphs, the decode's KV cache (``static`` or ``dynamic``) and output head
+        (``tied``: fused draw over the embedding; ``general``: the LM head, then the
+        draw), the critics in the decode's tilt."""
+        paths: dict[str, Any] = {
+            "backends": dict(self.sampler.backends),
+            "diffusion_graph": self.graphed,
+        }
+        if self.decode_plan is not None:
+            paths |= {
+                "decode_graph": self.decode_plan.graphed,
+                "kv_cache": "static" if self.decode_plan.static else "dynamic",
+                "decode_head": "tied" if self.decode_plan.tied else "general",
+                "tilt_critics": self.tilt_critics,
+            }
+        return paths
 
     captures: bool
     """Whether the plan captures its block diffusion and decode step as CUDA graphs (on a
@@ -748,6 +807,7 @@ class SamplerPlan:
             seconds=0.0,
             steps=self.steps,
             blocks=0,
+            paths=self.paths,
         )
 
     @torch.no_grad()

@@ -13,9 +13,10 @@ from fastdia.cli import build_parser, main
 from fastdia.cli_options import sampling_overrides
 from fastdia.embedding import EmbeddingSpace
 from fastdia.errors import CheckpointError
-from fastdia.models.checkpoint import SAMPLING_KEYS, sampling_defaults, save_checkpoint
+from fastdia.models.checkpoint import sampling_defaults, save_checkpoint
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.settings import SAMPLING_KEYS
 
 
 def _run(capsys, *argv):

@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from fastdia import noise, ops
-from fastdia.decode import DECODE_STEP, DecodeConfig, LMDecoder, ties_embeddings, token_values
+from fastdia.decode import (
+    DECODE_STEP,
+    DecodeConfig,
+    LMDecoder,
+    logit_transform,
+    ties_embeddings,
+    token_values,
+)
 from fastdia.errors import ConfigError
 from fastdia.models.critic import CriticConfig, build_critic
+from fastdia.ops import SAMPLE_VOCAB
 from fastdia.ops.gumbel import gumbel_argmax, sample_vocab_reference
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
 from fastdia.window import BlockState
@@ -120,7 +128,7 @@ def test_tilt_once_stops_a_strong_tilt_from_repeating(tiny_base, tiny_models):
     assert distinct[True] == 10 and distinct[False] < distinct[True], distinct
 
 
-def _direct_decode(base, z, prompts, seeds, abar, cfg, tilt_values, banned):
+def _direct_decode(base, z, prompts, seeds, abar, cfg, tilt_values, banned, transform=None):
     """The decode written out, one row at a time on its own prompt (the start token for
     none): LM log-probs / T + w log N(z; sqrt(abar) c E_v, 1 - abar) + tilt u(v), banned
     tokens out, Gumbel-max under the row's seed; a full forward per position."""
@@ -133,6 +141,8 @@ def _direct_decode(base, z, prompts, seeds, abar, cfg, tilt_values, banned):
         new: list[int] = []
         for g in range(length):
             logits = model(torch.tensor([context + new])).logits[:, -1].float()
+            if transform is not None:  # what the model's own forward would do to them
+                logits = transform(logits)
             logp = torch.log_softmax(logits, dim=-1) / cfg.temperature
             diff = z[b, g][None, :] - math.sqrt(abar) * c * E
             log_gauss = -diff.pow(2).sum(-1) / (2 * (1 - abar))
@@ -154,7 +164,9 @@ def _decode_plan(base, cfg, prompts, seeds, z, abar, critics, beta, banned=(), c
     after the ragged ``prompts`` (left-padded to ``cap``)."""
     batch, block, dim = z.shape
     state = BlockState.allocate(batch, cap, block, block, dim, torch.device("cpu"))
-    plan = LMDecoder(base, cfg, {}).plan(state, abar, critics, beta, banned)
+    plan = LMDecoder(base, cfg, {SAMPLE_VOCAB: "reference"}).plan(
+        state, abar, critics, beta, banned
+    )
     bos = base.tokenizer.bos_token_id
     for b, prompt in enumerate(prompts):
         prefix = list(prompt) or [bos]
@@ -200,11 +212,52 @@ def test_fused_tied_decode_equals_direct_lm_plus_gaussian(tiny_base, cfg):
     )
     banned = (0,)
     plan = _decode_plan(tiny_base, cfg, prompts, seeds, z, abar, critics, cfg.tilt, banned)
+    assert plan.tied  # the fused draw over the embedding
     got = _run(plan)
     tilt = token_values(critics, tiny_base.space.weight, tiny_base.space.scale)
     with torch.no_grad():
         want = _direct_decode(tiny_base, z, prompts, seeds, abar, cfg, tilt, banned)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"final_logit_softcapping": 0.3},
+        {"logit_scale": 3.0},
+        {"logits_scaling": 0.25, "final_logit_softcapping": 1.0},
+    ],
+)
+def test_logit_scaling_and_soft_capping_take_the_general_path(tiny_base, setting):
+    """A tied model whose forward scales or soft-caps its logits (Gemma 2/3, Cohere,
+    Granite) is not drawn with the fused tied path, which would drop that: the general
+    path applies it, and the decode equals the direct one on the transformed logits."""
+    config = tiny_base.model.config
+    cfg = DecodeConfig(0.8, 0.3, 0.0)
+    prompts, seeds = [tiny_base.space.encode("The movie"), []], [3, 4]
+    z = torch.randn(2, 5, tiny_base.space.dim, generator=torch.Generator().manual_seed(0))
+    plain = _run(_decode_plan(tiny_base, cfg, prompts, seeds, z, 0.05, [], 0.0, (0,)))
+    try:
+        for key, value in setting.items():
+            setattr(config, key, value)
+        transform = logit_transform(tiny_base.model)
+        assert transform is not None and not ties_embeddings(tiny_base.model)
+        plan = _decode_plan(tiny_base, cfg, prompts, seeds, z, 0.05, [], 0.0, (0,))
+        assert not plan.tied
+        got = _run(plan)
+        with torch.no_grad():
+            none = torch.zeros(tiny_base.space.vocab_size)
+            want = _direct_decode(tiny_base, z, prompts, seeds, 0.05, cfg, none, (0,), transform)
+    finally:
+        for key in setting:
+            delattr(config, key)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, plain)  # the transform changed the draws
+    x = torch.tensor([-2.0, 0.0, 5.0])
+    scale = setting.get("logit_scale", 1.0) / setting.get("logits_scaling", 1.0)
+    cap = setting.get("final_logit_softcapping")
+    expected = x * scale if not cap else cap * torch.tanh(x * scale / cap)
+    torch.testing.assert_close(transform(x), expected)
 
 
 def test_static_cache_decode_equals_the_dynamic_one(tiny_base, tiny_models):
@@ -256,6 +309,57 @@ def test_sampler_lm_decode_end_to_end(tiny_base, tiny_models):
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
     assert a.prompt_ids == [tiny_base.space.encode("The movie")] * 2
     assert a.steps == 4 and a.blocks == 1
+
+
+def test_each_run_records_the_paths_it_took(tiny_base, tiny_models, monkeypatch, caplog):
+    """What a run cannot take silently is a warning and a record in its output: no static
+    KV cache (a dynamic one, no decode graph), context critics left out of the decode's
+    tilt, a backend the decode's draw has no variant of."""
+    import transformers
+
+    from fastdia.sampler import decode_backend
+
+    denoiser, critic = tiny_models
+    context = build_critic(
+        CriticConfig(
+            dim=tiny_base.space.dim, kind="context", hidden=16, heads=2, layers=1, reward="nontoxic"
+        )
+    )
+    critics = [WeightedCritic("sentiment", critic), WeightedCritic("nontoxic", context)]
+    cfg = SamplerConfig(steps=2, guidance=1.0, decode="lm", stop_at=0.9, lm=DecodeConfig(tilt=0.5))
+    s = Sampler(denoiser, tiny_base.space, critics, cfg, base_model=tiny_base)
+    with caplog.at_level("WARNING"):
+        out = s.sample(2, 4, prompt="The movie", seed=1)
+    assert out.paths == {
+        "backends": {
+            "guided_step": "reference",
+            "round_to_vocab": "reference",
+            "sample_vocab": "reference",
+        },
+        "diffusion_graph": False,
+        "decode_graph": False,
+        "kv_cache": "static",
+        "decode_head": "tied",
+        "tilt_critics": ["sentiment"],
+    }
+    assert "nontoxic guide the diffusion but not the tilt" in caplog.text
+
+    def no_static_cache(*args, **kwargs):
+        raise TypeError("not for this model")
+
+    monkeypatch.setattr(transformers, "StaticCache", no_static_cache)
+    caplog.clear()
+    s = Sampler(denoiser, tiny_base.space, critics, cfg, base_model=tiny_base)  # a new plan
+    with caplog.at_level("WARNING"):
+        out = s.sample(2, 4, prompt="The movie", seed=1)
+    assert out.paths["kv_cache"] == "dynamic"
+    assert "no static KV cache" in caplog.text and "not for this model" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert decode_backend("cuda", torch.device("cpu")) == "reference"
+    assert "sample_vocab has no 'cuda' variant: the LM decode draws with 'reference'" in (
+        caplog.text
+    )
 
 
 def test_lm_decode_needs_a_noisy_latent():

@@ -16,6 +16,19 @@ def _sampler(tiny_base, tiny_models, **kw):
     return Sampler(denoiser, tiny_base.space, critics, SamplerConfig(**kw))
 
 
+def test_config_defaults_are_the_settings_table():
+    """SamplerConfig and DecodeConfig take their defaults from the one table of sampling
+    settings (fastdia.settings), so a bare config samples as the CLI's built-in defaults."""
+    from fastdia.decode import DecodeConfig
+    from fastdia.pipeline import sampler_config
+    from fastdia.settings import SAMPLING_KEYS
+
+    built = sampler_config({k: spec.default for k, spec in SAMPLING_KEYS.items()})
+    assert built == SamplerConfig()
+    assert built.guidance == SAMPLING_KEYS["guidance"].default == 1.0
+    assert DecodeConfig() == built.lm
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dia"])
 def test_same_seed_same_output_and_seeds_differ(tiny_base, tiny_models, sampler):
     s = _sampler(tiny_base, tiny_models, sampler=sampler, steps=6, guidance=1.0)
@@ -111,8 +124,10 @@ def test_context_critics_and_corrector_and_clamp_run(tiny_base, tiny_models):
 
 
 def test_clamped_final_state_is_made_of_embeddings(tiny_base, tiny_models):
-    """Clamping at the last step with ddim: z_0 = x0 estimate = c E[ids]."""
-    s = _sampler(tiny_base, tiny_models, sampler="ddim", steps=4, clamp_from=4, window=6)
+    """Clamping at the last step with ddim, unguided: z_0 = x0 estimate = c E[ids]."""
+    s = _sampler(
+        tiny_base, tiny_models, sampler="ddim", steps=4, clamp_from=4, window=6, guidance=0.0
+    )
     assert s.block_size == 3  # half the window by default
     out = s.sample(2, 3, seed=0)
     # the whole window is clamped: its first K positions are the block's tokens

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from fastdia.embedding import EmbeddingSpace
 from fastdia.errors import CheckpointError
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.settings import EVAL_KEYS, SAMPLING_KEYS
 
 FORMAT, VERSION = "fastdia", 1
 DENOISER_STEM = "denoiser"
@@ -169,40 +170,6 @@ def load_model(
         module.bind_embeddings(space)
     return module.to(device).eval().requires_grad_(False)
 
-
-class SamplingKey(NamedTuple):
-    """One sampling setting: its built-in value and what a value must be."""
-
-    default: Any  # used when neither sampling.json nor the command line sets it
-    rule: str  # what a valid value is, for error messages
-
-
-SAMPLING_KEYS: dict[str, SamplingKey] = {
-    "guidance": SamplingKey(1.0, "a finite number >= 0"),
-    "steps": SamplingKey(50, "a positive integer"),
-    "sampler": SamplingKey("dia", "a sampler name"),
-    "decode": SamplingKey("nearest", "a decode mode"),
-    "stop_at": SamplingKey(0.0, "a level in [0, 1)"),
-    "score_temperature": SamplingKey(1.0, "a finite number > 0"),
-    "lm_temperature": SamplingKey(1.0, "a finite number > 0"),
-    "latent_weight": SamplingKey(1.0, "a finite number >= 0"),
-    "tilt": SamplingKey(0.0, "a finite number >= 0"),
-    "tilt_once": SamplingKey(False, "true or false"),
-    "tilt_horizon": SamplingKey(0, "an integer >= 0 (0: no horizon)"),
-    "block_size": SamplingKey(0, "an integer >= 0 (0: half the denoiser's window)"),
-    "on_eos": SamplingKey("stop", "stop or mask"),
-    "critic_kind": SamplingKey("token_local", "token_local or value"),
-    "adaptive_noise": SamplingKey(0.0, "a finite number >= 0"),
-}
-"""The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
-name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""
-
-
-EVAL_KEYS: dict[str, SamplingKey] = {
-    "tilt_only_tilt": SamplingKey(0.0, "a finite number >= 0"),
-}
-"""Keys of ``sampling.json`` that only ``fastdia eval`` reads: the settings of its baselines
-(``tilt_only_tilt``: the tilt of the tilt-only decode, chosen on the tuning prompts)."""
 
 NOTE_KEYS = ("why",)  # free-text keys of sampling.json (explanations, not settings)
 

@@ -90,6 +90,11 @@ def known_backends() -> list[str]:
     return [AUTO, *sorted(names)]
 
 
+def requested(name: str | None) -> str:
+    """The backend asked for: ``name``, else ``$FASTDIA_BACKEND``, else ``"auto"``."""
+    return name or os.environ.get(ENV_VAR) or AUTO
+
+
 def resolve_backend(name: str | None, op: str, device: torch.device | str) -> str:
     """The concrete backend for ``op`` on ``device`` given a requested ``name``.
 
@@ -99,9 +104,9 @@ def resolve_backend(name: str | None, op: str, device: torch.device | str) -> st
         ConfigError: the name is unknown, or the variant cannot run on ``device``.
     """
     device = torch.device(device)
-    requested = name or os.environ.get(ENV_VAR) or AUTO
+    asked = requested(name)
     variants = _REGISTRY.get(op, {})
-    if requested == AUTO:
+    if asked == AUTO:
         measured = _measured_fastest(op, device, variants)
         if measured is not None:
             return measured
@@ -113,18 +118,18 @@ def resolve_backend(name: str | None, op: str, device: torch.device | str) -> st
         if not usable:
             raise ConfigError(f"no variant of {op} runs on {device}")
         return max(usable)[1]
-    if requested not in variants:
+    if asked not in variants:
         raise ConfigError(
-            f"unknown backend {requested!r} for {op}; known: {', '.join([AUTO, *variants])}"
+            f"unknown backend {asked!r} for {op}; known: {', '.join([AUTO, *variants])}"
         )
-    variant = variants[requested]
+    variant = variants[asked]
     if not variant.available(device):
         hint = variant.hint(device) if callable(variant.hint) else variant.hint
         raise ConfigError(
-            f"backend {requested!r} of {op} cannot run on {device}; use 'reference' or 'auto'"
+            f"backend {asked!r} of {op} cannot run on {device}; use 'reference' or 'auto'"
             + (f" ({hint})" if hint else "")
         )
-    return requested
+    return asked
 
 
 def _measured_fastest(op: str, device: torch.device, variants: dict[str, Variant]) -> str | None:

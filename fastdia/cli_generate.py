@@ -121,6 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Validate every line, load once, sample the missing ids, append batch by batch."""
     from tqdm import tqdm
 
+    from fastdia import distributed as dist
+    from fastdia.device import default_device
     from fastdia.jobs import JobDefaults, check_requests, read_requests, run_job
     from fastdia.models.checkpoint import write_atomic
     from fastdia.sampler import check_seed
@@ -138,12 +140,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if bad and not args.skip_bad:
         raise FastdiaError(_bad_message(bad, args.input))
 
+    device = default_device(args.device)
+    w = dist.world(device)  # under torchrun: this rank's share of the batches
+    args.device = dist.rank_device(device, w)
     generator = generator_from_args(args, reward=args.reward)  # bad job settings fail here
     requests, late = check_requests(generator, requests)
     bad = sorted(bad + late, key=lambda b: b.line)
     if late and not args.skip_bad:
         raise FastdiaError(_bad_message(bad, args.input))
-    if args.skip_bad:
+    if args.skip_bad and w.is_main:
         text = "".join(b.to_json() + "\n" for b in bad)
         write_atomic(errors, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if bad:
@@ -154,7 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def start(todo: int) -> None:
         nonlocal bar
-        bar = tqdm(total=todo, unit="req", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=todo, unit="req", file=sys.stderr, dynamic_ncols=True, disable=not w.is_main
+        )
 
     def progress(rows: int, new_tokens: int, seconds: float) -> None:
         counted[0] += new_tokens
@@ -169,9 +176,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         on_start=start,
         on_batch=progress,
+        world=w,
     )
     if bar is not None:
         bar.close()
+    shares = w.gather((report.written, report.new_tokens, report.seconds))
+    dist.finish()
+    if shares is None:  # ranks other than 0 are done
+        return 0
+    report.written = sum(n for n, _, _ in shares)
+    report.new_tokens = sum(t for _, t, _ in shares)
+    report.seconds = max(s for _, _, s in shares)  # the ranks run side by side
     summary = {
         "requests": report.requests,
         "bad_lines": len(bad),
@@ -182,6 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "tokens_per_s": round(report.new_tokens / report.seconds, 2) if report.seconds else 0.0,
         "output": str(output),
         "errors": str(errors) if args.skip_bad else None,
+        "world_size": w.size,
     }
     print(json.dumps({"summary": summary}), file=sys.stderr)
     return 0

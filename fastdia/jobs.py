@@ -12,6 +12,13 @@ middle of a write), skips the ids already written and reruns the rest; a batch t
 cut short reruns whole, with the same rows, and writes only its missing lines. Every row's
 noise is numbered under its own seed (the request's, else the job seed plus a CRC-32 of its
 id), so the lines are byte for byte those of an uninterrupted run (sort by id to compare).
+
+**Several processes** (``torchrun ... -m fastdia generate``): the pending batches are dealt
+to the ranks by index (rank ``r`` of ``W`` runs batches ``r, r + W, ...``), each rank
+appends its lines to a part file of its own (``OUTPUT.part-R``, with the same flush and
+fsync), and rank 0 moves the parts into the output at the end, in batch order, so the
+output is the one process's file. A job cut short resumes with any number of processes:
+rank 0 first moves the parts left behind into the output (ids already there skipped).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastdia.distributed import SINGLE, World
 from fastdia.errors import ConfigError, FastdiaError
 from fastdia.generate import GroupKey
 from fastdia.rewards.registry import parse_reward_spec
@@ -253,6 +261,36 @@ def pending_batches(batches: list[list[JobRequest]], done: set[str]) -> Iterator
     return (b for b in batches if any(r.id not in done for r in b))
 
 
+def part_path(output: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a sharded job appends its lines."""
+    return output.with_name(f"{output.name}.part-{rank}")
+
+
+def merge_parts(output: Path, order: dict[str, int]) -> int:
+    """Move the records of every rank's part file (:func:`part_path`) into ``output``:
+    ids not yet there, sorted by ``order`` (id -> batch order), appended in one write
+    (flushed, fsynced) before the parts are deleted. Returns the records moved."""
+    parts = sorted(output.parent.glob(f"{output.name}.part-*"))
+    if not parts:
+        return 0
+    done = read_done(output)
+    records: dict[str, bytes] = {}
+    for part in parts:
+        read_done(part)  # a torn last line (a rank killed mid-write) is cut off
+        for raw in part.read_bytes().splitlines(keepends=True):
+            ident = str(json.loads(raw)["id"])
+            if ident not in done:
+                records[ident] = raw
+    ordered = sorted(records, key=lambda ident: order.get(ident, len(order)))
+    with output.open("ab") as f:
+        f.write(b"".join(records[i] for i in ordered))
+        f.flush()
+        os.fsync(f.fileno())
+    for part in parts:
+        part.unlink()
+    return len(records)
+
+
 def run_job(
     generator: Any,
     requests: list[JobRequest],
@@ -261,6 +299,7 @@ def run_job(
     batch_size: int = 16,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int, int, float], None] | None = None,
+    world: World = SINGLE,
 ) -> JobReport:
     """Sample every request not yet in ``output`` and append its line, batch by batch.
 
@@ -270,10 +309,21 @@ def run_job(
         output: the JSONL output (created, or resumed).
         batch_size: rows per batch; a short last batch of a group runs padded to it where
             ``generator.pads`` (on a GPU).
-        on_start: called once with the number of requests left to write.
+        on_start: called once with the number of requests left to write (by this rank).
         on_batch: called after each written batch with (rows written, tokens, seconds).
+        world: this process's rank (:mod:`fastdia.distributed`): it runs its share of the
+            pending batches into its part file; rank 0 merges the parts at the end.
+
+    Returns:
+        This rank's report (rank 0's counts ``already_done`` and ``requests`` for the job).
     """
     output.parent.mkdir(parents=True, exist_ok=True)
+    batches = cut_batches(requests, batch_size)
+    order = {r.id: i for i, r in enumerate(r for b in batches for r in b)}
+    if world.is_main:
+        merge_parts(output, order)  # a sharded run cut short
+        read_done(output)  # cuts a torn last line before the other ranks read
+    world.barrier()
     done = read_done(output)
     known = {r.id for r in requests}
     stray = sorted(done - known)
@@ -282,13 +332,14 @@ def run_job(
             f"output {output} holds id {stray[0]!r} that the input does not ({len(stray)} such "
             "ids): it is another job's output; pass another --output"
         )
-    already = len(done)
+    mine = world.take(list(pending_batches(batches, done)))
     if on_start is not None:
-        on_start(len(known - done))
-    report = JobReport(len(requests), already, 0, 0, 0.0)
+        on_start(len({r.id for b in mine for r in b} - done))
+    report = JobReport(len(requests), len(done), 0, 0, 0.0)
     start = time.perf_counter()
-    with output.open("ab") as f:
-        for batch in pending_batches(cut_batches(requests, batch_size), done):
+    target = part_path(output, world.rank) if world.distributed else output
+    with target.open("ab") as f:
+        for batch in mine:
             t0 = time.perf_counter()
             result = generator.run_batch(
                 batch[0].key,
@@ -317,6 +368,10 @@ def run_job(
             if on_batch is not None:
                 on_batch(len(lines), tokens, time.perf_counter() - t0)
     report.seconds = time.perf_counter() - start
+    if world.distributed:
+        world.barrier()  # every part complete
+        if world.is_main:
+            merge_parts(output, order)
     return report
 
 

@@ -94,6 +94,35 @@ def test_two_ranks_sample_what_one_process_samples(sample_args, tmp_path):
     assert summary_two["new_tokens_delivered"] == summary_one["new_tokens_delivered"] == 72
 
 
+def test_two_ranks_run_the_batch_job_one_process_runs(tiny_model_dir, tmp_path):
+    """``generate`` under torchrun: each rank runs its batches into its part file, rank 0
+    moves them into the output in batch order: the one process's file, byte for byte."""
+    requests = tmp_path / "in.jsonl"
+    prompts = ["The movie was", "My day", "I think that the", "Food", "We went to"]
+    requests.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": prompts[i % 5]}) + "\n" for i in range(11))
+    )
+    args = ["generate", "--input", str(requests), "--base-model", str(tiny_model_dir)]
+    args += ["--random-init", "--steps", "3", "--new-tokens", "6", "--on-eos", "mask"]
+    args += ["--batch-size", "3"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    cmd = [sys.executable, "-m", "fastdia", *args]
+    subprocess.run([*cmd, "--output", str(one)], check=True, env=_env(), timeout=300)
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_port())]
+    done = subprocess.run(
+        [*launch, "-m", "fastdia", *args, "--output", str(two)],
+        check=True,
+        env=_env(),
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert one.read_bytes() == two.read_bytes() and one.read_text().count("\n") == 11
+    assert not list(tmp_path.glob("two.jsonl.part-*"))
+    summary = json.loads(done.stderr.strip().splitlines()[-1])["summary"]
+    assert summary["world_size"] == 2 and summary["written"] == 11
+
+
 def test_a_missing_rank_fails_within_the_timeout(sample_args, tmp_path):
     """Rank 0 of 2 started alone: the rendezvous times out with a message, exit 2."""
     env = _env(

@@ -19,7 +19,9 @@ from fastdia.jobs import (
     JobDefaults,
     cut_batches,
     default_seed,
+    merge_parts,
     parse_request,
+    part_path,
     read_done,
     read_requests,
     run_job,
@@ -166,6 +168,29 @@ def test_resume_after_a_crash_and_a_torn_write_gives_the_same_lines(tmp_path, ti
     assert report.already_done == 6 and report.written == 4
     assert _sorted_lines(part) == _sorted_lines(full)
     assert run_job(tiny_generator, reqs, part, batch_size=4).written == 0  # all done
+
+
+def test_a_sharded_run_cut_short_resumes_on_one_process(tmp_path, tiny_generator):
+    """Ranks' part files left by a sharded job that died (one with a torn last line) are
+    moved into the output in batch order, and the job finishes as one process: the
+    output is the uninterrupted one's, byte for byte."""
+    reqs = [parse_request(json.dumps(o), i, DEFAULTS) for i, o in enumerate(_requests(10))]
+    full = tmp_path / "full.jsonl"
+    run_job(tiny_generator, reqs, full, batch_size=4)
+    by_id = {json.loads(line)["id"]: line for line in full.read_text().splitlines(True)}
+    batches = [[r.id for r in b] for b in cut_batches(reqs, 4)]
+    out = tmp_path / "out.jsonl"
+    # rank 1 of 2 finished its first batch (batch 1) and tore its next; rank 0 wrote batch 0
+    part_path(out, 1).write_text("".join(by_id[i] for i in batches[1]) + by_id[batches[3][0]][:9])
+    part_path(out, 0).write_text("".join(by_id[i] for i in batches[0]))
+    report = run_job(tiny_generator, reqs, out, batch_size=4)
+    assert report.already_done == len(batches[0]) + len(batches[1])
+    assert out.read_bytes() == full.read_bytes()
+    assert not list(tmp_path.glob("out.jsonl.part-*"))
+    # moving parts twice (a crash between the output's write and the parts' removal) adds
+    # no id twice
+    part_path(out, 0).write_text(by_id[batches[0][0]])
+    assert merge_parts(out, {}) == 0 and out.read_bytes() == full.read_bytes()
 
 
 def test_output_of_another_job_is_refused(tmp_path, tiny_generator):

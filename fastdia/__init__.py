@@ -21,7 +21,7 @@ _EXPORTS = {
     "EmbeddingSpace": "fastdia.embedding",
     "Sampler": "fastdia.sampler",
     "SamplerConfig": "fastdia.sampler",
-    "SampleOutput": "fastdia.sampler",
+    "SampleOutput": "fastdia.sample_output",
     "WeightedCritic": "fastdia.sampler",
     "sample_rows": "fastdia.sampler",
     "build_sampler": "fastdia.pipeline",

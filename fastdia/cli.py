@@ -172,7 +172,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     from fastdia.prompts import check_chat
     from fastdia.rewards import build_rewards
-    from fastdia.sampler import check_seed, sample_rows
+    from fastdia.run_checks import check_seed
+    from fastdia.sampler import sample_rows
 
     # 1. cheap checks, before anything heavy
     checkpoint = None if args.random_init else resolve_checkpoint(args.checkpoint)

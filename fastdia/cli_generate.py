@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fastdia.device import default_device
     from fastdia.jobs import JobDefaults, check_requests, read_requests, run_job
     from fastdia.models.checkpoint import write_atomic
-    from fastdia.sampler import check_seed
+    from fastdia.run_checks import check_seed
 
     check_seed(args.seed)
     output = Path(args.output)

@@ -236,7 +236,7 @@ class Generator:
             ConfigError / CheckpointError: naming the problem.
         """
         from fastdia.pipeline import check_critics
-        from fastdia.sampler import check_new_tokens
+        from fastdia.run_checks import check_new_tokens
 
         spec = canonical_reward(key.reward)
         if self.loaded is not None:
@@ -311,7 +311,7 @@ class Generator:
 
         A row's text depends on its prompt, seed and ``key`` only (per-row noise).
         """
-        from fastdia.sampler import check_seed
+        from fastdia.run_checks import check_seed
 
         if not prompts or len(prompts) != len(seeds):
             raise ConfigError(f"need one seed per prompt, got {len(prompts)} and {len(seeds)}")
@@ -373,7 +373,7 @@ class Generator:
             A :class:`GenerateResult` with one :class:`Generation` per (prompt, sample),
             prompt-major. Every prompt is checked before any sampling.
         """
-        from fastdia.sampler import check_seed
+        from fastdia.run_checks import check_seed
 
         many = isinstance(prompts, (list, tuple))
         texts = list(prompts) if many else [prompts]  # type: ignore[list-item]

@@ -186,6 +186,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     check_seed(args.seed)
+    batch = args.batch_size if args.prompts_file is not None else args.num_samples
+    if args.num_samples % config.particles or batch % config.particles:
+        raise FastdiaError(
+            f"--particles {config.particles}: --num-samples ({args.num_samples}) and "
+            f"--batch-size ({args.batch_size}) must be multiples of it (each prompt's samples "
+            "are its particles)"
+        )
     if args.length is not None and args.new_tokens is not None:
         raise FastdiaError("give --new-tokens or the deprecated --length, not both")
     requests = _requests(args)
@@ -227,7 +234,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             owners.append((index, i))
     # a rank's rows (all of them in one process); a row's text depends on its prompt and
     # seed only, so the shares write what one process writes
-    mine = list(w.indices(len(prompts)))
+    group = config.particles  # SMC: one prompt's particles stay on one rank, in one batch
+    mine = [i for g in w.indices(len(prompts) // group) for i in range(g * group, (g + 1) * group)]
     prompts, seeds, owners = ([x[i] for i in mine] for x in (prompts, seeds, owners))
 
     # 3. sample, score, print
@@ -325,6 +333,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "random_init": args.random_init,
         "paths": result.paths,
     }
+    if result.smc is not None:
+        summary["smc"] = result.smc
     if as_json:
         print(json.dumps({"summary": summary}), file=out_file, flush=True)
     else:

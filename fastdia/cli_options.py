@@ -124,6 +124,21 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         "0, off)",
     )
     p.add_argument(
+        "--particles",
+        type=positive_int,
+        default=None,
+        help="--decode lm: twisted SMC over blocks with this many particles per prompt "
+        "(each prompt's samples are its particles, resampled toward the decode's exact "
+        f"tilted target; --num-samples a multiple of it) ({ckpt} 1, no SMC)",
+    )
+    p.add_argument(
+        "--ess-threshold",
+        type=_number,
+        default=None,
+        help="SMC: resample when the effective sample size falls under this x particles "
+        f"({ckpt} 0.5)",
+    )
+    p.add_argument(
         "--tilt-once",
         action=argparse.BooleanOptionalAction,
         default=None,

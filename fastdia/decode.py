@@ -248,11 +248,13 @@ class LMDecoder:
         banned: Sequence[int] = (),
         *,
         graph: bool = False,
+        smc: bool = False,
     ) -> DecodePlan:
         """A decode over the block loop's buffers ``state`` from level ``abar``, the critics'
         per-token values weighted by ``beta``, the ``banned`` ids never drawn; ``graph``:
-        capture the per-token step as a CUDA graph (on a CUDA device with a static cache)."""
-        return DecodePlan(self, state, abar, critics, beta, banned, graph=graph)
+        capture the per-token step as a CUDA graph (on a CUDA device with a static cache);
+        ``smc``: keep each row's SMC log-weight (:mod:`fastdia.smc`) in ``log_w``."""
+        return DecodePlan(self, state, abar, critics, beta, banned, graph=graph, smc=smc)
 
 
 class DecodePlan:
@@ -282,6 +284,7 @@ class DecodePlan:
         banned: Sequence[int] = (),
         *,
         graph: bool = False,
+        smc: bool = False,
     ) -> None:
         cfg = decoder.config
         base = decoder.base
@@ -315,6 +318,17 @@ class DecodePlan:
             if spent is not None:
                 spent[list(banned)] = BANNED_SCORE
         self.bias = bias
+        # SMC's target per token: log p_T(v) + beta u(v), banned tokens out (fastdia.smc)
+        self.log_w: torch.Tensor | None = None
+        self._smc_tilt = self._smc_banned = torch.zeros_like(bias)
+        if smc:
+            if tilt is not None:
+                self._smc_tilt = tilt.clone()
+            if banned:
+                self._smc_banned = torch.zeros_like(bias).index_fill_(
+                    0, torch.tensor(list(banned), device=device), -math.inf
+                )
+            self.log_w = torch.zeros(state.tokens.shape[0], dtype=torch.float64, device=device)
         self._horizon = cfg.tilt_horizon if tilt is not None else 0
         self._untilted = spent
         # tilt_once: a per-row bias [B, V] that loses a token's tilt once it is drawn
@@ -403,7 +417,7 @@ class DecodePlan:
         bias = self.bias if self.row_bias is None else self.row_bias
         if self._horizon:  # past the horizon the tilt is gone
             bias = torch.where(st.generated >= self._horizon, self._untilted, bias)
-        if self.tied and self._sample_vocab is not None:
+        if self.tied and self._sample_vocab is not None and self.log_w is None:
             return self._sample_vocab(
                 query, space.weight, bias, seed=st.seeds, step=self.noise_step
             )
@@ -411,10 +425,17 @@ class DecodePlan:
         logits = head(h.to(device=self.model.device, dtype=self.model.dtype)).float()
         if self._logits is not None:
             logits = self._logits(logits)
-        logits = logits.to(bias.device) / cfg.temperature + bias
+        prior = logits.to(bias.device) / cfg.temperature
+        logits = prior + bias
         if latent is not None:
             logits = logits + self.alpha * (latent @ space.weight.float().T)
-        return gumbel_argmax(logits, seed=st.seeds, step=self.noise_step)
+        tok = gumbel_argmax(logits, seed=st.seeds, step=self.noise_step)
+        if self.log_w is not None:  # SMC: target over proposal of the drawn token
+            at = tok[:, None]
+            target = torch.log_softmax(prior + self._smc_banned, dim=-1).gather(1, at)[:, 0]
+            proposal = torch.log_softmax(logits, dim=-1).gather(1, at)[:, 0]
+            self.log_w += (target + self._smc_tilt[tok] - proposal).double()
+        return tok
 
     @torch.no_grad()
     def step(self) -> None:
@@ -437,6 +458,27 @@ class DecodePlan:
         self.noise_step.add_(1)
 
     @torch.no_grad()
+    def reorder(self, parents: torch.Tensor) -> None:
+        """Make row ``b`` a copy of row ``parents[b]`` (SMC resampling, :mod:`fastdia.smc`):
+        its tokens, prompt bookkeeping, base-model states, KV cache, last hidden state and
+        per-row tilt, in place (eager: the caller reads weights back to the host)."""
+        st = self.state
+        idx = parents.to(st.tokens.device)
+        for buf in (st.tokens, st.prompt_len, st.pad, st.hist, self.h, self.row_bias):
+            if buf is not None:
+                buf.copy_(buf.index_select(0, idx.to(buf.device)))
+        midx = idx.to(self.tok.device)
+        for buf in (self.tok, self.mask):
+            buf.copy_(buf.index_select(0, midx))
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                for buf in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if isinstance(buf, torch.Tensor) and buf.dim() > 0:
+                        buf.copy_(buf.index_select(0, midx.to(buf.device)))
+        elif self._dynamic is not None:
+            self._dynamic.reorder_cache(midx)
+
+    @torch.no_grad()
     def start(self) -> None:
         """Begin a run on the inputs in ``state`` (tokens, pad, seeds; ``generated`` 0):
         reset the cache, the mask and the counters, and read every row's prefix into the
@@ -448,6 +490,8 @@ class DecodePlan:
         if self.row_bias is not None:
             self.row_bias.copy_(self.bias.expand_as(self.row_bias))
         self.noise_step.fill_(DECODE_STEP)
+        if self.log_w is not None:
+            self.log_w.zero_()
         self._dynamic, self._dynamic_len = None, 0
         if self.cache is not None:
             self.cache.reset()  # in place: the captured step keeps its addresses

@@ -282,9 +282,16 @@ class Generator:
         if guidance is not None:
             settings["guidance"] = guidance
         rewards = self.rewards(key[0])
+        config = sampler_config(settings, backend=self.backend)
+        if config.particles > 1:
+            raise ConfigError(
+                f"particles={config.particles}: SMC runs from `fastdia sample`, `fastdia eval` "
+                "and the Sampler API, where each prompt's rows are its particles; the "
+                "Generator (batch jobs, the server) writes one row per request: use particles 1"
+            )
         assembly = build_sampler(
             self.base,
-            sampler_config(settings, backend=self.backend),
+            config,
             rewards=list(zip(rewards.names, rewards.weights, strict=True)),
             checkpoint=self.checkpoint,
             random_init=self.random_init,

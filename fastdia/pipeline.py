@@ -194,5 +194,7 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         on_eos=settings["on_eos"],
         critic_kind=settings["critic_kind"],
         noise_kappa=settings["adaptive_noise"],
+        particles=settings["particles"],
+        ess_threshold=settings["ess_threshold"],
         **extra,
     )

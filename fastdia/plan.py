@@ -21,6 +21,7 @@ from fastdia.models.critic import TokenLocalCritic
 from fastdia.prompts import Prompt
 from fastdia.run_checks import check_new_tokens, row_seed_list
 from fastdia.sample_output import SampleOutput
+from fastdia.smc import Particles, child_seed
 from fastdia.window import BlockState, WindowDiffusion
 
 if TYPE_CHECKING:
@@ -70,7 +71,9 @@ class SamplerPlan:
             if sampler.diffuses
             else None
         )
-        self.captures = cfg.cuda_graph and device.type == "cuda"
+        self.smc = cfg.particles > 1  # eager: resampling reads the weights back
+        self.captures = cfg.cuda_graph and device.type == "cuda" and not self.smc
+        self.particles: Particles | None = None
         self.decode_plan: DecodePlan | None = None
         self.tilt_critics: list[str] = []
         if sampler.decoder is not None:
@@ -92,6 +95,7 @@ class SamplerPlan:
                 beta,
                 banned,
                 graph=self.captures and lm_decode,
+                smc=self.smc,
             )
         self._graph: torch.cuda.CUDAGraph | None = None
         if self.captures:
@@ -108,6 +112,8 @@ class SamplerPlan:
             "backends": dict(self.sampler.backends),
             "diffusion_graph": self.graphed,
         }
+        if self.smc:
+            paths["smc_particles"] = self.sampler.config.particles
         if self.decode_plan is not None:
             paths |= {
                 "decode_graph": self.decode_plan.graphed,
@@ -172,6 +178,10 @@ class SamplerPlan:
         stops at ``new_tokens``). Graph-safe but for the prefill. Returns the blocks run."""
         if self.decode_plan is not None:
             self.decode_plan.start()
+            if self.smc:
+                log_w, cfg = self.decode_plan.log_w, self.sampler.config
+                assert log_w is not None
+                self.particles = Particles.start(log_w, cfg.particles, cfg.ess_threshold)
         blocks = math.ceil(new_tokens / self.block)
         for j in range(blocks):
             if self._graph is not None:
@@ -185,7 +195,44 @@ class SamplerPlan:
                     self.decode_plan.absorb(self.block)
             else:
                 self.decode_plan.decode_tokens(min(self.block, new_tokens - j * self.block))
+                if self.smc:
+                    self._resample(j, final=j == blocks - 1)
         return blocks
+
+    def _check_groups(self, rows: list[list[int]]) -> None:
+        """SMC's groups of ``particles`` consecutive rows must each share one prompt."""
+        size = self.sampler.config.particles
+        if self.batch_size % size:
+            raise ConfigError(
+                f"SMC with {size} particles needs a batch that is a multiple of {size}, got "
+                f"{self.batch_size} rows"
+            )
+        for g in range(0, len(rows), size):
+            if any(r != rows[g] for r in rows[g : g + size]):
+                raise ConfigError(
+                    f"SMC: rows {g}..{g + size - 1} are one particle system and must share "
+                    "one prompt; give each prompt a multiple of particles rows, in order"
+                )
+
+    def _resample(self, block: int, *, final: bool) -> None:
+        """SMC after block ``block`` (:mod:`fastdia.smc`): the groups whose ESS fell under
+        the threshold (every group when ``final``) are resampled; rows that took a parent
+        take child seeds (not after the last block: no noise is drawn after it)."""
+        cfg, st, plan, particles = self.sampler.config, self.state, self.decode_plan, self.particles
+        assert plan is not None and particles is not None
+        seeds = st.seeds.tolist()
+        parents = particles.step(block, seeds, final=final)
+        if parents is None:
+            return
+        plan.reorder(parents)
+        if final:
+            return
+        redo = particles.resampled[-1]
+        fresh = [
+            child_seed(seeds[int(parent)], b, block) if redo[b // cfg.particles] else seeds[b]
+            for b, parent in enumerate(parents)
+        ]
+        st.seeds.copy_(torch.tensor(fresh, dtype=torch.int64))
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -245,6 +292,8 @@ class SamplerPlan:
             )
         rows = sampler._prompt_rows(prompts, self.batch_size, chat)
         seeds = row_seed_list(seed, self.batch_size)
+        if self.smc:
+            self._check_groups(rows)
         context = sampler.context_length()
         if context is not None:
             check_new_tokens(
@@ -269,6 +318,8 @@ class SamplerPlan:
             ", CUDA graphs" if self._graph is not None else "",
         )
         out.seconds, out.blocks = seconds, blocks
+        if self.particles is not None:
+            out.smc = self.particles.summary()
         return out
 
     def _outputs(

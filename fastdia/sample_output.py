@@ -38,6 +38,9 @@ class SampleOutput:
         paths: which code paths ran (:attr:`SamplerPlan.paths`): the op variants, whether
             the diffusion and the decode step replayed CUDA graphs, the KV cache, the
             decode's output head, the critics in the decode's tilt.
+        smc: with SMC particles, :meth:`fastdia.smc.Particles.summary` (``log_z`` per
+            group, ``ess`` and ``resampled`` per block); for several batches
+            (:meth:`concat`), ``{"batches": [...]}``. None without SMC.
     """
 
     prompt_ids: list[list[int]]
@@ -53,6 +56,7 @@ class SampleOutput:
     steps: int
     blocks: int
     paths: dict[str, Any] = field(default_factory=dict)
+    smc: dict[str, Any] | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -94,6 +98,7 @@ class SampleOutput:
             steps=first.steps,
             blocks=sum(o.blocks for o in outputs),
             paths=first.paths,
+            smc=None if first.smc is None else {"batches": [o.smc for o in outputs]},
         )
 
     def subset(self, rows: int) -> SampleOutput:
@@ -113,4 +118,5 @@ class SampleOutput:
             steps=self.steps,
             blocks=self.blocks,
             paths=self.paths,
+            smc=self.smc,
         )

@@ -54,6 +54,7 @@ from fastdia.run_checks import check_block_size, check_new_tokens, check_seed, c
 from fastdia.sample_output import SampleOutput
 from fastdia.schedules import SAMPLERS, check_choice, check_stop
 from fastdia.settings import SAMPLING_KEYS, check_guidance
+from fastdia.smc import check_particles
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,11 @@ class SamplerConfig:
             ``critic-*`` files; token-local or context critics) or ``"value"`` (the
             ``value-*`` files: value critics that read the base model's states);
             :func:`fastdia.pipeline.build_sampler` picks them.
+        particles: with more than 1, twisted SMC over blocks (:mod:`fastdia.smc`): each
+            group of ``particles`` consecutive rows (one prompt) is one particle system,
+            weighted toward the decode's exact tilted target and resampled; 1: no SMC.
+        ess_threshold: SMC resamples a group whose effective sample size falls under
+            ``ess_threshold x particles``; in ``(0, 1]``.
     """
 
     sampler: str = _DEFAULT["sampler"]
@@ -132,6 +138,8 @@ class SamplerConfig:
     on_eos: str = _DEFAULT["on_eos"]
     noise_latent: bool = False
     critic_kind: str = _DEFAULT["critic_kind"]
+    particles: int = _DEFAULT["particles"]
+    ess_threshold: float = _DEFAULT["ess_threshold"]
 
     def __post_init__(self) -> None:
         check_choice(self.critic_kind, CRITIC_KINDS_GUIDING, "critic_kind")
@@ -161,6 +169,11 @@ class SamplerConfig:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
         check_guidance(self.guidance)
+        check_particles(self.particles, self.ess_threshold)
+        if self.particles > 1 and self.decode != "lm":
+            raise ConfigError(
+                "SMC (particles > 1) weighs the LM decode's draws: use decode='lm' (--decode lm)"
+            )
         if self.clamp_from is not None and not 1 <= self.clamp_from <= self.steps:
             raise ConfigError(
                 f"clamp_from must be in [1, steps={self.steps}], got {self.clamp_from}"

@@ -38,6 +38,8 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "on_eos": SamplingKey("stop", "stop or mask"),
     "critic_kind": SamplingKey("token_local", "token_local or value"),
     "adaptive_noise": SamplingKey(0.0, "a finite number >= 0"),
+    "particles": SamplingKey(1, "a positive integer (1: no SMC)"),
+    "ess_threshold": SamplingKey(0.5, "a finite number > 0 (at most 1)"),
 }
 """The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
 name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""

@@ -6,10 +6,13 @@
 #   bash scripts/gpu-check.sh
 #
 # 1. loads the extension (prebuilt, or built just in time and cached), 2. runs every test
-# marked `cuda` (tests/test_cuda_ops.py: kernels vs the references, awkward shapes,
-# poisoned outputs, dtypes, ties, noise, CUDA graphs, torch.compile, the sampler),
-# 3. runs compute-sanitizer memcheck, racecheck and synccheck on both kernels through
-# scripts/cuda_sanitize.py, 4. times every variant (`fastdia profile`: a table against the
+# marked `cuda`: first the per-op files (tests/test_guided_step.py, tests/test_round_to_vocab.py,
+# tests/test_sample_vocab.py: every variant on the GPU against the references, awkward shapes,
+# poisoned outputs, dtypes, ties, noise, CUDA graphs, torch.compile), then the rest of tests/
+# (the sampler on every backend, eager and as CUDA graphs, auto after a real profile),
+# 3. runs compute-sanitizer memcheck, racecheck and synccheck over the cuda backend's kernels
+# through scripts/cuda_sanitize.py (the per-op files' cuda-marked every-path tests of the
+# cuda backend), 4. times every variant (`fastdia profile`: a table against the
 # device's measured bandwidth and matmul rate) and prints which one `auto` would take
 # (fastdia profile --from FILE; with --record the choice is
 # recorded and `auto` follows it). Exits non-zero on the first failure.
@@ -38,8 +41,13 @@ cuda_ops.load()
 logging.getLogger("gpu-check").info("extension loaded on %s", torch.cuda.get_device_name())
 EOF
 
-echo "gpu-check: tests marked cuda"
-"$PY" -m pytest -m cuda -q -p no:cacheprovider tests/
+OP_TESTS=(tests/test_guided_step.py tests/test_round_to_vocab.py tests/test_sample_vocab.py)
+echo "gpu-check: tests marked cuda: every variant of each op against the reference"
+"$PY" -m pytest -m cuda -q -p no:cacheprovider "${OP_TESTS[@]}"
+echo "gpu-check: tests marked cuda: the rest (sampler, profile)"
+ignore=()
+for f in "${OP_TESTS[@]}"; do ignore+=(--ignore "$f"); done
+"$PY" -m pytest -m cuda -q -p no:cacheprovider "${ignore[@]}" tests/
 
 SAN=$(command -v compute-sanitizer || true)
 if [ -z "$SAN" ]; then
@@ -48,7 +56,7 @@ if [ -z "$SAN" ]; then
 fi
 [ -x "$SAN" ] || { echo "gpu-check: compute-sanitizer not found (CUDA_HOME/bin)" >&2; exit 1; }
 for tool in memcheck racecheck synccheck; do
-  echo "gpu-check: compute-sanitizer --tool $tool"
+  echo "gpu-check: compute-sanitizer --tool $tool (the per-op cuda tests, scripts/cuda_sanitize.py)"
   # one cudaMalloc per tensor, so that memcheck sees out-of-bounds accesses
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 86 --print-limit 20 \
     "$PY" scripts/cuda_sanitize.py

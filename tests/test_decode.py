@@ -372,34 +372,3 @@ def test_lm_decode_needs_a_noisy_latent():
 def test_stop_level_outside_range_is_refused(stop):
     with pytest.raises(ConfigError, match="stop level"):
         SamplerConfig(stop_at=stop)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("n", "vocab", "dim"), [(1, 17, 3), (5, 300, 7), (19, 257, 64)])
-def test_triton_sample_vocab_matches_reference(dtype, n, vocab, dim):
-    kernel = pytest.importorskip("fastdia.kernels.sample_vocab")
-    gen = torch.Generator().manual_seed(n * vocab + dim)
-    z = torch.randn(n, dim, generator=gen).to(dtype)
-    weight = torch.randn(vocab, dim, generator=gen).to(dtype)
-    bias = torch.randn(vocab, generator=gen)
-    want = sample_vocab_reference(z, weight, bias, seed=3, step=DECODE_STEP + 2)
-    got = kernel.sample_vocab(z, weight, bias, seed=3, step=DECODE_STEP + 2, precision="ieee")
-    assert got.dtype == torch.int64 and torch.equal(got, want)
-    with_tensors = kernel.sample_vocab(
-        z,
-        weight,
-        bias,
-        seed=torch.tensor(3),
-        step=torch.tensor(DECODE_STEP + 2),
-        precision="ieee",
-    )
-    assert torch.equal(with_tensors, want)
-    rows_bias = torch.randn(n, vocab, generator=gen)  # one bias row per query
-    got_rows = kernel.sample_vocab(z, weight, rows_bias, seed=3, step=9, precision="ieee")
-    assert torch.equal(got_rows, sample_vocab_reference(z, weight, rows_bias, seed=3, step=9))
-    no_bias = kernel.sample_vocab(z, weight, None, seed=3, step=4, precision="ieee")
-    assert torch.equal(no_bias, sample_vocab_reference(z, weight, None, seed=3, step=4))
-    # the registry routes backend="triton" to the kernel
-    assert torch.equal(
-        ops.sample_vocab(z, weight, bias, seed=3, step=DECODE_STEP + 2, backend="triton"), want
-    )

@@ -4,7 +4,7 @@ Skipped without a GPU (``cuda`` marker). Triton kernels must run natively: run w
 ``TRITON_INTERPRET=0`` (``tests/conftest.py`` turns the interpreter on unless the variable
 is set)::
 
-    TRITON_INTERPRET=0 python -m pytest tests/test_sampler_cuda.py tests/test_gpu_kernels.py
+    TRITON_INTERPRET=0 python -m pytest tests/test_sampler_cuda.py
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fastdia.errors import ConfigError
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.ops import SAMPLER_OPS, registry
+from fastdia.ops.round_to_vocab_ref import rounding_mismatches
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
 from fastdia.strict import GraphSafeMode
 
@@ -117,7 +118,6 @@ def test_graph_with_a_context_critic(tiny_base):
 def test_gpu_gives_the_cpu_tokens(tiny_base, backend):
     """Same seed, same prompt: the GPU's token ids are the CPU reference's, except where
     the two best tokens are a near tie of float rounding."""
-    rounding = pytest.importorskip("fastdia.kernels.round_to_vocab")
     _backend_or_skip(backend)
     space = tiny_base.space
     # one block of the whole window: the tokens are the rounding of the final state
@@ -126,7 +126,7 @@ def test_gpu_gives_the_cpu_tokens(tiny_base, backend):
     gpu = _sampler(space, backend, DEV, graph=True, **kw).sample(4, 16)
     torch.testing.assert_close(gpu.z.cpu(), cpu.z, rtol=1e-3, atol=1e-3)
     bias = space.rounding_bias("l2")
-    differing, beyond = rounding.rounding_mismatches(
+    differing, beyond = rounding_mismatches(
         cpu.z, space.weight, bias, gpu.tokens, cpu.tokens, rel_tol=1e-3
     )
     assert beyond == 0, f"{differing} tokens differ, {beyond} beyond a near tie"

@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: environment facts and result files.
 
-The environment record (machine, versions, date, git sha) is :func:`fastdia.profile.environment`,
+The environment record (machine, versions, date, git sha) is :func:`fastdia.provenance.environment`,
 shared with ``fastdia profile``.
 """
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastdia.profile import environment
+from fastdia.provenance import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -79,14 +79,14 @@ def _ensure_kernels_importable() -> None:
 
 def _bench(fn: Callable[[], Any]) -> float:
     """Median milliseconds of ``fn`` (``do_bench``: CUDA events, L2 flushed, after warm-up)."""
-    from fastdia.profile import bench_ms
+    from fastdia.timing import bench_ms
 
     return bench_ms(lambda _: fn(), "cuda")
 
 
 def _peak_extra_bytes(fn: Callable[[], Any]) -> int:
     """Peak device memory allocated during ``fn()`` above what was allocated before."""
-    from fastdia.profile import peak_extra_bytes
+    from fastdia.timing import peak_extra_bytes
 
     return peak_extra_bytes(fn, "cuda")
 
@@ -107,8 +107,8 @@ def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
 
 def measure_ceilings() -> dict[str, float]:
     """HBM bandwidth of a 2 GiB device-to-device copy and the bf16 matmul rate
-    (:func:`fastdia.profile.measure_ceilings`, under this script's key names)."""
-    from fastdia.profile import measure_ceilings as measure
+    (:func:`fastdia.timing.measure_ceilings`, under this script's key names)."""
+    from fastdia.timing import measure_ceilings as measure
 
     ceil = measure("cuda")
     log.info(

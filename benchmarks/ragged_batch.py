@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS
-from fastdia.profile import environment
+from fastdia.provenance import environment
 
 log = logging.getLogger("ragged_batch")
 

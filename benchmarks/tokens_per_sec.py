@@ -62,7 +62,7 @@ from benchmarks.common import RESULTS
 from fastdia import ops
 from fastdia.errors import ConfigError
 from fastdia.ops import registry
-from fastdia.profile import environment
+from fastdia.provenance import environment
 
 log = logging.getLogger("tokens_per_sec")
 

@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from benchmarks.common import emit_result, split_passthrough
+from fastdia.serve_client import free_port, get, post
 
 log = logging.getLogger("serve_load")
 
@@ -69,42 +69,6 @@ class Answer:
     tokens: int = 0
     error: str | None = None
     overhead_ms: float | None = None  # the server's own account: time beyond wait and sampling
-
-
-def post(
-    host: str,
-    port: int,
-    body: bytes,
-    *,
-    timeout: float = 600.0,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any]:
-    """POST ``body`` to ``/v1/completions``; returns (status, parsed JSON or text)."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request(
-            "POST",
-            "/v1/completions",
-            body=body,
-            headers={"content-type": "application/json", **(headers or {})},
-        )
-        response = conn.getresponse()
-        raw = response.read()
-    finally:
-        conn.close()
-    try:
-        return response.status, json.loads(raw)
-    except ValueError:
-        return response.status, raw.decode(errors="replace")
-
-
-def get(host: str, port: int, path: str) -> Any:
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
 
 
 def make_request(
@@ -249,12 +213,6 @@ def python_api_texts(
     )
     texts = {row: g.completion for row, g in zip(rows, out.generations, strict=True)}
     return texts, out.seconds, out.new_tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int, server_args: list[str]) -> subprocess.Popen[bytes]:

@@ -140,6 +140,34 @@ def test_checkpoint_sampling_defaults(capsys, tiny_args, tiny_checkpoint):
     assert code == 2 and "must hold a JSON object" in err
 
 
+def test_guidance_0_still_decodes_from_the_diffusion_latent(capsys, tiny_args, tiny_checkpoint):
+    """``--guidance 0`` turns the critic off, not the diffusion: the LM decode still reads
+    the unguided latent. The tiny LM is random, so where the latent is read it decides
+    the tokens: they are the diffusion's own tokens (``--decode nearest``, the same seeds),
+    and the decode without the latent (``--latent-weight 0``) writes other ones."""
+    argv = [*tiny_args, "--checkpoint", str(tiny_checkpoint), "--decode", "lm"]
+    argv += ["--stop-at", "0.5", "--guidance", "0", "--num-samples", "4", "--json"]
+
+    def tokens(*extra):
+        code, out, err = _run(capsys, *argv, *extra)
+        assert code == 0, err
+        samples, summary = _records(out)
+        assert summary["guidance"] == 0.0
+        return torch.tensor([s["completion_ids"] for s in samples]), summary
+
+    latent, summary = tokens()
+    assert summary["decode"] == "lm" and summary["lm"]["latent_weight"] == 1.0
+    assert summary["rows"] == 4  # the diffusion's 4 steps per block
+    diffusion, summary = tokens("--decode", "nearest")
+    assert summary["rows"] == 4
+    no_latent, summary = tokens("--latent-weight", "0")
+    assert summary["rows"] == 0  # nothing diffused
+    assert latent.shape == diffusion.shape == no_latent.shape == (4, 8)
+    assert (latent == diffusion).float().mean() >= 0.9
+    assert (no_latent == diffusion).float().mean() <= 0.2
+    assert (no_latent == latent).float().mean() <= 0.2
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -10,12 +10,16 @@ back to the host and touch no tensor off the plan's device:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fastdia import noise
 from fastdia.decode import DECODE_STEP, DecodeConfig
+from fastdia.models.common import TIME_SCALE
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.ops.guided_step_ref import TokenLocalStack, guided_step_reference
@@ -242,11 +246,232 @@ def test_lm_block_loop_is_graph_safe(tiny_base, tiny_models, latent_weight, once
         int(plan.state.generated)
 
 
-def test_cuda_graph_option_is_inert_off_cuda(tiny_base, tiny_models):
-    denoiser, _ = tiny_models
+# ---- the strict mode sees an unsafe step in the real loop -----------------------------------
+def _host_read_layout(original):
+    """The block layout reading the generated count back to the host (a sync per block)."""
+
+    def _layout(self):
+        original(self)
+        self.block_start = int(self.state.generated)
+
+    return _layout
+
+
+def _host_data_row(original):
+    """A denoiser row that builds its step's constants from host data on every call."""
+
+    def _denoise_row(self, z, r):
+        self.row_constants = torch.tensor(self._rows[r], device=z.device)
+        return original(self, z, r)
+
+    return _denoise_row
+
+
+def _host_read_step(original):
+    """A decode step that reads its cache position back to the host."""
+
+    def step(self):
+        self.position = self.cache_pos.item()
+        original(self)
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("target", "unsafe", "message"),
+    [
+        ("layout", _host_read_layout, "reads a device value back to the host"),
+        ("row", _host_data_row, "creates a tensor from host values"),
+        ("step", _host_read_step, "reads a device value back to the host"),
+    ],
+    ids=["block-reads-host", "row-tensor-from-host", "decode-step-reads-host"],
+)
+def test_strict_mode_catches_an_unsafe_step_in_the_loop(
+    tiny_base, tiny_models, monkeypatch, target, unsafe, message
+):
+    """The loop that the tests above pass runs clean under the mode; with one step made
+    unsafe (a host read, a tensor from host data) the very same loop fails, naming it."""
+    from fastdia.decode import DecodePlan
+    from fastdia.window import WindowDiffusion
+
+    denoiser, critic = tiny_models
+    lm = DecodeConfig(latent_weight=0.5)
+    cfg = SamplerConfig(steps=3, guidance=1.0, decode="lm", stop_at=0.5, lm=lm, block_size=4)
+    s = Sampler(
+        denoiser, tiny_base.space, [WeightedCritic("sentiment", critic)], cfg, base_model=tiny_base
+    )
+    plan = s.plan(2, 4, prompt_tokens=4)
+
+    def block():
+        plan.set_inputs([s.encode(p) for p in ROWS], [3, 4])
+        plan.decode_plan.start()
+        with _mode("cpu", "clean-selfcond", **DECODE_CONSTANTS):
+            plan.diffusion.denoise()
+            for _ in range(4):
+                plan.decode_plan.step()
+
+    block()  # the safe loop passes
+    owner, name = {
+        "layout": (WindowDiffusion, "_layout"),
+        "row": (WindowDiffusion, "_denoise_row"),
+        "step": (DecodePlan, "step"),
+    }[target]
+    monkeypatch.setattr(owner, name, unsafe(getattr(owner, name)))
+    with pytest.raises(GraphSafetyError, match=message):
+        block()
+
+
+def _features_without_device(t, dim):
+    """fastdia.models.common.timestep_embedding less its ``device=t.device``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = (t.to(torch.float32) * TIME_SCALE)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_meta_run_catches_a_tensor_made_without_device(tiny_base, unsafe):
+    """A context critic computes its time features in the loop (a constant the mode
+    allows). Built without ``device=`` the tensor lands on the CPU: where the plan is on
+    the CPU, so nothing fails there, but in a meta loop it is a CPU tensor and the mode
+    fails: what the meta run is for. The shipped critic passes on both devices."""
+    case = "adaln-ddim-context-critic"
+    for device in ("cpu", "meta"):
+        s = _to_meta(tiny_base.space, case) if device == "meta" else _sampler(tiny_base.space, case)
+        plan = s.plan(2, s.block_size, prompt_tokens=4)
+        if unsafe:
+            time = s.critics[-1].module.time  # the context critic's TimeMLP
+
+            def timestep_embedding(t, time=time):  # a name the mode allows factories in
+                return time.net(_features_without_device(t, time.features))
+
+            time.forward = timestep_embedding
+        mode = _mode(device, case)
+        if unsafe and device == "meta":
+            with pytest.raises(GraphSafetyError, match="is on cpu"), mode:
+                plan.diffusion.denoise()
+        else:
+            with mode:
+                plan.diffusion.denoise()
+            assert any("aten.arange" in op for op in mode.ops)  # the critic's features ran
+
+
+# ---- every block replays the same work on the same buffers ---------------------------------
+class _Trace(TorchDispatchMode):
+    """Records every op as a CUDA graph would capture it: its name, its non-tensor
+    arguments' values and, per tensor argument, ``("tensor", shape, dtype, storage)``
+    where ``storage`` is the address of a tensor from outside the traced code (a plan
+    buffer, a parameter) and None for one the traced ops made."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple] = []
+        self._made: set[int] = set()  # storages the traced ops created
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        seen = []
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                ptr = leaf.untyped_storage().data_ptr()
+                outside = None if ptr in self._made else ptr
+                seen.append(("tensor", tuple(leaf.shape), leaf.dtype, outside))
+            else:
+                seen.append(leaf)
+        self.ops.append((str(func), tuple(seen)))
+        out = func(*args, **kwargs)
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._made.add(leaf.untyped_storage().data_ptr())
+        return out
+
+    @property
+    def inputs(self) -> set[int]:
+        """The storages from outside that the traced ops read or wrote."""
+        return {
+            leaf[3]
+            for _, leaves in self.ops
+            for leaf in leaves
+            if isinstance(leaf, tuple) and leaf[3] is not None
+        }
+
+
+def _traced(fn) -> _Trace:
+    with _Trace() as trace:
+        fn()
+    return trace
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("case", ["clean-selfcond", "x0-clamp-corrector-kappa-stop"])
+def test_every_block_replays_the_same_ops_on_the_same_buffers(tiny_base, case):
+    """What one captured CUDA graph replays for every block must be what each block does
+    eagerly: the same ops with the same constants on the same buffers (a Python-side
+    counter, or a buffer re-bound between blocks, would make a replay repeat block 0).
+    The blocks of a run and of a later run (other prompts and seeds, copied into the
+    buffers) trace alike, and still write different text block after block."""
+    s = _sampler(tiny_base.space, case)
+    plan = s.plan(2, 3 * s.block_size, prompt_tokens=4)
+    plan.set_inputs([s.encode(p) for p in ROWS], [3, 4])
+    blocks = [_traced(plan.diffusion.denoise) for _ in range(3)]
+    cap, k = plan.prompt_cap, s.block_size
+    assert int(plan.state.generated) == 3 * k
+    written = plan.state.tokens[:, cap:].view(2, 3, k)
+    assert all(not torch.equal(written[:, i], written[:, j]) for i, j in ((0, 1), (1, 2), (0, 2)))
+    plan.set_inputs([s.encode("I"), s.encode("I")], [5, 6])
+    blocks.append(_traced(plan.diffusion.denoise))
+    first = blocks[0]
+    # the loop's inputs are the plan's buffers and the models' weights
+    st = plan.state
+    for buffer in (st.tokens, st.seeds, st.generated, plan.diffusion.z, plan.diffusion.x0):
+        assert _storage(buffer) in first.inputs
+    assert _storage(next(s.denoiser.parameters())) in first.inputs
+    for j, trace in enumerate(blocks[1:], 1):
+        assert len(trace.ops) == len(first.ops), f"block {j} runs other ops than block 0"
+        for i, (op, want) in enumerate(zip(trace.ops, first.ops, strict=True)):
+            assert op == want, f"block {j}, op {i} differs from block 0's"
+
+
+def test_every_decode_step_replays_the_same_ops_on_the_same_buffers(tiny_base, tiny_models):
+    """The same for the LM decode's per-token step (static KV cache): every position
+    traces alike, so one captured step serves every token."""
+    denoiser, critic = tiny_models
+    lm = DecodeConfig(latent_weight=0.5, tilt=1.0, tilt_once=True)
+    cfg = SamplerConfig(steps=2, guidance=1.0, decode="lm", stop_at=0.5, lm=lm, block_size=4)
+    s = Sampler(
+        denoiser, tiny_base.space, [WeightedCritic("sentiment", critic)], cfg, base_model=tiny_base
+    )
+    plan = s.plan(2, 8, prompt_tokens=4)
+    decode = plan.decode_plan
+    plan.set_inputs([s.encode(p) for p in ROWS], [3, 4])
+    decode.start()
+    steps = []
+    for _ in range(2):
+        plan.diffusion.denoise()
+        steps += [_traced(decode.step) for _ in range(4)]
+    assert plan.state.generated.tolist() == [8]
+    first = steps[0]
+    for buffer in (decode.h, decode.tok, decode.cache_pos, decode.mask, plan.state.latent):
+        assert _storage(buffer) in first.inputs
+    for i, trace in enumerate(steps[1:], 1):
+        assert trace.ops == first.ops, f"decode step {i} differs from step 0"
+
+
+def test_cuda_graph_flag_changes_nothing_off_cuda(tiny_base, tiny_models):
+    """``cuda_graph`` asks for capture on a CUDA device only: on the CPU a plan with it
+    captures nothing and writes exactly what a plan without it writes."""
+    denoiser, critic = tiny_models
+    outs = []
     for flag in (True, False):
-        plan = Sampler(denoiser, tiny_base.space, [], SamplerConfig(steps=2, cuda_graph=flag))
-        assert not plan.plan(1, 4).graphed and not plan.plan(1, 4).captures
+        cfg = SamplerConfig(steps=2, guidance=1.0, cuda_graph=flag, block_size=4)
+        s = Sampler(denoiser, tiny_base.space, [WeightedCritic("sentiment", critic)], cfg)
+        plan = s.plan(2, 8)
+        assert not plan.captures and not plan.graphed
+        outs.append(plan.run(ROWS, seed=[3, 4]))
+    assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].z, outs[1].z)
 
 
 def test_triton_wrapper_is_graph_safe_with_device_scalars(monkeypatch):

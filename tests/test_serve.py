@@ -19,11 +19,11 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from benchmarks.serve_load import get, post, run_load  # noqa: E402
 from fastdia.batcher import Batcher, QueueFull, Row  # noqa: E402
 from fastdia.cli_serve import batch_sizes  # noqa: E402
 from fastdia.generate import Generation, Generator, GroupKey  # noqa: E402
 from fastdia.serve import ServeLimits, create_app  # noqa: E402
+from fastdia.serve_client import free_port, get, post  # noqa: E402
 
 SETTINGS = {"steps": 3, "on_eos": "mask", "decode": "lm", "stop_at": 0.5}
 PROMPTS = ["The movie was", "My day", "I think that the", "Food"]
@@ -242,41 +242,75 @@ def test_a_client_that_goes_away_stops_costing_compute(generator):
     assert health["cancelled"] == 3 and health["rows"] == 1 and len(slow.batches) == 1
 
 
+def _load_mix(new_tokens):
+    """40 requests in a fixed order: valid completions (a prompt and a seed each), the bad
+    bodies of BAD and oversized ones; as (kind, body, prompt, seed)."""
+    mix = []
+    for i in range(40):
+        if i % 10 == 3:
+            mix.append(("oversized", json.dumps({"prompt": "x" * 200_000}).encode(), None, None))
+        elif i % 3 == 1:
+            body, _ = BAD[i % len(BAD)]
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            mix.append(("bad", raw, None, None))
+        else:
+            prompt, seed = PROMPTS[i % len(PROMPTS)], 100 + i
+            body = {"prompt": prompt, "max_tokens": new_tokens, "seed": seed}
+            mix.append(("valid", json.dumps(body).encode(), prompt, seed))
+    return mix
+
+
 def test_small_load_and_fault_run(generator):
-    """Concurrent valid, bad and oversized requests: every valid one answered with the
-    Python API's text, every bad one 4xx, no 5xx, nothing lost, batches formed."""
+    """Six clients send valid, bad and oversized requests at once: every valid one is
+    answered with the Python API's text for its prompt and seed, every bad one 4xx, no
+    5xx, nothing lost, and the server batched concurrent rows."""
+    mix = _load_mix(new_tokens=6)
+    answers, errors, lock = {}, [], threading.Lock()
+    todo = iter(range(len(mix)))
+
+    def client():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                answer = post("127.0.0.1", port, mix[i][1], timeout=120)
+            except Exception as exc:  # a lost request: counted, not raised in the thread
+                with lock:
+                    errors.append((i, repr(exc)))
+                continue
+            with lock:
+                answers[i] = answer
+
     with serving(create_app(generator)) as port:
-        load = run_load(
-            "127.0.0.1",
-            port,
-            clients=6,
-            requests=40,
-            duration=120,
-            new_tokens=6,
-            prompts=PROMPTS,
-            bad_frac=0.3,
-            oversized_frac=0.1,
-        )
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
         health = get("127.0.0.1", port, "/health")
-        summary = load.summary()
-        assert summary["requests"] == 40 and summary["lost"] == 0
-        assert summary["server_errors_5xx"] == 0 and summary["bad_accepted"] == 0
-        valid = [a for a in load.answers if a.kind == "valid"]
-        assert valid and all(a.status == 200 for a in valid)
-        assert all(400 <= a.status < 500 for a in load.answers if a.kind != "valid")
-        assert any(int(size) > 1 for size in health["batch_sizes"]), health
-        want = generator.generate(
-            [a.prompt for a in valid], new_tokens=6, seed=[a.seed for a in valid], batch_size=8
-        )
-        assert [a.text for a in valid] == [g.completion for g in want.generations]
         assert _post(port, {"prompt": "x", "max_tokens": 4})[0] == 200  # alive afterwards
+    assert not errors and sorted(answers) == list(range(len(mix)))  # nothing lost
+    statuses = {
+        kind: [answers[i][0] for i, m in enumerate(mix) if m[0] == kind] for kind, *_ in mix
+    }
+    assert set(statuses["valid"]) == {200}, statuses
+    assert all(400 <= s < 500 for s in statuses["bad"]), statuses
+    assert set(statuses["oversized"]) == {413}, statuses
+    assert any(int(size) > 1 for size in health["batch_sizes"]), health
+    valid = [(i, m) for i, m in enumerate(mix) if m[0] == "valid"]
+    want = generator.generate(
+        [m[2] for _, m in valid], new_tokens=6, seed=[m[3] for _, m in valid], batch_size=8
+    )
+    texts = [answers[i][1]["choices"][0]["text"] for i, _ in valid]
+    assert texts == [g.completion for g in want.generations]
+    assert health["rows"] == len(valid)
 
 
 def test_sigterm_drains_requests_in_flight(tiny_model_dir):
     """A real ``fastdia serve`` process: a request sent before SIGTERM is answered, then
     the process exits (uvicorn re-raises the signal once it has drained: status -15)."""
-    from benchmarks.serve_load import free_port
-
     port = free_port()
     cmd = [sys.executable, "-m", "fastdia.cli", "serve", "--port", str(port)]
     cmd += ["--base-model", str(tiny_model_dir), "--random-init", "--steps", "40"]

@@ -184,8 +184,14 @@ def finish() -> None:
     """Leave the process group (every rank, at the end of a command)."""
     global _WORLD
     if _WORLD is not None and _WORLD.distributed:
+        import gc
+
         import torch.distributed as dist
 
+        # free what still holds the group (a DistributedDataParallel reducer in a reference
+        # cycle) while it exists: freed after destroy_process_group, its C++ destructor
+        # aborted a rank at exit ("terminate called without an active exception")
+        gc.collect()
         dist.barrier()  # no rank leaves (rank 0 holds the rendezvous store) while others work
         dist.destroy_process_group()
     _WORLD = None

@@ -175,7 +175,8 @@ class SamplerPlan:
     def generate(self, new_tokens: int) -> int:
         """The block loop on the buffers (after :meth:`set_inputs`): the LM prefill, then
         ``ceil(new_tokens / K)`` blocks of diffusion and decode (the last block's decode
-        stops at ``new_tokens``). Graph-safe but for the prefill. Returns the blocks run."""
+        stops at ``new_tokens``). Graph-safe but for the prefill (and SMC's resampling, which
+        reads the weights back). Returns the blocks run."""
         if self.decode_plan is not None:
             self.decode_plan.start()
             if self.smc:

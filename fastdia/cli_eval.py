@@ -333,7 +333,7 @@ def run_eval(
     world = distributed.world(device)
     device = distributed.rank_device(device, world)
     base = load_base_model(args.base_model, device=device)
-    judges = load_judges(judge_specs, device) if world.is_main else []
+    judges = load_judges(judge_specs, device)  # every rank scores its own prompts
     weights = list(zip(guide.names, guide.weights, strict=True))
     n, length = args.num_samples, args.new_tokens
     banned = special_tokens(

@@ -134,6 +134,38 @@ class Batch:
     text: str | None = None
 
 
+@dataclass
+class Scored:
+    """The model-heavy per-sample values of one prompt's samples (what a rank computes for
+    its own prompts under ``torchrun``, so that scoring is shared out like sampling).
+
+    Attributes:
+        own: ``[n, m]`` float32, the base model's NLL of each continuation token after its
+            prompt.
+        other: ``[n, m]`` float32, the same after the next prompt (the prompt gap), or None
+            for a single prompt.
+        judge_nll: LM judge name -> each sample's ``(summed NLL, tokens)``.
+    """
+
+    own: torch.Tensor
+    other: torch.Tensor | None
+    judge_nll: dict[str, list[tuple[float, int]]]
+
+
+def score_batch(
+    base: BaseModel, batch: Batch, next_prompt: list[int] | None, judges: Sequence[Any] = ()
+) -> Scored:
+    """:class:`Scored` of one prompt's samples; ``next_prompt``: the ids of the prompt after
+    it (cyclically), None when there is one prompt."""
+    cont = batch.ids[:, len(batch.prompt) :]
+    own = continuation_nll(base, batch.prompt, cont)
+    other = None if next_prompt is None else continuation_nll(base, next_prompt, cont)
+    text = batch.text if batch.text is not None else base.space.decode(batch.prompt)
+    conts = [base.space.decode(row) for row in cont]
+    judge_nll = {j.name: j.nll([text] * len(conts), conts) for j in judges if j.kind == "lm"}
+    return Scored(own, other, judge_nll)
+
+
 def summarise(
     base: BaseModel,
     reward: Callable[[list[str]], dict[str, torch.Tensor]],
@@ -142,15 +174,24 @@ def summarise(
     judges: Sequence[Any] = (),
     *,
     score: str = "text",
+    scored: Sequence[Scored] | None = None,
 ) -> tuple[dict[str, Any], RowSamples]:
     """The metrics of a row (see the module docstring); ``seconds`` spent writing and
     scoring the samples (the judges are not counted: a user does not pay for them). Also
     the row's per-sample values, for confidence intervals. ``score``: what the rewards and
-    sentiment judges read, ``"text"`` (prompt and continuation) or ``"continuation"``."""
+    sentiment judges read, ``"text"`` (prompt and continuation) or ``"continuation"``.
+    ``scored``: each batch's :func:`score_batch` where the ranks computed them (computed
+    here otherwise)."""
+    if scored is None:
+        nxt = [batches[(i + 1) % len(batches)].prompt for i in range(len(batches))]
+        scored = [
+            score_batch(base, b, nxt[i] if len(batches) > 1 else None, judges)
+            for i, b in enumerate(batches)
+        ]
     texts = scored_texts(base, batches, score)
     generated = [row[len(b.prompt) :].tolist() for b in batches for row in b.ids]
     n_tokens = sum(len(g) for g in generated)
-    own = [continuation_nll(base, b.prompt, b.ids[:, len(b.prompt) :]) for b in batches]
+    own = [x.own for x in scored]
     nll_own = torch.cat([x.flatten() for x in own])
     degenerate = [is_degenerate(g) for g in generated]
     prompt_of = [i for i, b in enumerate(batches) for _ in range(b.ids.shape[0])]
@@ -160,13 +201,8 @@ def summarise(
     ]
     gap = None
     if len(batches) > 1:
-        other = [
-            continuation_nll(
-                base, batches[(i + 1) % len(batches)].prompt, b.ids[:, len(b.prompt) :]
-            )
-            for i, b in enumerate(batches)
-        ]
-        gap = (torch.cat([x.flatten() for x in other]) - nll_own).mean().item()
+        other = torch.cat([x.other.flatten() for x in scored if x.other is not None])
+        gap = (other - nll_own).mean().item()
     values = reward(texts)
     rewards: dict[str, Any] = {}
     for name, v in values.items():
@@ -196,7 +232,12 @@ def summarise(
     positive = None if sentiment is None else (sentiment > POSITIVE).double().tolist()
     nontoxic = values.get("nontoxic")
     toxicity = None if nontoxic is None else (1 - nontoxic.double()).tolist()
-    judged = judge_row(base, judges, batches, texts, positive, degenerate, toxicity)
+    judge_nll = {
+        name: [v for x in scored for v in x.judge_nll[name]] for name in scored[0].judge_nll
+    }
+    judged = judge_row(
+        base, judges, batches, texts, positive, degenerate, toxicity, judge_nll=judge_nll
+    )
     row["judges"] = judged.pop("row")
     samples = RowSamples.build(
         prompt=prompt_of,
@@ -235,11 +276,14 @@ def judge_row(
     positive: list[float] | None,
     degenerate: list[bool],
     toxicity: list[float] | None = None,
+    *,
+    judge_nll: dict[str, list[tuple[float, int]]] | None = None,
 ) -> dict[str, Any]:
     """Every judge on a row's samples: ``{"row": {judge: {metric: value}},
     "judge_positive": [n] or None, "judge_scores": [(nll, tokens)] or None,
     "judge_toxic": [n] or None}`` (the first judge of each kind gives the per-sample values
-    behind the intervals).
+    behind the intervals). ``judge_nll``: LM judges' per-sample ``(NLL, tokens)`` already
+    computed (:func:`score_batch`), by judge name.
 
     A sentiment judge reports its positive rate and, where the reward has one too, the
     reward-hacking rate: samples the reward calls positive and the judge does not, or
@@ -261,7 +305,8 @@ def judge_row(
     out: dict[str, Any] = {"judge_positive": None, "judge_scores": None, "judge_toxic": None}
     for judge in judges:
         if judge.kind == "lm":
-            scores = judge.nll(prompts, conts)
+            known = (judge_nll or {}).get(judge.name)
+            scores = known if known is not None else judge.nll(prompts, conts)
             report[judge.name] = {"perplexity": jd.perplexity(scores)}
             if out["judge_scores"] is None:
                 out["judge_scores"] = scores
@@ -320,31 +365,49 @@ def evaluate_method(
     by ``judges``; the rewards read ``score`` (:func:`scored_texts`). Prompt ``i`` takes the
     seed ``seed + 1000 i`` (disjoint per-row seeds across prompts).
 
-    Under ``torchrun`` (``world``) rank ``r`` writes the groups ``r, r + W, ...``, and rank
-    0 gathers them, scores and summarises (the others return None); the seconds are summed
-    over ranks, so seconds per 100 tokens stay what one process pays.
+    Under ``torchrun`` (``world``) rank ``r`` writes the groups ``r, r + W, ...`` and
+    computes their model-heavy scores (:func:`score_batch`: perplexities, the prompt gap,
+    the LM judges), and rank 0 gathers them, scores the rewards and summarises (the others
+    return None); the seconds are summed over ranks, so seconds per 100 tokens stay what
+    one process pays.
     """
     if group < 1:
         raise ConfigError(f"prompts per batch must be >= 1, got {group}")
-    done: list[tuple[int, list[Batch]]] = []
+    done: list[tuple[int, list[Batch], list[Scored]]] = []
     seconds = 0.0
     for first in world.take(range(0, len(prompts), group)):
         chunk = list(prompts[first : first + group])
         seeds = [seed + 1000 * i for i in range(first, first + len(chunk))]
         ids, sec = method(chunk, seeds)
         batches = [Batch(x, base.space.encode(p), p) for x, p in zip(ids, chunk, strict=True)]
-        done.append((first, batches))
+        # the model-heavy scoring of this rank's prompts (not timed: like the judges, a
+        # user does not pay for the metrics)
+        scored = [
+            score_batch(
+                base,
+                b,
+                base.space.encode(prompts[(first + k + 1) % len(prompts)])
+                if len(prompts) > 1
+                else None,
+                judges,
+            )
+            for k, b in enumerate(batches)
+        ]
+        done.append((first, batches, scored))
         seconds += sec
     shares = world.gather((done, seconds))
     if shares is None:
         return None
     groups = sorted((g for part, _ in shares for g in part), key=lambda g: g[0])
-    batches = [b for _, chunk in groups for b in chunk]
+    batches = [b for _, chunk, _ in groups for b in chunk]
+    scored = [x for _, _, part in groups for x in part]
     seconds = sum(sec for _, sec in shares)
     start = time.perf_counter()
     values = reward(scored_texts(base, batches, score))
     seconds += time.perf_counter() - start  # what a user pays to score the samples
-    return summarise(base, lambda texts: values, batches, seconds, judges, score=score)
+    return summarise(
+        base, lambda texts: values, batches, seconds, judges, score=score, scored=scored
+    )
 
 
 def add_intervals(

@@ -230,8 +230,9 @@ def test_two_ranks_evaluate_what_one_process_evaluates(
     tiny_pipeline,  # noqa: F811
     tmp_path,
 ):
-    """``eval`` under torchrun: each rank writes its groups of prompts, rank 0 scores and
-    writes; every row's samples and metrics are those of one process."""
+    """``eval`` under torchrun: each rank writes its groups of prompts and computes their
+    perplexities, prompt gap and LM-judge scores, rank 0 scores the rewards and writes;
+    every row's samples and metrics are those of one process."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("The movie\nI love\nA long road led to\nWe went\nShe said\n")
     args = [
@@ -255,7 +256,7 @@ def test_two_ranks_evaluate_what_one_process_evaluates(
         "--rewards",
         "sentiment",
         "--judges",
-        "none",
+        f"lm:{tiny_model_dir},afinn",  # an LM judge: each rank scores its own prompts
         "--draws",
         "20",
     ]

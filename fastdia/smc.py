@@ -10,7 +10,8 @@ of an SMC sampler whose target, per row's continuation ``x_1..x_n``, is::
 ``p_T`` the base model's next-token distribution at temperature ``T`` (banned tokens
 removed), ``u`` the token-local critics' per-token values (:func:`fastdia.decode.
 token_values`) and ``beta`` the decode's tilt weight (``tilt x guidance / W``): the tilted
-target the decode aims at, without the latent's pull and the temperature's rounding error.
+target the decode aims at, without the latent's pull (nor tilt-once's or a horizon's edits
+of the tilt, where set): the weights correct those.
 The twist after ``j`` blocks is the tilt of the tokens so far (exact for this additive
 target), so each drawn token adds the incremental log-weight::
 

@@ -342,6 +342,8 @@ class DecodePlan:
         # the draw of the tied path, bound once (the sampler resolved its variant)
         backend = decoder.backends.get(SAMPLE_VOCAB)
         self._sample_vocab = registry.get(SAMPLE_VOCAB, backend) if backend else None
+        # the one fused call per token over the embedding (SMC needs the explicit scores)
+        self.fused = self.tied and self._sample_vocab is not None and self.log_w is None
         mdev = model.device
         self.noise_step = torch.zeros((), dtype=torch.int64, device=device)
         # the final hidden state of the last token read: what the next draw reads
@@ -417,7 +419,7 @@ class DecodePlan:
         bias = self.bias if self.row_bias is None else self.row_bias
         if self._horizon:  # past the horizon the tilt is gone
             bias = torch.where(st.generated >= self._horizon, self._untilted, bias)
-        if self.tied and self._sample_vocab is not None and self.log_w is None:
+        if self.fused:
             return self._sample_vocab(
                 query, space.weight, bias, seed=st.seeds, step=self.noise_step
             )

@@ -322,9 +322,10 @@ def run_job(
     order = {r.id: i for i, r in enumerate(r for b in batches for r in b)}
     if world.is_main:
         merge_parts(output, order)  # a sharded run cut short
-        read_done(output)  # cuts a torn last line before the other ranks read
+        done = read_done(output)  # cuts a torn last line before the other ranks read
     world.barrier()
-    done = read_done(output)
+    if not world.is_main:
+        done = read_done(output)
     known = {r.id for r in requests}
     stray = sorted(done - known)
     if stray:

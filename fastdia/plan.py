@@ -118,7 +118,7 @@ class SamplerPlan:
             paths |= {
                 "decode_graph": self.decode_plan.graphed,
                 "kv_cache": "static" if self.decode_plan.static else "dynamic",
-                "decode_head": "tied" if self.decode_plan.tied else "general",
+                "decode_head": "tied" if self.decode_plan.fused else "general",
                 "tilt_critics": self.tilt_critics,
             }
         return paths

@@ -58,6 +58,7 @@ from fastdia.base_model import BaseModel
 from fastdia.data import sample_prompts
 from fastdia.distributed import SINGLE, World
 from fastdia.errors import ConfigError
+from fastdia.lm_nll import tail_nll
 from fastdia.stats import RowSamples, distinct_by_prompt
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,7 @@ def continuation_nll(base: BaseModel, prompt: Sequence[int], cont: torch.Tensor)
     """Base-model NLL of each token of ``cont [n, m]`` after ``prompt``: ``[n, m]`` float32."""
     model = base.model
     ids = torch.cat([torch.tensor(list(prompt)).expand(cont.shape[0], -1), cont], dim=1)
-    ids = ids.to(model.device)
-    logp = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
-    return nll[:, len(prompt) - 1 :].cpu()
+    return tail_nll(model, ids.to(model.device), cont.shape[1]).cpu()
 
 
 @dataclass

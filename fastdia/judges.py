@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from fastdia.errors import AssetMissingError, ConfigError
+from fastdia.lm_nll import tail_nll
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +114,37 @@ class LMJudge:
         return [bos, *ids] if bos is not None else ids
 
     @torch.no_grad()
-    def nll(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
-        """Each continuation's summed NLL given its prompt, and its token count."""
-        out = []
+    def nll(
+        self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 16
+    ) -> list[tuple[float, int]]:
+        """Each continuation's summed NLL given its prompt, and its token count.
+
+        Rows are scored ``batch_size`` at a time, padded on the left under an attention
+        mask so that their continuations end together (logits are computed for the
+        continuations only: :func:`fastdia.lm_nll.tail_nll`); a batch gives each row its
+        one-at-a-time score within float rounding.
+        """
+        rows = []
         for prompt, cont in zip(prompts, continuations, strict=True):
-            context = self._ids(prompt)
             full = self._ids(prompt + cont)
-            start = max(len(context), 1)
-            if len(full) <= start:
-                out.append((0.0, 0))
-                continue
-            ids = torch.tensor([full], device=self.model.device)
-            logp = torch.log_softmax(self.model(ids).logits[0, :-1].float(), dim=-1)
-            targets = ids[0, 1:]
-            nll = -logp.gather(-1, targets[:, None])[:, 0]
-            out.append((float(nll[start - 1 :].sum()), len(full) - start))
+            rows.append((full, len(full) - max(len(self._ids(prompt)), 1)))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+        todo = [i for i, (_, count) in enumerate(rows) if count > 0]
+        for lo in range(0, len(todo), batch_size):
+            chunk = todo[lo : lo + batch_size]
+            width = max(len(rows[i][0]) for i in chunk)
+            keep = max(rows[i][1] for i in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, i in enumerate(chunk):
+                full = rows[i][0]
+                ids[r, width - len(full) :] = torch.tensor(full)
+                mask[r, width - len(full) :] = 1
+            device = self.model.device
+            nll = tail_nll(self.model, ids.to(device), keep, mask.to(device)).cpu()
+            for r, i in enumerate(chunk):
+                count = rows[i][1]
+                out[i] = (float(nll[r, keep - count :].sum()), count)
         return out
 
 

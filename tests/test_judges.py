@@ -64,6 +64,21 @@ def test_lm_judge_scores_the_continuation_given_the_prompt(tiny_base, tiny_model
     assert judge.nll(["x"], [""]) == [(0.0, 0)]  # nothing to score
 
 
+def test_lm_judge_batches_give_each_rows_own_score(tiny_model_dir):
+    """Rows of different lengths scored together (padded on the right) get the scores
+    they get one at a time; an empty continuation keeps its place."""
+    (judge,) = load_judges(parse_judges(f"lm:{tiny_model_dir}"))
+    prompts = ["The movie was", "A", "It is a long story about the", "Then", "x"]
+    conts = [" great and the actors", " b", " end.", "", " and then some more words here"]
+    alone = [judge.nll([p], [c])[0] for p, c in zip(prompts, conts, strict=True)]
+    for size in (1, 2, 16):
+        got = judge.nll(prompts, conts, batch_size=size)
+        assert [c for _, c in got] == [c for _, c in alone]
+        assert got[3] == (0.0, 0)
+        for (a, _), (b, _) in zip(got, alone, strict=True):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+
+
 def test_afinn_judge_reads_valence():
     judge = SentimentJudge()
     assert judge.score(["I loved it, wonderful", "It was a movie.", "I hated this"]) == [

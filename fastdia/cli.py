@@ -223,6 +223,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         random_init=args.random_init,
         length=new_tokens,
         device=device,
+        reward=lambda texts: rewards(texts)["total"],
     )
     sampler = assembly.sampler
     prompts, seeds, owners = [], [], []

@@ -350,7 +350,7 @@ def run_eval(
         extra = {k: settings[k] for k in _SWITCHES if k in settings}
         config = sampler_config(settings, **extra)
         return build_sampler(
-            base, config, rewards=weights, checkpoint=checkpoint, device=device
+            base, config, rewards=weights, checkpoint=checkpoint, device=device, reward=score
         ).sampler
 
     # (name, kind, settings, method, family, strength): a family's rows differ in one

@@ -139,6 +139,24 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         f"({ckpt} 0.5)",
     )
     p.add_argument(
+        "--smc-twist",
+        choices=("critic", "reward"),
+        default=None,
+        help="SMC: what weighs the particles between blocks: critic (the critics' per-token "
+        "tilt) or reward (the true reward of each particle's text so far, times "
+        "--smc-reward-weight: any reward, no critic needed with --guidance 0) "
+        f"({ckpt} critic)",
+    )
+    p.add_argument(
+        "--smc-reward-weight",
+        type=_number,
+        default=None,
+        metavar="W",
+        help="SMC: target the base model times exp(W x the true reward of the finished text): "
+        "the last weighting reads the reward in place of the twist (0: the critics' target; "
+        f"--smc-twist reward needs W > 0) ({ckpt} 0)",
+    )
+    p.add_argument(
         "--tilt-once",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -249,12 +249,16 @@ class LMDecoder:
         *,
         graph: bool = False,
         smc: bool = False,
+        smc_tilted: bool = True,
     ) -> DecodePlan:
         """A decode over the block loop's buffers ``state`` from level ``abar``, the critics'
         per-token values weighted by ``beta``, the ``banned`` ids never drawn; ``graph``:
         capture the per-token step as a CUDA graph (on a CUDA device with a static cache);
-        ``smc``: keep each row's SMC log-weight (:mod:`fastdia.smc`) in ``log_w``."""
-        return DecodePlan(self, state, abar, critics, beta, banned, graph=graph, smc=smc)
+        ``smc``: keep each row's SMC log-weight (:mod:`fastdia.smc`) in ``log_w``, toward
+        the tilted target (``smc_tilted``) or the base model's alone (a reward twist)."""
+        return DecodePlan(
+            self, state, abar, critics, beta, banned, graph=graph, smc=smc, smc_tilted=smc_tilted
+        )
 
 
 class DecodePlan:
@@ -285,6 +289,7 @@ class DecodePlan:
         *,
         graph: bool = False,
         smc: bool = False,
+        smc_tilted: bool = True,
     ) -> None:
         cfg = decoder.config
         base = decoder.base
@@ -318,17 +323,20 @@ class DecodePlan:
             if spent is not None:
                 spent[list(banned)] = BANNED_SCORE
         self.bias = bias
-        # SMC's target per token: log p_T(v) + beta u(v), banned tokens out (fastdia.smc)
+        # SMC's target per token: log p_T(v) + beta u(v) (without the tilt for a reward
+        # twist), banned tokens out (fastdia.smc); twist: each row's sum of beta u so far
         self.log_w: torch.Tensor | None = None
+        self.twist: torch.Tensor | None = None
         self._smc_tilt = self._smc_banned = torch.zeros_like(bias)
         if smc:
-            if tilt is not None:
+            if tilt is not None and smc_tilted:
                 self._smc_tilt = tilt.clone()
             if banned:
                 self._smc_banned = torch.zeros_like(bias).index_fill_(
                     0, torch.tensor(list(banned), device=device), -math.inf
                 )
             self.log_w = torch.zeros(state.tokens.shape[0], dtype=torch.float64, device=device)
+            self.twist = torch.zeros_like(self.log_w)
         self._horizon = cfg.tilt_horizon if tilt is not None else 0
         self._untilted = spent
         # tilt_once: a per-row bias [B, V] that loses a token's tilt once it is drawn
@@ -436,7 +444,9 @@ class DecodePlan:
             at = tok[:, None]
             target = torch.log_softmax(prior + self._smc_banned, dim=-1).gather(1, at)[:, 0]
             proposal = torch.log_softmax(logits, dim=-1).gather(1, at)[:, 0]
-            self.log_w += (target + self._smc_tilt[tok] - proposal).double()
+            twist = self._smc_tilt[tok].double()
+            self.log_w += (target - proposal).double() + twist
+            self.twist += twist
         return tok
 
     @torch.no_grad()
@@ -466,7 +476,8 @@ class DecodePlan:
         per-row tilt, in place (eager: the caller reads weights back to the host)."""
         st = self.state
         idx = parents.to(st.tokens.device)
-        for buf in (st.tokens, st.prompt_len, st.pad, st.hist, self.h, self.row_bias):
+        rows = (st.tokens, st.prompt_len, st.pad, st.hist, self.h, self.row_bias, self.twist)
+        for buf in rows:
             if buf is not None:
                 buf.copy_(buf.index_select(0, idx.to(buf.device)))
         midx = idx.to(self.tok.device)
@@ -494,6 +505,7 @@ class DecodePlan:
         self.noise_step.fill_(DECODE_STEP)
         if self.log_w is not None:
             self.log_w.zero_()
+            self.twist.zero_()
         self._dynamic, self._dynamic_len = None, 0
         if self.cache is not None:
             self.cache.reset()  # in place: the captured step keeps its addresses

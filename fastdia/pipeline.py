@@ -8,7 +8,7 @@ fails before any heavy work.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,19 +102,24 @@ def build_sampler(
     length: int = 32,
     device: torch.device | str = "cpu",
     loaded: Checkpoint | None = None,
+    reward: Callable[[list[str]], Any] | None = None,
 ) -> Assembly:
     """Build a :class:`Sampler` guided by one critic per ``(reward name, weight)``.
 
     Args:
         base: the loaded base model.
         config: sampler settings.
-        rewards: ``(canonical reward spec, weight)`` pairs; each needs a critic.
+        rewards: ``(canonical reward spec, weight)`` pairs; each needs a critic when the
+            guidance is above 0 (at guidance 0 no critic steers: those the checkpoint has
+            are kept for their values, a reward without one is fine).
         checkpoint: a checkpoint folder; None means the shipped demo checkpoint.
         random_init: use untrained models instead of a checkpoint.
         length: the sequence length to be sampled (sizes a random denoiser).
         device: where to run.
         loaded: ``checkpoint`` already loaded (by :func:`load_checkpoint`), to build
             several samplers over one copy of its models.
+        reward: the true reward (texts -> one number each) for SMC's reward weighting
+            (``config.smc_reward_weight``); :class:`Sampler`'s ``reward``.
 
     Raises:
         CheckpointError: no checkpoint and no ``random_init``, a missing critic, or a
@@ -127,11 +132,21 @@ def build_sampler(
         checkpoint = resolve_checkpoint(checkpoint)
         ckpt = loaded or load_checkpoint(checkpoint, base.space, device=device)
         denoiser, critics = ckpt.denoiser, ckpt.critics_of(config.critic_kind)
-        check_critics(checkpoint, critics, names, config.critic_kind)
+        if config.guidance:
+            check_critics(checkpoint, critics, names, config.critic_kind)
     if config.guidance and not rewards:
         raise ConfigError("guidance needs at least one reward (--reward NAME)")
-    weighted = [WeightedCritic(name, critics[name], weight) for name, weight in rewards]
-    sampler = Sampler(denoiser, base.space, weighted, config, device=device, base_model=base)
+    weighted = [WeightedCritic(name, critics[name], w) for name, w in rewards if name in critics]
+    sampler = Sampler(
+        denoiser,
+        base.space,
+        weighted,
+        config,
+        device=device,
+        base_model=base,
+        reward=reward,
+        reward_name=", ".join(names) or "reward",
+    )
     return Assembly(sampler, weighted)
 
 
@@ -147,7 +162,9 @@ def check_critics(
         raise CheckpointError(
             f"checkpoint {checkpoint} has no {what} for {', '.join(missing)} "
             f"(its {what}s: {have}); train one with `fastdia train-critic --reward "
-            f"{missing[0]}{train}` or pick a reward it has"
+            f"{missing[0]}{train}`, pick a reward it has, or steer by the reward itself "
+            "with no critic: --guidance 0 --decode lm --particles P --smc-twist reward "
+            "--smc-reward-weight W"
         )
 
 
@@ -196,5 +213,7 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         noise_kappa=settings["adaptive_noise"],
         particles=settings["particles"],
         ess_threshold=settings["ess_threshold"],
+        smc_twist=settings["smc_twist"],
+        smc_reward_weight=settings["smc_reward_weight"],
         **extra,
     )

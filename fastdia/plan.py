@@ -21,7 +21,7 @@ from fastdia.models.critic import TokenLocalCritic
 from fastdia.prompts import Prompt
 from fastdia.run_checks import check_new_tokens, row_seed_list
 from fastdia.sample_output import SampleOutput
-from fastdia.smc import Particles, child_seed
+from fastdia.smc import Particles, child_seed, score_texts
 from fastdia.window import BlockState, WindowDiffusion
 
 if TYPE_CHECKING:
@@ -74,6 +74,10 @@ class SamplerPlan:
         self.smc = cfg.particles > 1  # eager: resampling reads the weights back
         self.captures = cfg.cuda_graph and device.type == "cuda" and not self.smc
         self.particles: Particles | None = None
+        # SMC's reward weighting: the run's prompt rows and chat flag (the reward reads the
+        # text as SampleOutput.texts does) and each row's last weighted reward (the twist)
+        self._reading: tuple[list[list[int]], bool] = ([], False)
+        self._last_reward = torch.zeros(batch_size, dtype=torch.float64)
         self.decode_plan: DecodePlan | None = None
         self.tilt_critics: list[str] = []
         if sampler.decoder is not None:
@@ -96,6 +100,7 @@ class SamplerPlan:
                 banned,
                 graph=self.captures and lm_decode,
                 smc=self.smc,
+                smc_tilted=cfg.smc_twist == "critic",
             )
         self._graph: torch.cuda.CUDAGraph | None = None
         if self.captures:
@@ -216,16 +221,20 @@ class SamplerPlan:
                 )
 
     def _resample(self, block: int, *, final: bool) -> None:
-        """SMC after block ``block`` (:mod:`fastdia.smc`): the groups whose ESS fell under
-        the threshold (every group when ``final``) are resampled; rows that took a parent
-        take child seeds (not after the last block: no noise is drawn after it)."""
+        """SMC after block ``block`` (:mod:`fastdia.smc`): the reward weighting where set,
+        then the groups whose ESS fell under the threshold (every group when ``final``) are
+        resampled; rows that took a parent take child seeds (not after the last block: no
+        noise is drawn after it)."""
         cfg, st, plan, particles = self.sampler.config, self.state, self.decode_plan, self.particles
         assert plan is not None and particles is not None
+        if cfg.smc_reward_weight and (final or cfg.smc_twist == "reward"):
+            self._weigh_by_reward(final)
         seeds = st.seeds.tolist()
         parents = particles.step(block, seeds, final=final)
         if parents is None:
             return
         plan.reorder(parents)
+        self._last_reward = self._last_reward[parents]
         if final:
             return
         redo = particles.resampled[-1]
@@ -234,6 +243,28 @@ class SamplerPlan:
             for b, parent in enumerate(parents)
         ]
         st.seeds.copy_(torch.tensor(fresh, dtype=torch.int64))
+
+    def _weigh_by_reward(self, final: bool) -> None:
+        """Add the true reward's weight to every row's log-weight: with the reward twist,
+        ``W (r_j - r_{j-1})`` for the text after this block (``r_0 = 0``); with the critic
+        twist (final block only), ``W r(x)`` in place of the twist the decode added (the
+        rows' sums of ``beta u``), so the last weights target ``p_T(x) exp(W r(x))``."""
+        sampler, plan = self.sampler, self.decode_plan
+        assert plan is not None and plan.log_w is not None and plan.twist is not None
+        assert sampler.reward is not None  # Sampler checked
+        rows, chat = self._reading
+        cap, generated = self.prompt_cap, int(self.state.generated)
+        tokens = self.state.tokens[:, cap : cap + generated].cpu()
+        texts = self._read(rows, tokens, chat)[2]
+        score = sampler.config.smc_reward_weight * score_texts(
+            sampler.reward, [sampler.space.decode(r) for r in texts], sampler.reward_name
+        )
+        if sampler.config.smc_twist == "reward":
+            increment = score - self._last_reward
+        else:
+            increment = score - plan.twist.cpu()
+        plan.log_w += increment.to(plan.log_w.device)
+        self._last_reward = score
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -295,6 +326,8 @@ class SamplerPlan:
         seeds = row_seed_list(seed, self.batch_size)
         if self.smc:
             self._check_groups(rows)
+            self._reading = (rows, chat)
+            self._last_reward.zero_()
         context = sampler.context_length()
         if context is not None:
             check_new_tokens(
@@ -320,21 +353,35 @@ class SamplerPlan:
         )
         out.seconds, out.blocks = seconds, blocks
         if self.particles is not None:
-            out.smc = self.particles.summary()
+            cfg = sampler.config
+            out.smc = self.particles.summary() | {
+                "twist": cfg.smc_twist,
+                "reward_weight": cfg.smc_reward_weight,
+            }
         return out
 
-    def _outputs(
-        self, rows: list[list[int]], seeds: list[int], tokens: torch.Tensor, chat: bool
-    ) -> SampleOutput:
-        """Cut every row at its first end token and decode (host side, after timing)."""
-        sampler = self.sampler
-        space, stop = sampler.space, set(sampler.special.stop)
+    def _read(
+        self, rows: list[list[int]], tokens: torch.Tensor, chat: bool
+    ) -> tuple[list[list[int]], list[bool], list[list[int]]]:
+        """Each row's completion (its ``tokens [B, n]`` up to its first end token), whether
+        it ended, and what a reward reads: the prompt and the completion, or with ``chat``
+        the completion alone (token ids)."""
+        stop = set(self.sampler.special.stop)
         completion, finished = [], []
         for row in tokens.tolist():
             end = next((i for i, t in enumerate(row) if t in stop), None)
             completion.append(row if end is None else row[:end])
             finished.append(end is not None)
         read = completion if chat else [p + c for p, c in zip(rows, completion, strict=True)]
+        return completion, finished, read
+
+    def _outputs(
+        self, rows: list[list[int]], seeds: list[int], tokens: torch.Tensor, chat: bool
+    ) -> SampleOutput:
+        """Cut every row at its first end token and decode (host side, after timing)."""
+        sampler = self.sampler
+        space = sampler.space
+        completion, finished, read = self._read(rows, tokens, chat)
         values = {
             c.name: self._final_values(c.module, tokens.shape[1])
             if c.module.config.reads_states

@@ -36,6 +36,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ from fastdia.run_checks import check_block_size, check_new_tokens, check_seed, c
 from fastdia.sample_output import SampleOutput
 from fastdia.schedules import SAMPLERS, check_choice, check_stop
 from fastdia.settings import SAMPLING_KEYS, check_guidance
-from fastdia.smc import check_particles
+from fastdia.smc import check_particles, check_smc_reward
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,13 @@ class SamplerConfig:
             weighted toward the decode's exact tilted target and resampled; 1: no SMC.
         ess_threshold: SMC resamples a group whose effective sample size falls under
             ``ess_threshold x particles``; in ``(0, 1]``.
+        smc_twist: what weighs SMC's particles between blocks: ``"critic"`` (the critics'
+            per-token tilt, :mod:`fastdia.smc`) or ``"reward"`` (the true reward of each
+            particle's text so far times ``smc_reward_weight``; the sampler's ``reward``).
+        smc_reward_weight: ``W >= 0``: SMC targets the base model (at the decode's
+            temperature) times ``exp(W r(x))``, ``r`` the sampler's ``reward`` of the
+            finished text (the last weighting replaces the twist by it); 0: the critics'
+            tilted target. ``smc_twist="reward"`` needs ``W > 0``.
     """
 
     sampler: str = _DEFAULT["sampler"]
@@ -140,6 +148,8 @@ class SamplerConfig:
     critic_kind: str = _DEFAULT["critic_kind"]
     particles: int = _DEFAULT["particles"]
     ess_threshold: float = _DEFAULT["ess_threshold"]
+    smc_twist: str = _DEFAULT["smc_twist"]
+    smc_reward_weight: float = _DEFAULT["smc_reward_weight"]
 
     def __post_init__(self) -> None:
         check_choice(self.critic_kind, CRITIC_KINDS_GUIDING, "critic_kind")
@@ -170,6 +180,7 @@ class SamplerConfig:
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
         check_guidance(self.guidance)
         check_particles(self.particles, self.ess_threshold)
+        check_smc_reward(self.smc_twist, self.smc_reward_weight, self.particles)
         if self.particles > 1 and self.decode != "lm":
             raise ConfigError(
                 "SMC (particles > 1) weighs the LM decode's draws: use decode='lm' (--decode lm)"
@@ -232,6 +243,11 @@ class Sampler:
         config: :class:`SamplerConfig`.
         device: where to run; defaults to the denoiser's device.
         base_model: the base LM, needed by ``decode="lm"`` (same embeddings as ``space``).
+        reward: the true reward SMC's reward weighting reads (``config.smc_reward_weight``):
+            a callable from ``B`` texts (what :attr:`SampleOutput.texts` holds) to ``B``
+            finite numbers (a tensor, array or list); any Python function will do, no critic
+            needed.
+        reward_name: its name in error messages.
 
     Attributes:
         window: ``W``, the denoiser's window (``config.window``, else its ``max_length``).
@@ -247,8 +263,17 @@ class Sampler:
         device: torch.device | str | None = None,
         *,
         base_model: BaseModel | None = None,
+        reward: Callable[[list[str]], Any] | None = None,
+        reward_name: str = "reward",
     ) -> None:
         self.config = config = config or SamplerConfig()
+        if config.particles > 1 and config.smc_reward_weight and reward is None:
+            raise ConfigError(
+                "smc_reward_weight weighs SMC's particles by the true reward of their text: "
+                "pass reward= (a callable from texts to one number each) to the Sampler "
+                "(fastdia.pipeline.build_sampler passes the run's --reward)"
+            )
+        self.reward, self.reward_name = reward, reward_name
         self.device = torch.device(device) if device else next(denoiser.parameters()).device
         if denoiser.config.dim != space.dim:
             raise ConfigError(

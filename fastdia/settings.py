@@ -40,6 +40,8 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "adaptive_noise": SamplingKey(0.0, "a finite number >= 0"),
     "particles": SamplingKey(1, "a positive integer (1: no SMC)"),
     "ess_threshold": SamplingKey(0.5, "a finite number > 0 (at most 1)"),
+    "smc_twist": SamplingKey("critic", "critic or reward"),
+    "smc_reward_weight": SamplingKey(0.0, "a finite number >= 0 (0: the critics' target)"),
 }
 """The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
 name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""

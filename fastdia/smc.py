@@ -25,13 +25,27 @@ that they diverge). At the end every group is resampled once more, so the return
 are equally weighted draws, and the estimate of each group's log normalising constant
 ``log Z`` (of ``pi`` relative to ``p_T``) is reported with the ESS per block.
 
+**The true reward** (``SamplerConfig.smc_reward_weight = W > 0``, the sampler's
+``reward``, any callable from texts to numbers): the target becomes::
+
+    pi_r(x) ∝ p_T(x) exp(W r(x))
+
+with ``r`` the reward of the finished text (what ``SampleOutput.texts`` holds). With the
+critic twist the last block's weight swaps the twist for the reward: it adds
+``W r(x) - beta sum_i u(x_i)`` (the row's whole twist, :attr:`DecodePlan.twist`). With the
+reward twist (``smc_twist="reward"``) the decode's weights leave the tilt out (target
+``p_T``) and every block adds ``W (r(x_1..j) - r(x_1..j-1))``, the reward of the text so
+far against its value a block earlier: no critic is needed, so any reward steers.
+
 Resampling reads the weights back to the host: an SMC run is eager (no CUDA graphs).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,6 +62,58 @@ def check_particles(particles: int, ess_threshold: float) -> None:
         )
     if not (isinstance(ess_threshold, (int, float)) and 0 < ess_threshold <= 1):
         raise ConfigError(f"ess_threshold must be in (0, 1], got {ess_threshold!r}")
+
+
+SMC_TWISTS = ("critic", "reward")  # SamplerConfig.smc_twist
+
+
+def check_smc_reward(twist: str, weight: float, particles: int) -> None:
+    """A ConfigError unless ``twist`` is one of :data:`SMC_TWISTS` and ``weight`` a finite
+    number >= 0 that is positive for the reward twist, and either is used with SMC only."""
+    if twist not in SMC_TWISTS:
+        raise ConfigError(f"smc_twist must be one of {', '.join(SMC_TWISTS)}, got {twist!r}")
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise ConfigError(f"smc_reward_weight must be a finite number >= 0, got {weight!r}")
+    if twist == "reward" and not weight:
+        raise ConfigError(
+            "smc_twist='reward' weighs particles by W x the reward of their text so far: "
+            "give W > 0 (--smc-reward-weight)"
+        )
+    if particles < 2 and (weight or twist != "critic"):
+        raise ConfigError(
+            "smc_twist and smc_reward_weight weigh SMC's particles: give particles >= 2 "
+            "(--particles)"
+        )
+
+
+def score_texts(reward: Callable[[list[str]], Any], texts: list[str], name: str) -> torch.Tensor:
+    """``reward(texts)`` as ``[B]`` float64 on the CPU, or a ConfigError naming the reward
+    ``name`` and the first bad row (a reward must give one finite number per text)."""
+    got = reward(texts)
+    try:
+        scores = torch.as_tensor(got, dtype=torch.float64).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"reward {name!r} must return one number per text, got {type(got).__name__}: {exc}"
+        ) from None
+    if scores.shape[0] != len(texts):
+        raise ConfigError(
+            f"reward {name!r} returned {scores.shape[0]} scores for {len(texts)} texts: it "
+            "must return one number per text"
+        )
+    bad = (~torch.isfinite(scores)).nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        raise ConfigError(
+            f"reward {name!r} scored row {row} as {scores[row].item()} (text {texts[row]!r}): "
+            "a reward must be a finite number"
+        )
+    return scores
 
 
 def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:

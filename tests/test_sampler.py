@@ -29,6 +29,45 @@ def test_config_defaults_are_the_settings_table():
     assert DecodeConfig() == built.lm
 
 
+def test_every_sampling_setting_reaches_the_config():
+    """Each key of the settings table, set away from its default (with the settings it
+    needs), changes the config sampler_config builds: none is dropped on the way."""
+    from fastdia.pipeline import sampler_config
+    from fastdia.settings import SAMPLING_KEYS
+
+    needs = {"decode": "lm", "stop_at": 0.5, "particles": 2}
+    other = {
+        "guidance": 3.0,
+        "steps": 7,
+        "sampler": "ddim",
+        "decode": "lm",
+        "stop_at": 0.25,
+        "score_temperature": 0.5,
+        "lm_temperature": 0.7,
+        "latent_weight": 0.3,
+        "tilt": 0.2,
+        "tilt_once": True,
+        "tilt_horizon": 5,
+        "block_size": 4,
+        "on_eos": "mask",
+        "critic_kind": "value",
+        "adaptive_noise": 1.0,
+        "particles": 4,
+        "ess_threshold": 0.25,
+        "smc_twist": "reward",
+        "smc_reward_weight": 2.0,
+    }
+    assert set(other) == set(SAMPLING_KEYS), "a new sampling key needs a value here"
+    defaults = {k: spec.default for k, spec in SAMPLING_KEYS.items()}
+    for key, value in other.items():
+        base = defaults | needs | ({"smc_reward_weight": 1.0} if key == "smc_twist" else {})
+        if key in ("decode", "adaptive_noise"):
+            base = defaults | {"stop_at": 0.5}
+        before = sampler_config(base)
+        after = sampler_config(base | {key: value})
+        assert after != before, key
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dia"])
 def test_same_seed_same_output_and_seeds_differ(tiny_base, tiny_models, sampler):
     s = _sampler(tiny_base, tiny_models, sampler=sampler, steps=6, guidance=1.0)

@@ -148,6 +148,28 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         f"({ckpt} critic)",
     )
     p.add_argument(
+        "--guidance-estimator",
+        choices=("critic", "zo"),
+        default=None,
+        help="what gives the diffusion's guiding gradient: critic (the checkpoint's critics) "
+        "or zo (a zeroth-order estimate from the --reward itself: --zo-samples rounded "
+        "candidates per row and step, no critic needed; slow) "
+        f"({ckpt} critic)",
+    )
+    p.add_argument(
+        "--zo-samples",
+        type=positive_int,
+        default=None,
+        metavar="Q",
+        help=f"zo: reward calls per row and step, an even number (antithetic pairs) ({ckpt} 8)",
+    )
+    p.add_argument(
+        "--zo-sigma",
+        type=_number,
+        default=None,
+        help=f"zo: the smoothing scale in embedding units (unit RMS per element) ({ckpt} 1)",
+    )
+    p.add_argument(
         "--smc-reward-weight",
         type=_number,
         default=None,

@@ -110,8 +110,9 @@ def build_sampler(
         base: the loaded base model.
         config: sampler settings.
         rewards: ``(canonical reward spec, weight)`` pairs; each needs a critic when the
-            guidance is above 0 (at guidance 0 no critic steers: those the checkpoint has
-            are kept for their values, a reward without one is fine).
+            critics guide (guidance above 0, ``guidance_estimator="critic"``); otherwise
+            those the checkpoint has are kept for their values (none under ``"zo"``), and a
+            reward without one is fine.
         checkpoint: a checkpoint folder; None means the shipped demo checkpoint.
         random_init: use untrained models instead of a checkpoint.
         length: the sequence length to be sampled (sizes a random denoiser).
@@ -119,7 +120,8 @@ def build_sampler(
         loaded: ``checkpoint`` already loaded (by :func:`load_checkpoint`), to build
             several samplers over one copy of its models.
         reward: the true reward (texts -> one number each) for SMC's reward weighting
-            (``config.smc_reward_weight``); :class:`Sampler`'s ``reward``.
+            (``config.smc_reward_weight``) and zeroth-order guidance; :class:`Sampler`'s
+            ``reward``.
 
     Raises:
         CheckpointError: no checkpoint and no ``random_init``, a missing critic, or a
@@ -132,11 +134,13 @@ def build_sampler(
         checkpoint = resolve_checkpoint(checkpoint)
         ckpt = loaded or load_checkpoint(checkpoint, base.space, device=device)
         denoiser, critics = ckpt.denoiser, ckpt.critics_of(config.critic_kind)
-        if config.guidance:
+        if config.guidance and config.guidance_estimator == "critic":
             check_critics(checkpoint, critics, names, config.critic_kind)
     if config.guidance and not rewards:
         raise ConfigError("guidance needs at least one reward (--reward NAME)")
     weighted = [WeightedCritic(name, critics[name], w) for name, w in rewards if name in critics]
+    if config.guidance_estimator == "zo":  # the reward's own gradient estimate guides
+        weighted = []
     sampler = Sampler(
         denoiser,
         base.space,
@@ -215,5 +219,8 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         ess_threshold=settings["ess_threshold"],
         smc_twist=settings["smc_twist"],
         smc_reward_weight=settings["smc_reward_weight"],
+        guidance_estimator=settings["guidance_estimator"],
+        zo_samples=settings["zo_samples"],
+        zo_sigma=settings["zo_sigma"],
         **extra,
     )

@@ -72,7 +72,9 @@ class SamplerPlan:
             else None
         )
         self.smc = cfg.particles > 1  # eager: resampling reads the weights back
-        self.captures = cfg.cuda_graph and device.type == "cuda" and not self.smc
+        # SMC's resampling and zeroth-order guidance read back to the host: eager
+        host = self.smc or cfg.guidance_estimator == "zo"
+        self.captures = cfg.cuda_graph and device.type == "cuda" and not host
         self.particles: Particles | None = None
         # SMC's reward weighting: the run's prompt rows and chat flag (the reward reads the
         # text as SampleOutput.texts does) and each row's last weighted reward (the twist)

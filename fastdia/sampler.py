@@ -56,6 +56,7 @@ from fastdia.sample_output import SampleOutput
 from fastdia.schedules import SAMPLERS, check_choice, check_stop
 from fastdia.settings import SAMPLING_KEYS, check_guidance
 from fastdia.smc import check_particles, check_smc_reward
+from fastdia.zeroth_order import check_zero_order
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,13 @@ class SamplerConfig:
             temperature) times ``exp(W r(x))``, ``r`` the sampler's ``reward`` of the
             finished text (the last weighting replaces the twist by it); 0: the critics'
             tilted target. ``smc_twist="reward"`` needs ``W > 0``.
+        guidance_estimator: what gives the gradient the diffusion is guided by:
+            ``"critic"`` (the critics') or ``"zo"`` (a zeroth-order estimate from the
+            sampler's ``reward`` itself, no critic: :mod:`fastdia.zeroth_order`).
+        zo_samples: ``Q``, the reward calls per row and step of the ``"zo"`` estimate (an
+            even number: ``Q / 2`` antithetic pairs).
+        zo_sigma: the ``"zo"`` smoothing scale, in the units of the scaled embeddings (an
+            embedding's elements have unit RMS).
     """
 
     sampler: str = _DEFAULT["sampler"]
@@ -150,6 +158,9 @@ class SamplerConfig:
     ess_threshold: float = _DEFAULT["ess_threshold"]
     smc_twist: str = _DEFAULT["smc_twist"]
     smc_reward_weight: float = _DEFAULT["smc_reward_weight"]
+    guidance_estimator: str = _DEFAULT["guidance_estimator"]
+    zo_samples: int = _DEFAULT["zo_samples"]
+    zo_sigma: float = _DEFAULT["zo_sigma"]
 
     def __post_init__(self) -> None:
         check_choice(self.critic_kind, CRITIC_KINDS_GUIDING, "critic_kind")
@@ -181,6 +192,12 @@ class SamplerConfig:
         check_guidance(self.guidance)
         check_particles(self.particles, self.ess_threshold)
         check_smc_reward(self.smc_twist, self.smc_reward_weight, self.particles)
+        check_zero_order(self.guidance_estimator, self.zo_samples, self.zo_sigma)
+        if self.guidance_estimator == "zo" and (self.noise_kappa or self.critic_kind == "value"):
+            raise ConfigError(
+                "zeroth-order guidance (guidance_estimator='zo') uses no critic: adaptive "
+                "noise and critic_kind='value' read one; drop them"
+            )
         if self.particles > 1 and self.decode != "lm":
             raise ConfigError(
                 "SMC (particles > 1) weighs the LM decode's draws: use decode='lm' (--decode lm)"
@@ -274,6 +291,19 @@ class Sampler:
                 "(fastdia.pipeline.build_sampler passes the run's --reward)"
             )
         self.reward, self.reward_name = reward, reward_name
+        if config.guidance_estimator == "zo":
+            if reward is None:
+                raise ConfigError(
+                    "zeroth-order guidance scores candidates with the true reward: pass "
+                    "reward= (a callable from texts to one number each) to the Sampler "
+                    "(fastdia.pipeline.build_sampler passes the run's --reward)"
+                )
+            if config.decode == "lm" and not config.lm.latent_weight:
+                raise ConfigError(
+                    "zeroth-order guidance steers the diffusion's latent, and with "
+                    "latent_weight 0 no diffusion runs: give --latent-weight > 0 or "
+                    "--decode nearest"
+                )
         self.device = torch.device(device) if device else next(denoiser.parameters()).device
         if denoiser.config.dim != space.dim:
             raise ConfigError(

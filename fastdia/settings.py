@@ -42,6 +42,9 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "ess_threshold": SamplingKey(0.5, "a finite number > 0 (at most 1)"),
     "smc_twist": SamplingKey("critic", "critic or reward"),
     "smc_reward_weight": SamplingKey(0.0, "a finite number >= 0 (0: the critics' target)"),
+    "guidance_estimator": SamplingKey("critic", "critic or zo"),
+    "zo_samples": SamplingKey(8, "an even integer >= 2"),
+    "zo_sigma": SamplingKey(1.0, "a finite number > 0"),
 }
 """The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
 name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""

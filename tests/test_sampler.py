@@ -56,6 +56,9 @@ def test_every_sampling_setting_reaches_the_config():
         "ess_threshold": 0.25,
         "smc_twist": "reward",
         "smc_reward_weight": 2.0,
+        "guidance_estimator": "zo",
+        "zo_samples": 4,
+        "zo_sigma": 0.5,
     }
     assert set(other) == set(SAMPLING_KEYS), "a new sampling key needs a value here"
     defaults = {k: spec.default for k, spec in SAMPLING_KEYS.items()}

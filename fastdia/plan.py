@@ -18,7 +18,7 @@ from fastdia.device import capture_graph
 from fastdia.embedding import EmbeddingSpace
 from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
-from fastdia.prompts import Prompt
+from fastdia.prompts import Prompt, cut_completions
 from fastdia.run_checks import check_new_tokens, row_seed_list
 from fastdia.sample_output import SampleOutput
 from fastdia.smc import Particles, child_seed, score_texts
@@ -76,8 +76,8 @@ class SamplerPlan:
         host = self.smc or cfg.guidance_estimator == "zo"
         self.captures = cfg.cuda_graph and device.type == "cuda" and not host
         self.particles: Particles | None = None
-        # SMC's reward weighting: the run's prompt rows and chat flag (the reward reads the
-        # text as SampleOutput.texts does) and each row's last weighted reward (the twist)
+        # the run's prompt rows and chat flag (SMC's and zeroth-order's rewards read the
+        # text as SampleOutput.texts does) and each row's last weighted reward (SMC's twist)
         self._reading: tuple[list[list[int]], bool] = ([], False)
         self._last_reward = torch.zeros(batch_size, dtype=torch.float64)
         self.decode_plan: DecodePlan | None = None
@@ -257,7 +257,7 @@ class SamplerPlan:
         rows, chat = self._reading
         cap, generated = self.prompt_cap, int(self.state.generated)
         tokens = self.state.tokens[:, cap : cap + generated].cpu()
-        texts = self._read(rows, tokens, chat)[2]
+        texts = cut_completions(rows, tokens.tolist(), sampler.special.stop, chat=chat)[2]
         score = sampler.config.smc_reward_weight * score_texts(
             sampler.reward, [sampler.space.decode(r) for r in texts], sampler.reward_name
         )
@@ -328,8 +328,10 @@ class SamplerPlan:
         seeds = row_seed_list(seed, self.batch_size)
         if self.smc:
             self._check_groups(rows)
-            self._reading = (rows, chat)
             self._last_reward.zero_()
+        self._reading = (rows, chat)  # what SMC's and zeroth-order's rewards read
+        if self.diffusion is not None and self.diffusion.zo is not None:
+            self.diffusion.zo.reading = self._reading
         context = sampler.context_length()
         if context is not None:
             check_new_tokens(
@@ -362,28 +364,15 @@ class SamplerPlan:
             }
         return out
 
-    def _read(
-        self, rows: list[list[int]], tokens: torch.Tensor, chat: bool
-    ) -> tuple[list[list[int]], list[bool], list[list[int]]]:
-        """Each row's completion (its ``tokens [B, n]`` up to its first end token), whether
-        it ended, and what a reward reads: the prompt and the completion, or with ``chat``
-        the completion alone (token ids)."""
-        stop = set(self.sampler.special.stop)
-        completion, finished = [], []
-        for row in tokens.tolist():
-            end = next((i for i, t in enumerate(row) if t in stop), None)
-            completion.append(row if end is None else row[:end])
-            finished.append(end is not None)
-        read = completion if chat else [p + c for p, c in zip(rows, completion, strict=True)]
-        return completion, finished, read
-
     def _outputs(
         self, rows: list[list[int]], seeds: list[int], tokens: torch.Tensor, chat: bool
     ) -> SampleOutput:
         """Cut every row at its first end token and decode (host side, after timing)."""
         sampler = self.sampler
         space = sampler.space
-        completion, finished, read = self._read(rows, tokens, chat)
+        completion, finished, read = cut_completions(
+            rows, tokens.tolist(), sampler.special.stop, chat=chat
+        )
         values = {
             c.name: self._final_values(c.module, tokens.shape[1])
             if c.module.config.reads_states

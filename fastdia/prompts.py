@@ -107,6 +107,27 @@ def special_tokens(
     return SpecialTokens((), tuple(sorted(special | ends)))
 
 
+def cut_completions(
+    prompts: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+    stop: Sequence[int],
+    *,
+    chat: bool,
+) -> tuple[list[list[int]], list[bool], list[list[int]]]:
+    """Each row's completion (its ``generated`` ids up to its first ``stop`` id), whether
+    it ended, and what a reward reads (token ids): the prompt and the completion, or with
+    ``chat`` the completion alone (what :attr:`SampleOutput.texts` holds)."""
+    ends = set(stop)
+    completion, finished = [], []
+    for row in generated:
+        row = list(row)
+        end = next((i for i, t in enumerate(row) if t in ends), None)
+        completion.append(row if end is None else row[:end])
+        finished.append(end is not None)
+    read = completion if chat else [[*p, *c] for p, c in zip(prompts, completion, strict=True)]
+    return completion, finished, read
+
+
 @dataclass
 class PromptRecord:
     """One line of a prompts file: the text, and its own seed and id when it gives them."""

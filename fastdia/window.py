@@ -251,8 +251,8 @@ class WindowDiffusion:
         self._guided_step = registry.get(ops.GUIDED_STEP, sampler.backends[ops.GUIDED_STEP])
         self._round = registry.get(ops.ROUND_TO_VOCAB, sampler.backends[ops.ROUND_TO_VOCAB])
         # zeroth-order guidance: the reward's own gradient estimate replaces the critics'
-        self._zo = ZerothOrderGuide(self) if cfg.guidance_estimator == "zo" else None
-        if self._zo is not None:
+        self.zo = ZerothOrderGuide(self) if cfg.guidance_estimator == "zo" else None
+        if self.zo is not None:
             self.stack, self.context = None, []
 
     @property
@@ -375,12 +375,12 @@ class WindowDiffusion:
     def _zo_grad(self, z: torch.Tensor, inp: torch.Tensor, r: int) -> torch.Tensor:
         """The zeroth-order estimate at row ``r`` from what the step reads (the x0 estimate,
         or the noise estimate converted to one)."""
-        assert self._zo is not None
+        assert self.zo is not None
         if self._takes_x0[r]:
             x0 = inp
         else:
             x0 = (z - self._rows[r][SQRT_1M_ABAR] * inp) / self._rows[r][SQRT_ABAR]
-        return self._zo.grad(x0, r)
+        return self.zo.grad(x0, r)
 
     @torch.no_grad()
     def denoise(self) -> None:
@@ -396,8 +396,8 @@ class WindowDiffusion:
         cfg, space, st = self.sampler.config, self.sampler.space, self.state
         dim = space.dim
         self._layout()
-        if self._zo is not None:
-            self._zo.start_block()
+        if self.zo is not None:
+            self.zo.start_block()
         z = self._noise(0, self._bufs[0])
         if cfg.noise_latent:  # the ablation: the block's z_T stands in for the latent
             torch.gather(z, 1, self.block_pos[:, :, None].expand(-1, -1, dim), out=st.latent)
@@ -417,7 +417,7 @@ class WindowDiffusion:
                 step=self._steps[r + 1],
                 guidance=self.guidance,
                 critic=self.stack.row(r) if self.stack is not None else None,
-                grad=self._context_grad(z, r) if self._zo is None else self._zo_grad(z, inp, r),
+                grad=self._context_grad(z, r) if self.zo is None else self._zo_grad(z, inp, r),
                 noise_kappa=cfg.noise_kappa,
                 out=nxt.view(-1, dim),
             )

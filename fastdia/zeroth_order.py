@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastdia.errors import ConfigError
+from fastdia.prompts import cut_completions
 from fastdia.smc import score_texts
 
 if TYPE_CHECKING:
@@ -111,25 +112,31 @@ class ZerothOrderGuide:
         self.reward: Callable[[list[str]], Any] = sampler.reward
         self.pairs = sampler.config.zo_samples // 2
         self.sigma = float(sampler.config.zo_sigma)
+        # the run's prompt rows and chat flag (the plan sets them): what the reward reads
+        self.reading: tuple[list[list[int]], bool] = ([], False)
         self._prefix: list[list[int]] = []
         self._seeds: list[int] = []
         self._block = 0
 
     def start_block(self) -> None:
-        """Read the rows' text so far (ids after their left padding), seeds and block index
-        from the shared buffers (once per block)."""
-        st = self.diffusion.state
-        end = st.prompt_cap + int(st.generated)
-        tokens, pads = st.tokens[:, :end].tolist(), st.pad.tolist()
-        self._prefix = [row[pad:] for row, pad in zip(tokens, pads, strict=True)]
+        """Read what the reward reads of the rows' text so far (the prompt and the tokens
+        generated, cut at an end token, as :attr:`SampleOutput.texts`), their seeds and
+        the block's index from the shared buffers (once per block)."""
+        st, (rows, chat) = self.diffusion.state, self.reading
+        if len(rows) != st.tokens.shape[0]:  # a plan run without its prompts (a warm-up)
+            rows = [[] for _ in range(st.tokens.shape[0])]
+        cap, generated = st.prompt_cap, int(st.generated)
+        text = st.tokens[:, cap : cap + generated].tolist()
+        stop = self.diffusion.sampler.special.stop
+        self._prefix = cut_completions(rows, text, stop, chat=chat)[2]
         self._seeds = st.seeds.tolist()
-        self._block = int(st.generated) // st.block
+        self._block = generated // st.block
 
     def grad(self, x0: torch.Tensor, step: int) -> torch.Tensor:
         """The estimate at step ``step`` from the x0 estimate ``x0 [B, W, d]``: ``[B * W, d]``
         float32, zero outside the block."""
         d = self.diffusion
-        at = d._at_block
+        at = d._at_block  # [B, K, d]: the block's window positions
         x = x0.gather(1, at)  # [B, K, d]
         shape = tuple(x.shape[1:])
         u = step_directions(self._seeds, self._block, step, self.pairs, shape).to(x.device)

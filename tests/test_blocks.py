@@ -128,6 +128,18 @@ def test_stop_cuts_a_row_at_its_end_token_and_mask_never_draws_it(tiny_base, tin
     assert not any(out.finished) and not special & set(out.tokens.flatten().tolist())
 
 
+def test_what_a_reward_reads_of_a_row():
+    """cut_completions: a row ends at its first stop id; the reward reads the prompt and
+    the completion, or with chat the completion alone."""
+    from fastdia.prompts import cut_completions
+
+    prompts, generated = [[1, 2], [3]], [[5, 9, 6, 7], [8, 8, 8, 8]]
+    completion, finished, read = cut_completions(prompts, generated, (9,), chat=False)
+    assert completion == [[5], [8, 8, 8, 8]] and finished == [True, False]
+    assert read == [[1, 2, 5], [3, 8, 8, 8, 8]]
+    assert cut_completions(prompts, generated, (), chat=True)[2] == generated
+
+
 def test_nearest_decode_never_writes_a_banned_token(tiny_base, tiny_models):
     s = _sampler(tiny_base, tiny_models, SamplerConfig(steps=2, block_size=8, on_eos="mask"))
     diff = s.plan(2, 8).diffusion

@@ -4,9 +4,11 @@ itself, for a reward no critic imitates (``SamplerConfig.guidance_estimator = "z
 At every reverse step of a block, each row's x0 estimate at the block's ``K`` positions
 ``x`` (``[K, d]``, the denoiser's expected embedding) is perturbed by ``Q / 2``
 antithetic pairs ``x ± sigma u_q`` (``u_q ~ N(0, I)``, drawn under the row's own seed, the
-block and the step); each candidate is rounded to the nearest tokens and the row's text so
-far plus those tokens is scored by the true reward ``r`` (any callable from texts to
-numbers). The estimate of the gradient of the Gaussian-smoothed reward
+block and the step); each candidate is rounded to the nearest token among the
+:data:`SHORTLIST` tokens nearest the unperturbed estimate at its position (a full-vocabulary
+rounding of every candidate at every step would cost ``Q`` times the whole diffusion's
+rounding), and the row's text so far plus those tokens is scored by the true reward ``r``
+(any callable from texts to numbers). The estimate of the gradient of the Gaussian-smoothed reward
 ``r_sigma(x) = E_u[r(round(x + sigma u))]`` is::
 
     g = 1 / (sigma Q) sum_q (r(x + sigma u_q) - r(x - sigma u_q)) u_q      (Q / 2 pairs)
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from fastdia.window import WindowDiffusion
 
 GUIDANCE_ESTIMATORS = ("critic", "zo")  # SamplerConfig.guidance_estimator
+SHORTLIST = 64  # a candidate rounds among the tokens nearest the unperturbed estimate
 
 
 def check_zero_order(estimator: str, samples: int, sigma: float) -> None:
@@ -75,6 +78,31 @@ def antithetic_gradient(
     diff = (values[:pairs] - values[pairs:]).to(u.device)  # [P, B]
     shape = diff.shape + (1,) * (u.dim() - 2)
     return (diff.view(shape) * u).sum(0) / (2 * sigma * pairs)
+
+
+def nearest_tokens(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, size: int
+) -> torch.Tensor:
+    """The ``size`` best token ids of each point of ``x [..., d]`` under the rounding score
+    ``<weight_v, x> + bias_v`` (``round_to_vocab``'s): ``[..., size]`` int64."""
+    scores = x @ weight.float().T
+    if bias is not None:
+        scores = scores + bias
+    return scores.topk(min(size, weight.shape[0]), dim=-1).indices
+
+
+def round_among(
+    points: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Round each point among its own candidate tokens: ``points [Q, B, K, d]``, candidates
+    ``ids [B, K, M]`` with their embedding rows ``rows [B, K, M, d]`` and rounding bias
+    ``[B, K, M]`` (or None) -> ``[Q, B, K]`` int64, the best candidate's id (ties to the
+    first candidate)."""
+    scores = torch.einsum("qbkd,bkmd->qbkm", points, rows)
+    if bias is not None:
+        scores = scores + bias
+    best = scores.argmax(dim=-1)  # [Q, B, K]
+    return ids.expand(points.shape[0], *ids.shape).gather(-1, best[..., None])[..., 0]
 
 
 def step_directions(
@@ -142,9 +170,12 @@ class ZerothOrderGuide:
         u = step_directions(self._seeds, self._block, step, self.pairs, shape).to(x.device)
         space, sampler = d.sampler.space, d.sampler
 
+        near = nearest_tokens(x, space.weight, d.bias, SHORTLIST)  # [B, K, M]
+        rows = space.weight[near].float()  # [B, K, M, d]
+        bias = d.bias[near] if d.bias is not None else None
+
         def rewards(points: torch.Tensor) -> torch.Tensor:  # [2P, B, K, d] -> [2P, B]
-            ids = d._round(points.reshape(-1, *points.shape[2:]), space.weight, d.bias)
-            ids = ids.view(points.shape[0], points.shape[1], -1).tolist()
+            ids = round_among(points, near, rows, bias).tolist()
             texts = [space.decode(self._prefix[b] + row[b]) for row in ids for b in range(len(row))]
             got = score_texts(self.reward, texts, sampler.reward_name)
             return got.view(points.shape[0], points.shape[1])

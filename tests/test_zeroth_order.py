@@ -12,7 +12,14 @@ from fastdia.cli import main
 from fastdia.errors import ConfigError
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
 from fastdia.sampler import Sampler, SamplerConfig
-from fastdia.zeroth_order import antithetic_gradient, check_zero_order, step_directions
+from fastdia.zeroth_order import (
+    SHORTLIST,
+    antithetic_gradient,
+    check_zero_order,
+    nearest_tokens,
+    round_among,
+    step_directions,
+)
 
 PROMPT = "The movie"
 
@@ -44,6 +51,28 @@ def test_antithetic_estimate_of_a_linear_and_a_quadratic_function():
     e0[..., 0] = 1.0
     one = antithetic_gradient(lambda p: (p * a).sum(-1), x, e0, sigma)
     torch.testing.assert_close(one[:, 0], a[:, 0])
+
+
+def test_rounding_among_the_nearest_tokens_is_the_full_rounding_near_the_estimate(tiny_base):
+    """With every token a candidate, round_among is round_to_vocab; with a shortlist of the
+    estimate's nearest tokens it still is for small perturbations."""
+    from fastdia import ops
+
+    space = tiny_base.space
+    bias = space.rounding_bias("l2")
+    g = torch.Generator().manual_seed(1)
+    x = space.embed(torch.randint(0, space.vocab_size, (2, 3), generator=g))
+    x = x + 0.3 * torch.randn(x.shape, generator=g)
+    points = x[None] + 0.5 * torch.randn((4, *x.shape), generator=g)
+    full = ops.round_to_vocab(points, space.weight, bias, backend="reference")
+    every = torch.arange(space.vocab_size).expand(2, 3, -1)
+    got = round_among(points, every, space.weight[every], bias[every])
+    assert torch.equal(got, full)
+    near = nearest_tokens(x, space.weight, bias, SHORTLIST)
+    assert near.shape == (2, 3, SHORTLIST)
+    small = x[None] + 0.01 * torch.randn((4, *x.shape), generator=g)
+    want = ops.round_to_vocab(small, space.weight, bias, backend="reference")
+    assert torch.equal(round_among(small, near, space.weight[near], bias[near]), want)
 
 
 def test_a_rows_directions_do_not_depend_on_its_batch():
@@ -131,9 +160,11 @@ def test_the_step_reads_the_estimate_of_the_candidates_rewards(tiny_base):
     u = step_directions(plan.state.seeds.tolist(), 0, 0, 3, tuple(block.shape[1:]))
     prompt = space.encode(PROMPT)
 
+    near = nearest_tokens(block, space.weight, diffusion.bias, SHORTLIST)
+    bias = diffusion.bias[near]
+
     def rewards(points):
-        ids = diffusion._round(points.reshape(-1, *points.shape[2:]), space.weight, diffusion.bias)
-        ids = ids.view(points.shape[0], 2, -1).tolist()
+        ids = round_among(points, near, space.weight[near], bias).tolist()
         texts = [space.decode(prompt + row[b]) for row in ids for b in range(2)]
         return torch.tensor(reward(texts)).view(points.shape[0], 2)
 

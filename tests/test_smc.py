@@ -136,21 +136,27 @@ def _sampler(tiny_base, tiny_models, *, particles, latent_weight):
     )
 
 
-def _exact(tiny_base, tiny_models, banned):
-    """log Z and E_pi[u(x1) + u(x2)] of pi(x1 x2) ∝ prod p_T(x_i | .) exp(beta u(x_i)), by
-    enumerating every two-token continuation of the prompt."""
-    _, critic = tiny_models
+def _log_p_two_tokens(tiny_base, banned):
+    """log p_T(x1) ``[V]`` and log p_T(x2 | x1) ``[V, V]`` after the prompt (banned ids out)."""
     space, model = tiny_base.space, tiny_base.model
-    u = token_values([(critic, 1.0)], space.weight, space.scale)
-    beta = TILT * GUIDANCE / WINDOW
     prompt = space.encode(PROMPT)
     with torch.no_grad():
         first = model(torch.tensor([prompt])).logits[0, -1].float() / T
         pairs = torch.tensor([[*prompt, v] for v in range(space.vocab_size)])
         second = model(pairs).logits[:, -1].float() / T
     first[banned], second[:, banned] = -math.inf, -math.inf
-    log_pi = (torch.log_softmax(first, -1) + beta * u)[:, None]
-    log_pi = log_pi + torch.log_softmax(second, -1) + beta * u[None, :]
+    return torch.log_softmax(first, -1), torch.log_softmax(second, -1)
+
+
+def _exact(tiny_base, tiny_models, banned):
+    """log Z and E_pi[u(x1) + u(x2)] of pi(x1 x2) ∝ prod p_T(x_i | .) exp(beta u(x_i)), by
+    enumerating every two-token continuation of the prompt."""
+    _, critic = tiny_models
+    space = tiny_base.space
+    u = token_values([(critic, 1.0)], space.weight, space.scale)
+    beta = TILT * GUIDANCE / WINDOW
+    first, second = _log_p_two_tokens(tiny_base, banned)
+    log_pi = (first + beta * u)[:, None] + second + beta * u[None, :]
     log_z = torch.logsumexp(log_pi.flatten(), 0)
     f = u[:, None] + u[None, :]
     return log_z.item(), float((torch.exp(log_pi - log_z) * f).sum()), u
@@ -254,14 +260,10 @@ def _reward_sampler(tiny_base, tiny_models, *, twist, particles=16, weight=W_REW
 
 def _exact_reward(tiny_base, banned):
     """log Z and E_pi[r] of pi(x1 x2) ∝ p_T(x1 x2) exp(W r(prompt x1 x2)), enumerated."""
-    space, model = tiny_base.space, tiny_base.model
+    space = tiny_base.space
     prompt = space.encode(PROMPT)
-    with torch.no_grad():
-        first = model(torch.tensor([prompt])).logits[0, -1].float() / T
-        pairs = torch.tensor([[*prompt, v] for v in range(space.vocab_size)])
-        second = model(pairs).logits[:, -1].float() / T
-    first[banned], second[:, banned] = -math.inf, -math.inf
-    log_p = torch.log_softmax(first, -1)[:, None] + torch.log_softmax(second, -1)
+    first, second = _log_p_two_tokens(tiny_base, banned)
+    log_p = first[:, None] + second
     vocab = space.vocab_size
     texts = [space.decode([*prompt, a, b]) for a in range(vocab) for b in range(vocab)]
     r = torch.tensor(_reward(texts)).view(vocab, vocab)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "EmbeddingSpace": "fastdia.embedding",
     "Sampler": "fastdia.sampler",
     "SamplerConfig": "fastdia.sampler",
+    "DecodeConfig": "fastdia.decode",
     "SampleOutput": "fastdia.sample_output",
     "WeightedCritic": "fastdia.sampler",
     "sample_rows": "fastdia.sampler",

@@ -260,10 +260,10 @@ class Sampler:
         config: :class:`SamplerConfig`.
         device: where to run; defaults to the denoiser's device.
         base_model: the base LM, needed by ``decode="lm"`` (same embeddings as ``space``).
-        reward: the true reward SMC's reward weighting reads (``config.smc_reward_weight``):
-            a callable from ``B`` texts (what :attr:`SampleOutput.texts` holds) to ``B``
-            finite numbers (a tensor, array or list); any Python function will do, no critic
-            needed.
+        reward: the true reward that SMC's reward weighting (``config.smc_reward_weight``)
+            and zeroth-order guidance read: a callable from ``B`` texts (what
+            :attr:`SampleOutput.texts` holds) to ``B`` finite numbers (a tensor, array or
+            list); any Python function will do, no critic needed.
         reward_name: its name in error messages.
 
     Attributes:
@@ -284,26 +284,26 @@ class Sampler:
         reward_name: str = "reward",
     ) -> None:
         self.config = config = config or SamplerConfig()
-        if config.particles > 1 and config.smc_reward_weight and reward is None:
+        readers = []  # what reads the true reward
+        if config.particles > 1 and config.smc_reward_weight:
+            readers.append("smc_reward_weight weighs SMC's particles by it")
+        if config.guidance_estimator == "zo":
+            readers.append("zeroth-order guidance scores its candidates with it")
+        if readers and reward is None:
             raise ConfigError(
-                "smc_reward_weight weighs SMC's particles by the true reward of their text: "
-                "pass reward= (a callable from texts to one number each) to the Sampler "
-                "(fastdia.pipeline.build_sampler passes the run's --reward)"
+                f"{'; '.join(readers)}: pass reward= (a callable from texts to one number "
+                "each) to the Sampler (fastdia.pipeline.build_sampler passes the run's --reward)"
+            )
+        if (
+            config.guidance_estimator == "zo"
+            and config.decode == "lm"
+            and not config.lm.latent_weight
+        ):
+            raise ConfigError(
+                "zeroth-order guidance steers the diffusion's latent, and with latent_weight 0 "
+                "no diffusion runs: give --latent-weight > 0 or --decode nearest"
             )
         self.reward, self.reward_name = reward, reward_name
-        if config.guidance_estimator == "zo":
-            if reward is None:
-                raise ConfigError(
-                    "zeroth-order guidance scores candidates with the true reward: pass "
-                    "reward= (a callable from texts to one number each) to the Sampler "
-                    "(fastdia.pipeline.build_sampler passes the run's --reward)"
-                )
-            if config.decode == "lm" and not config.lm.latent_weight:
-                raise ConfigError(
-                    "zeroth-order guidance steers the diffusion's latent, and with "
-                    "latent_weight 0 no diffusion runs: give --latent-weight > 0 or "
-                    "--decode nearest"
-                )
         self.device = torch.device(device) if device else next(denoiser.parameters()).device
         if denoiser.config.dim != space.dim:
             raise ConfigError(

@@ -261,6 +261,12 @@ class WindowDiffusion:
         return self._bufs[len(self.table) % 2]
 
     @property
+    def at_block(self) -> torch.Tensor:
+        """The block's window positions, expanded over the width: ``[B, K, d]`` int64 (a
+        view of the layout's buffer, current after each block's layout)."""
+        return self._at_block
+
+    @property
     def abar_stop(self) -> float:
         """``abar`` at the stop level ``t*`` (1 when the diffusion runs to clean data)."""
         return self._rows[-1][SQRT_ABAR_NEXT] ** 2

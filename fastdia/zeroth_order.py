@@ -8,8 +8,8 @@ block and the step); each candidate is rounded to the nearest token among the
 :data:`SHORTLIST` tokens nearest the unperturbed estimate at its position (a full-vocabulary
 rounding of every candidate at every step would cost ``Q`` times the whole diffusion's
 rounding), and the row's text so far plus those tokens is scored by the true reward ``r``
-(any callable from texts to numbers). The estimate of the gradient of the Gaussian-smoothed reward
-``r_sigma(x) = E_u[r(round(x + sigma u))]`` is::
+(any callable from texts to numbers). The estimate of the gradient of the
+Gaussian-smoothed reward ``r_sigma(x) = E_u[r(round(x + sigma u))]`` is::
 
     g = 1 / (sigma Q) sum_q (r(x + sigma u_q) - r(x - sigma u_q)) u_q      (Q / 2 pairs)
 
@@ -131,12 +131,7 @@ class ZerothOrderGuide:
     def __init__(self, diffusion: WindowDiffusion) -> None:
         self.diffusion = diffusion
         sampler = diffusion.sampler
-        if sampler.reward is None:
-            raise ConfigError(
-                "zeroth-order guidance scores candidates with the true reward: pass reward= "
-                "(a callable from texts to one number each) to the Sampler "
-                "(fastdia.pipeline.build_sampler passes the run's --reward)"
-            )
+        assert sampler.reward is not None  # the Sampler checked
         self.reward: Callable[[list[str]], Any] = sampler.reward
         self.pairs = sampler.config.zo_samples // 2
         self.sigma = float(sampler.config.zo_sigma)
@@ -164,7 +159,7 @@ class ZerothOrderGuide:
         """The estimate at step ``step`` from the x0 estimate ``x0 [B, W, d]``: ``[B * W, d]``
         float32, zero outside the block."""
         d = self.diffusion
-        at = d._at_block  # [B, K, d]: the block's window positions
+        at = d.at_block  # [B, K, d] int64: the block's window positions
         x = x0.gather(1, at)  # [B, K, d]
         shape = tuple(x.shape[1:])
         u = step_directions(self._seeds, self._block, step, self.pairs, shape).to(x.device)

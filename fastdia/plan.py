@@ -255,9 +255,7 @@ class SamplerPlan:
         assert plan is not None and plan.log_w is not None and plan.twist is not None
         assert sampler.reward is not None  # Sampler checked
         rows, chat = self._reading
-        cap, generated = self.prompt_cap, int(self.state.generated)
-        tokens = self.state.tokens[:, cap : cap + generated].cpu()
-        texts = cut_completions(rows, tokens.tolist(), sampler.special.stop, chat=chat)[2]
+        texts = self.state.read_so_far(rows, sampler.special.stop, chat=chat)
         score = sampler.config.smc_reward_weight * score_texts(
             sampler.reward, [sampler.space.decode(r) for r in texts], sampler.reward_name
         )

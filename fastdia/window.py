@@ -38,6 +38,7 @@ An eps-denoiser's row reads its output ``eps``; a row that has an x0 estimate in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ from fastdia import ops
 from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
 from fastdia.ops import registry
+from fastdia.prompts import cut_completions
 from fastdia.schedules import (
     SQRT_1M_ABAR,
     SQRT_1M_ABAR_NEXT,
@@ -132,6 +134,16 @@ class BlockState:
     def capacity(self) -> int:
         """``C``: the token buffer's length."""
         return self.tokens.shape[1]
+
+    def read_so_far(
+        self, prompts: list[list[int]], stop: Sequence[int], *, chat: bool
+    ) -> list[list[int]]:
+        """What a reward reads of each row's text so far (token ids): its prompt (one list
+        per row) and the tokens generated up to the first ``stop`` id, or with ``chat`` the
+        generated tokens alone (:func:`fastdia.prompts.cut_completions`; a host read)."""
+        cap, generated = self.prompt_cap, int(self.generated)
+        text = self.tokens[:, cap : cap + generated].tolist()
+        return cut_completions(prompts, text, stop, chat=chat)[2]
 
 
 class WindowDiffusion:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastdia.errors import ConfigError
-from fastdia.prompts import cut_completions
 from fastdia.smc import score_texts
 
 if TYPE_CHECKING:
@@ -148,12 +147,9 @@ class ZerothOrderGuide:
         st, (rows, chat) = self.diffusion.state, self.reading
         if len(rows) != st.tokens.shape[0]:  # a plan run without its prompts (a warm-up)
             rows = [[] for _ in range(st.tokens.shape[0])]
-        cap, generated = st.prompt_cap, int(st.generated)
-        text = st.tokens[:, cap : cap + generated].tolist()
-        stop = self.diffusion.sampler.special.stop
-        self._prefix = cut_completions(rows, text, stop, chat=chat)[2]
+        self._prefix = st.read_so_far(rows, self.diffusion.sampler.special.stop, chat=chat)
         self._seeds = st.seeds.tolist()
-        self._block = generated // st.block
+        self._block = int(st.generated) // st.block
 
     def grad(self, x0: torch.Tensor, step: int) -> torch.Tensor:
         """The estimate at step ``step`` from the x0 estimate ``x0 [B, W, d]``: ``[B * W, d]``

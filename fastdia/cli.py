@@ -118,9 +118,6 @@ def _add_sample_parser(sub: Any) -> None:
         default=None,
         help="clamp the x0 estimate to the nearest embedding from this step on",
     )
-    p.add_argument(
-        "--corrector-steps", type=int, default=0, help="Langevin corrector steps per step"
-    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample, then a summary")
     p.add_argument(
@@ -182,7 +179,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         settings,
         rounding=args.rounding,
         clamp_from=args.clamp_from,
-        corrector_steps=args.corrector_steps,
         backend=args.backend,
     )
     check_seed(args.seed)
@@ -336,6 +332,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     }
     if result.smc is not None:
         summary["smc"] = result.smc
+    if result.mh is not None:
+        summary["mh"] = {
+            "steps": result.mh["steps"],
+            "snr": result.mh["snr"],
+            "acceptance": result.mh_acceptance,
+        }
     if as_json:
         print(json.dumps({"summary": summary}), file=out_file, flush=True)
     else:
@@ -343,6 +345,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"{delivered} new tokens in {seconds:.2f} s "
             f"({summary['tokens_per_s']:.1f} tokens/s, backend {backend}, {device})"
         )
+        if result.mh is not None:
+            print(f"MALA rows: {result.mh_acceptance:.1%} of the proposed moves accepted")
     if out_file is not sys.stdout:
         out_file.close()
     return 0

@@ -170,6 +170,34 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         help=f"zo: the smoothing scale in embedding units (unit RMS per element) ({ckpt} 1)",
     )
     p.add_argument(
+        "--corrector-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"Langevin corrector rows (ULA) after each diffusion step but the last ({ckpt} 0)",
+    )
+    p.add_argument(
+        "--corrector-snr",
+        type=_number,
+        default=None,
+        help=f"the corrector rows' signal-to-noise ratio: step 2 snr^2 sigma^2 ({ckpt} 0.1)",
+    )
+    p.add_argument(
+        "--mh-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="Metropolis-adjusted Langevin (MALA) rows after each diffusion step but the "
+        "last: the corrector's move, accepted or rejected against the denoiser's score and "
+        f"the critics (each costs two denoiser calls) ({ckpt} 0)",
+    )
+    p.add_argument(
+        "--mh-snr",
+        type=_number,
+        default=None,
+        help=f"the MALA rows' signal-to-noise ratio: step 2 snr^2 sigma^2 ({ckpt} 0.1)",
+    )
+    p.add_argument(
         "--smc-reward-weight",
         type=_number,
         default=None,

@@ -515,6 +515,12 @@ def sampler_method(sampler: Any, num_samples: int, new_tokens: int) -> Method:
         rows = [p for p in prompts for _ in range(num_samples)]
         row_seeds = [s + j for s in seeds for j in range(num_samples)]
         out = sampler.sample(len(rows), new_tokens, prompt=rows, seed=row_seeds)
+        if out.mh is not None:
+            log.info(
+                "MALA rows: %.1f%% of %d proposed moves accepted",
+                100 * out.mh_acceptance,
+                sum(out.mh["proposed"]),
+            )
         ids = []
         for i in range(len(prompts)):
             rows_i = slice(i * num_samples, (i + 1) * num_samples)

@@ -222,5 +222,9 @@ def sampler_config(settings: dict[str, Any], **extra: Any) -> SamplerConfig:
         guidance_estimator=settings["guidance_estimator"],
         zo_samples=settings["zo_samples"],
         zo_sigma=settings["zo_sigma"],
+        corrector_steps=settings["corrector_steps"],
+        corrector_snr=settings["corrector_snr"],
+        mh_steps=settings["mh_steps"],
+        mh_snr=settings["mh_snr"],
         **extra,
     )

@@ -172,6 +172,8 @@ class SamplerPlan:
         st.pad.copy_(torch.tensor(pads, dtype=torch.int64))
         st.seeds.copy_(torch.tensor(list(seeds), dtype=torch.int64))
         st.generated.zero_()
+        if self.diffusion is not None:
+            self.diffusion.mh_accepted.zero_()
 
     def _start_token(self) -> int:
         tok = self.sampler.space.tokenizer
@@ -354,6 +356,14 @@ class SamplerPlan:
             ", CUDA graphs" if self._graph is not None else "",
         )
         out.seconds, out.blocks = seconds, blocks
+        diffusion = self.diffusion
+        if diffusion is not None and diffusion.mh_rows and not sampler.config.noise_latent:
+            out.mh = {
+                "steps": sampler.config.mh_steps,
+                "snr": sampler.config.mh_snr,
+                "proposed": [diffusion.mh_rows * blocks] * self.batch_size,
+                "accepted": diffusion.mh_accepted.round().long().tolist(),
+            }
         if self.particles is not None:
             cfg = sampler.config
             out.smc = self.particles.summary() | {

@@ -41,6 +41,9 @@ class SampleOutput:
         smc: with SMC particles, :meth:`fastdia.smc.Particles.summary` (``log_z`` per
             group, ``ess`` and ``resampled`` per block); for several batches
             (:meth:`concat`), ``{"batches": [...]}``. None without SMC.
+        mh: with MALA rows, ``{"steps", "snr", "proposed", "accepted"}``: the rows'
+            settings and, per row, the moves proposed and accepted (see
+            :attr:`mh_acceptance`). None without.
     """
 
     prompt_ids: list[list[int]]
@@ -57,6 +60,15 @@ class SampleOutput:
     blocks: int
     paths: dict[str, Any] = field(default_factory=dict)
     smc: dict[str, Any] | None = None
+    mh: dict[str, Any] | None = None
+
+    @property
+    def mh_acceptance(self) -> float | None:
+        """The fraction of MALA moves accepted over every row (None without MALA rows)."""
+        if self.mh is None:
+            return None
+        proposed = sum(self.mh["proposed"])
+        return sum(self.mh["accepted"]) / proposed if proposed else float("nan")
 
     @property
     def new_tokens(self) -> int:
@@ -99,6 +111,10 @@ class SampleOutput:
             blocks=sum(o.blocks for o in outputs),
             paths=first.paths,
             smc=None if first.smc is None else {"batches": [o.smc for o in outputs]},
+            mh=None
+            if first.mh is None
+            else first.mh
+            | {k: [n for o in outputs for n in o.mh[k]] for k in ("proposed", "accepted")},
         )
 
     def subset(self, rows: int) -> SampleOutput:
@@ -119,4 +135,7 @@ class SampleOutput:
             blocks=self.blocks,
             paths=self.paths,
             smc=self.smc,
+            mh=None
+            if self.mh is None
+            else self.mh | {k: self.mh[k][cut] for k in ("proposed", "accepted")},
         )

@@ -53,7 +53,7 @@ from fastdia.plan import SamplerPlan
 from fastdia.prompts import ON_EOS, Prompt, SpecialTokens, encode_prompt, special_tokens
 from fastdia.run_checks import check_block_size, check_new_tokens, check_seed, check_window
 from fastdia.sample_output import SampleOutput
-from fastdia.schedules import SAMPLERS, check_choice, check_stop
+from fastdia.schedules import SAMPLERS, check_choice, check_langevin_rows, check_stop
 from fastdia.settings import SAMPLING_KEYS, check_guidance
 from fastdia.smc import check_particles, check_smc_reward
 from fastdia.zeroth_order import check_zero_order
@@ -129,6 +129,9 @@ class SamplerConfig:
             even number: ``Q / 2`` antithetic pairs).
         zo_sigma: the ``"zo"`` smoothing scale, in the units of the scaled embeddings (an
             embedding's elements have unit RMS).
+        mh_steps: Metropolis-adjusted Langevin rows after each predictor row (and its
+            corrector rows) but the last (:mod:`fastdia.mala`); 0: none.
+        mh_snr: their signal-to-noise ratio (step ``2 mh_snr^2 sigma^2``).
     """
 
     sampler: str = _DEFAULT["sampler"]
@@ -136,8 +139,8 @@ class SamplerConfig:
     guidance: float = _DEFAULT["guidance"]
     rounding: str = "l2"
     clamp_from: int | None = None
-    corrector_steps: int = 0
-    corrector_snr: float = 0.1
+    corrector_steps: int = _DEFAULT["corrector_steps"]
+    corrector_snr: float = _DEFAULT["corrector_snr"]
     eta_scale: float = 1.0
     noise_kappa: float = _DEFAULT["adaptive_noise"]
     backend: str | None = None
@@ -161,6 +164,8 @@ class SamplerConfig:
     guidance_estimator: str = _DEFAULT["guidance_estimator"]
     zo_samples: int = _DEFAULT["zo_samples"]
     zo_sigma: float = _DEFAULT["zo_sigma"]
+    mh_steps: int = _DEFAULT["mh_steps"]
+    mh_snr: float = _DEFAULT["mh_snr"]
 
     def __post_init__(self) -> None:
         check_choice(self.critic_kind, CRITIC_KINDS_GUIDING, "critic_kind")
@@ -193,6 +198,14 @@ class SamplerConfig:
         check_particles(self.particles, self.ess_threshold)
         check_smc_reward(self.smc_twist, self.smc_reward_weight, self.particles)
         check_zero_order(self.guidance_estimator, self.zo_samples, self.zo_sigma)
+        check_langevin_rows(self.corrector_steps, self.corrector_snr, "corrector")
+        check_langevin_rows(self.mh_steps, self.mh_snr, "mh")
+        if self.mh_steps and (self.guidance_estimator == "zo" or self.noise_kappa):
+            raise ConfigError(
+                "MALA rows (mh_steps > 0) accept against the critics' value and the plain "
+                "Langevin noise: zeroth-order guidance (no critic value) and adaptive noise "
+                "are not supported with them; drop one"
+            )
         if self.guidance_estimator == "zo" and (self.noise_kappa or self.critic_kind == "value"):
             raise ConfigError(
                 "zeroth-order guidance (guidance_estimator='zo') uses no critic: adaptive "

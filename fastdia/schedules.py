@@ -49,14 +49,17 @@ coefficients::
 
 Langevin corrector rows (predictor-corrector, Song et al. 2021) at a fixed level with
 step ``delta = 2 snr^2 sigma^2``: ``a = 1, b = -delta / sigma, c = delta,
-s = sqrt(2 delta)``. They follow each predictor row except the last.
+s = sqrt(2 delta)``. They follow each predictor row except the last. Metropolis-adjusted
+rows (MALA, :mod:`fastdia.mala`) have the same coefficients (their own ``snr``) and follow
+the corrector rows; the sampler proposes with them and accepts or rejects the move.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -77,6 +80,23 @@ def check_choice(value: str, known: tuple[str, ...], what: str) -> str:
     if value not in known:
         raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(known)}")
     return value
+
+
+def check_langevin_rows(steps: Any, snr: Any, name: str) -> None:
+    """A ConfigError unless ``steps`` is an integer >= 0 and ``snr`` a finite number > 0
+    (the settings ``{name}_steps`` and ``{name}_snr`` of corrector or MALA rows)."""
+    bad_steps = isinstance(steps, bool) or not isinstance(steps, int) or steps < 0
+    bad_snr = (
+        isinstance(snr, bool)
+        or not isinstance(snr, (int, float))
+        or not math.isfinite(snr)
+        or snr <= 0
+    )
+    if bad_steps or bad_snr:
+        raise ConfigError(
+            f"{name}_steps must be an integer >= 0 and {name}_snr a finite number > 0, got "
+            f"{steps!r} and {snr!r}"
+        )
 
 
 def alpha_bar(schedule: str, t: torch.Tensor) -> torch.Tensor:
@@ -113,11 +133,14 @@ class StepTable:
             ``sqrt(1 - abar)`` at the row's input level (eps/x0 conversion, clamping),
             and the same at the level the row lands on (prompt inpainting).
         predictor: per row, True for a predictor row, False for a corrector row.
+        adjusted: per row, True for a Metropolis-adjusted corrector row (MALA; empty
+            means none).
     """
 
     t: torch.Tensor
     rows: torch.Tensor
     predictor: list[bool]
+    adjusted: list[bool] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -128,7 +151,11 @@ class StepTable:
         return self.rows[:, :4]
 
     def to(self, device: torch.device | str) -> StepTable:
-        return StepTable(self.t.to(device), self.rows.to(device), self.predictor)
+        return StepTable(self.t.to(device), self.rows.to(device), self.predictor, self.adjusted)
+
+    def is_adjusted(self, r: int) -> bool:
+        """Whether row ``r`` is a Metropolis-adjusted corrector row."""
+        return bool(self.adjusted) and self.adjusted[r]
 
 
 def _predictor(sampler: str, ab: float, ab_p: float, eta_scale: float) -> tuple[float, ...]:
@@ -198,6 +225,8 @@ def coefficient_table(
     corrector_snr: float = 0.1,
     eta_scale: float = 1.0,
     times: list[float] | None = None,
+    mh_steps: int = 0,
+    mh_snr: float = 0.1,
 ) -> StepTable:
     """Build the coefficient table of a run (on the CPU; move it with ``.to``).
 
@@ -210,15 +239,18 @@ def coefficient_table(
         eta_scale: multiplier of the ``dia`` Langevin step (1 keeps marginals exact).
         times: the ``S + 1`` ascending times of :func:`step_times` (default ``i / S``);
             ``times[0] == 0`` lands on clean data, ``times[0] > 0`` stops at that level.
+        mh_steps: Metropolis-adjusted Langevin rows after each predictor row's corrector
+            rows (all but the last predictor row); flagged in ``StepTable.adjusted``.
+        mh_snr: their signal-to-noise ratio (step ``2 mh_snr^2 sigma^2``).
 
     Returns:
-        A :class:`StepTable` of ``R = S + corrector_steps * (S - 1)`` rows.
+        A :class:`StepTable` of ``R = S + (corrector_steps + mh_steps) * (S - 1)`` rows.
     """
     check_choice(sampler, SAMPLERS, "sampler")
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-    if corrector_steps < 0 or not math.isfinite(corrector_snr) or corrector_snr <= 0:
-        raise ConfigError("corrector_steps must be >= 0 and corrector_snr a positive number")
+    check_langevin_rows(corrector_steps, corrector_snr, "corrector")
+    check_langevin_rows(mh_steps, mh_snr, "mh")
     if not math.isfinite(eta_scale) or eta_scale <= 0:
         raise ConfigError(f"eta_scale must be a positive number, got {eta_scale!r}")
     if times is None:
@@ -229,7 +261,7 @@ def coefficient_table(
     abar = alpha_bar(schedule, grid).tolist()
     if times[0] == 0:
         abar[0] = 1.0  # the last step lands on clean data
-    t_rows, rows, predictor = [], [], []
+    t_rows, rows, predictor, adjusted = [], [], [], []
     for i in range(steps, 0, -1):
         ab, ab_p = abar[i], abar[i - 1]
         coef = _predictor(sampler, ab, ab_p, eta_scale)
@@ -237,17 +269,24 @@ def coefficient_table(
         t_rows.append(times[i])
         rows.append((*coef, *levels))
         predictor.append(True)
+        adjusted.append(False)
         if i > 1:
             sig = math.sqrt(1 - ab_p)
-            delta = 2 * corrector_snr**2 * sig * sig
-            corr = (1.0, -delta / sig, delta, math.sqrt(2 * delta))
             level = (math.sqrt(ab_p), sig, math.sqrt(ab_p), sig)
-            for _ in range(corrector_steps):
-                t_rows.append(times[i - 1])
-                rows.append((*corr, *level))
-                predictor.append(False)
+            for count, snr, is_mh in (
+                (corrector_steps, corrector_snr, False),
+                (mh_steps, mh_snr, True),
+            ):
+                delta = 2 * snr**2 * sig * sig
+                corr = (1.0, -delta / sig, delta, math.sqrt(2 * delta))
+                for _ in range(count):
+                    t_rows.append(times[i - 1])
+                    rows.append((*corr, *level))
+                    predictor.append(False)
+                    adjusted.append(is_mh)
     return StepTable(
         t=torch.tensor(t_rows, dtype=torch.float32),
         rows=torch.tensor(rows, dtype=torch.float64).to(torch.float32),
         predictor=predictor,
+        adjusted=adjusted,
     )

@@ -45,6 +45,10 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "guidance_estimator": SamplingKey("critic", "critic or zo"),
     "zo_samples": SamplingKey(8, "an even integer >= 2"),
     "zo_sigma": SamplingKey(1.0, "a finite number > 0"),
+    "corrector_steps": SamplingKey(0, "an integer >= 0 (0: no corrector rows)"),
+    "corrector_snr": SamplingKey(0.1, "a finite number > 0"),
+    "mh_steps": SamplingKey(0, "an integer >= 0 (0: no MALA rows)"),
+    "mh_snr": SamplingKey(0.1, "a finite number > 0"),
 }
 """The sampling settings: keys of ``sampling.json``, ``fastdia sample`` options of the same
 name (``--stop-at`` for ``stop_at``) and ``fastdia eval --variant`` keys; the one list of them."""

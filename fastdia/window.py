@@ -44,16 +44,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastdia import ops
+from fastdia import mala, noise, ops
 from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
 from fastdia.ops import registry
+from fastdia.ops.guided_step_ref import critic_value_and_grad
 from fastdia.prompts import cut_completions
 from fastdia.schedules import (
     SQRT_1M_ABAR,
     SQRT_1M_ABAR_NEXT,
     SQRT_ABAR,
     SQRT_ABAR_NEXT,
+    C,
     StepTable,
     coefficient_table,
     step_times,
@@ -190,6 +192,8 @@ class WindowDiffusion:
             corrector_snr=cfg.corrector_snr,
             eta_scale=cfg.eta_scale,
             times=self.times,
+            mh_steps=cfg.mh_steps,
+            mh_snr=cfg.mh_snr,
         )
         # a host copy of the per-row constants (static scalars of the loop's arithmetic)
         self._rows: list[list[float]] = table.rows.tolist()
@@ -266,6 +270,14 @@ class WindowDiffusion:
         self.zo = ZerothOrderGuide(self) if cfg.guidance_estimator == "zo" else None
         if self.zo is not None:
             self.stack, self.context = None, []
+        # MALA rows: accepted moves per row (device; reset per run), proposals per block,
+        # each row's draw (its proposal noise and one normal for its accept test), and the
+        # evaluation of the current state a MALA row hands the next one at its level
+        self.mh_accepted = torch.zeros(batch, device=device)
+        self.mh_rows = sum(table.is_adjusted(r) for r in range(rows))
+        draw = (batch, window * dim + 1)
+        self._mh_draw = torch.zeros(draw, device=device) if self.mh_rows else None
+        self._mh_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def z(self) -> torch.Tensor:
@@ -375,20 +387,98 @@ class WindowDiffusion:
             self.x0.copy_(x0)
         return x0
 
-    def _context_grad(self, z: torch.Tensor, r: int) -> torch.Tensor | None:
-        if not self.context or not self.sampler.config.guidance:
+    def _context_terms(self, z: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The context critics' weighted value ``[B]`` and gradient ``[B, W, d]`` at row
+        ``r``'s state ``z`` (a value critic reads the block's positions); None without."""
+        if not self.context:
             return None
+        value = torch.zeros_like(z[:, 0, 0])  # [B]
         total = torch.zeros_like(z)
         for critic, inputs in zip(self.context, self._critic_inputs, strict=True):
             module = critic.module
             if inputs:  # a value critic scores the block
                 block = z.gather(1, self._at_block)
-                _, grad = module.value_and_grad(block, self.table.t[r], **inputs)
+                h, grad = module.value_and_grad(block, self.table.t[r], **inputs)
                 total.scatter_add_(1, self._at_block, critic.weight * grad)
-                continue
-            _, grad = module.value_and_grad(z, self.table.t[r])
-            total += critic.weight * grad
-        return total.view(-1, z.shape[-1])
+            else:
+                h, grad = module.value_and_grad(z, self.table.t[r])
+                total += critic.weight * grad
+            value += critic.weight * h.reshape(-1)
+        return value, total
+
+    def _context_grad(self, z: torch.Tensor, r: int) -> torch.Tensor | None:
+        if not self.sampler.config.guidance:
+            return None
+        terms = self._context_terms(z, r)
+        return None if terms is None else terms[1].view(-1, z.shape[-1])
+
+    def _mh_eval(self, z: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a MALA row reads of a state ``z [B, W, d]`` at row ``r``'s level: the data
+        score ``-eps / sigma`` ``[B, W, d]``, the guidance value ``lambda h`` ``[B]`` and the
+        drift ``score + lambda grad h`` ``[B, W, d]`` (the critics of the guided step:
+        the token-local stack and the context critics)."""
+        den, cfg = self.sampler.denoiser, self.sampler.config
+        sab, s1m = self._rows[r][SQRT_ABAR], self._rows[r][SQRT_1M_ABAR]
+        out = den(
+            z,
+            self.table.t[r],
+            x0_prev=self.x0 if self._self_cond else None,
+            clean_mask=self.mask if self._clean else None,
+            temb=self._temb[r],
+            temperature=cfg.score_temperature,
+            **self._state_inputs,
+        )
+        eps = (z - sab * out) / s1m if den.config.predicts_x0 else out
+        score = eps / -s1m
+        value = torch.zeros_like(z[:, 0, 0])  # [B]
+        grad = torch.zeros_like(z)
+        if self.stack is not None:
+            h, g = critic_value_and_grad(z.reshape(-1, z.shape[-1]), self.stack.row(r), self.window)
+            value += h
+            grad += g.view_as(z)
+        terms = self._context_terms(z, r)
+        if terms is not None:
+            value += terms[0]
+            grad += terms[1]
+        return score, self.guidance * value, score + self.guidance * grad
+
+    def _mh_row(self, z: torch.Tensor, r: int, out: torch.Tensor) -> None:
+        """A MALA row (:mod:`fastdia.mala`): propose the corrector's move from ``z`` on the
+        positions that are not context, accept or reject it per row, write the result into
+        ``out`` ``[B, W, d]`` and count the accepted moves. Graph-safe (no host read); the
+        self-conditioning input stays the last predictor row's x0 estimate, so that both
+        states of a row are scored under one conditioning."""
+        assert self._mh_draw is not None
+        delta = self._rows[r][C]
+        free = (~self._mask3).to(z.dtype)
+        current = self._mh_cache if self._mh_cache is not None else self._mh_eval(z, r)
+        draw = noise.randn_rows(self.state.seeds, self._steps[r + 1], self._mh_draw)
+        zeta = draw[:, :-1].view_as(z)  # the corrector row's own noise at this step
+        proposal = mala.propose(z, current[2], zeta, delta, free)
+        moved = self._mh_eval(proposal, r)
+        log_alpha = mala.log_accept(
+            z,
+            proposal,
+            (current[0], moved[0]),
+            (current[2], moved[2]),
+            (current[1], moved[1]),
+            delta,
+            free,
+        )
+        ok = mala.accept(log_alpha, draw[:, -1])
+        torch.where(ok[:, None, None], proposal, z, out=out)
+        self.mh_accepted += ok
+        # the next MALA row at this level starts from this row's result; a re-noised
+        # context (no clean prompt) changes the state between rows, so nothing is kept
+        if self._clean and self.table.is_adjusted(r + 1) and self._rows[r + 1] == self._rows[r]:
+            keep = ok[:, None, None]
+            self._mh_cache = (
+                torch.where(keep, moved[0], current[0]),
+                torch.where(ok, moved[1], current[1]),
+                torch.where(keep, moved[2], current[2]),
+            )
+        else:
+            self._mh_cache = None
 
     def _zo_grad(self, z: torch.Tensor, inp: torch.Tensor, r: int) -> torch.Tensor:
         """The zeroth-order estimate at row ``r`` from what the step reads (the x0 estimate,
@@ -399,6 +489,26 @@ class WindowDiffusion:
         else:
             x0 = (z - self._rows[r][SQRT_1M_ABAR] * inp) / self._rows[r][SQRT_ABAR]
         return self.zo.grad(x0, r)
+
+    def _guided_row(self, z: torch.Tensor, r: int, out: torch.Tensor) -> None:
+        """Row ``r``'s guided step (predictor or Langevin corrector) from ``z`` into ``out``
+        (both ``[B, W, d]``): the denoiser's estimate, the critics' (or the zeroth-order)
+        gradient, one fused kernel."""
+        cfg, dim = self.sampler.config, self.sampler.space.dim
+        inp = self._denoise_row(z, r)
+        self._guided_step(
+            z.view(-1, dim),
+            inp.reshape(-1, dim),
+            self.coef[r],
+            seq_len=self.window,
+            seed=self.state.seeds,
+            step=self._steps[r + 1],
+            guidance=self.guidance,
+            critic=self.stack.row(r) if self.stack is not None else None,
+            grad=self._context_grad(z, r) if self.zo is None else self._zo_grad(z, inp, r),
+            noise_kappa=cfg.noise_kappa,
+            out=out.view(-1, dim),
+        )
 
     @torch.no_grad()
     def denoise(self) -> None:
@@ -423,22 +533,13 @@ class WindowDiffusion:
         if self._need_x0:
             self.x0.zero_()
         self._write_context(z, 0, self._rows[0][SQRT_ABAR], self._rows[0][SQRT_1M_ABAR])
+        self._mh_cache = None
         for r in range(len(self.table)):
-            inp = self._denoise_row(z, r)
             nxt = self._bufs[(r + 1) % 2]
-            self._guided_step(
-                z.view(-1, dim),
-                inp.reshape(-1, dim),
-                self.coef[r],
-                seq_len=self.window,
-                seed=st.seeds,
-                step=self._steps[r + 1],
-                guidance=self.guidance,
-                critic=self.stack.row(r) if self.stack is not None else None,
-                grad=self._context_grad(z, r) if self.zo is None else self._zo_grad(z, inp, r),
-                noise_kappa=cfg.noise_kappa,
-                out=nxt.view(-1, dim),
-            )
+            if self.table.is_adjusted(r):
+                self._mh_row(z, r, nxt)
+            else:
+                self._guided_row(z, r, nxt)
             z = nxt
             row = self._rows[r]
             self._write_context(z, r + 1, row[SQRT_ABAR_NEXT], row[SQRT_1M_ABAR_NEXT])

@@ -61,6 +61,16 @@ CASES = {
         False,
     ),
     "adaln-ddim-context-critic": ({"arch": "adaln"}, {"sampler": "ddim", "guidance": 1.0}, True),
+    "mala-clean-selfcond-context-critic": (
+        {"clean_prompt": True, "self_condition": True},
+        {"guidance": 1.0, "mh_steps": 2, "mh_snr": 0.3, "corrector_steps": 1},
+        True,
+    ),
+    "mala-x0-noised-prompt-stop": (
+        {"prediction": "x0"},
+        {"guidance": 2.0, "mh_steps": 1, "stop_at": 0.2},
+        False,
+    ),
 }
 
 
@@ -406,7 +416,10 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("case", ["clean-selfcond", "x0-clamp-corrector-kappa-stop"])
+@pytest.mark.parametrize(
+    "case",
+    ["clean-selfcond", "x0-clamp-corrector-kappa-stop", "mala-clean-selfcond-context-critic"],
+)
 def test_every_block_replays_the_same_ops_on_the_same_buffers(tiny_base, case):
     """What one captured CUDA graph replays for every block must be what each block does
     eagerly: the same ops with the same constants on the same buffers (a Python-side

@@ -59,6 +59,10 @@ def test_every_sampling_setting_reaches_the_config():
         "guidance_estimator": "zo",
         "zo_samples": 4,
         "zo_sigma": 0.5,
+        "corrector_steps": 1,
+        "corrector_snr": 0.3,
+        "mh_steps": 2,
+        "mh_snr": 0.3,
     }
     assert set(other) == set(SAMPLING_KEYS), "a new sampling key needs a value here"
     defaults = {k: spec.default for k, spec in SAMPLING_KEYS.items()}

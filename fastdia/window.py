@@ -359,21 +359,27 @@ class WindowDiffusion:
         zeta = z if step == 0 else self._noise(step, self._zeta)
         torch.where(self._mask3, sab * self.ctx_z0 + s1m * zeta, z, out=z)
 
-    def _denoise_row(self, z: torch.Tensor, r: int) -> torch.Tensor:
-        """What row ``r``'s guided step reads: the noise estimate ``[B, W, d]``, or the x0
-        estimate on rows whose coefficients take it (``_takes_x0``). Keeps the x0 estimate
-        in ``self.x0`` when self-conditioning or an early stop reads it."""
-        den, cfg = self.sampler.denoiser, self.sampler.config
-        sab, s1m = self._rows[r][SQRT_ABAR], self._rows[r][SQRT_1M_ABAR]
-        out = den(
+    def _denoiser_out(self, z: torch.Tensor, r: int) -> torch.Tensor:
+        """The denoiser's output at row ``r`` for the state ``z [B, W, d]`` (its noise or x0
+        estimate, as it predicts), with this block's conditioning: the previous x0
+        estimate, the clean context's mask and the base model's states."""
+        return self.sampler.denoiser(
             z,
             self.table.t[r],
             x0_prev=self.x0 if self._self_cond else None,
             clean_mask=self.mask if self._clean else None,
             temb=self._temb[r],
-            temperature=cfg.score_temperature,
+            temperature=self.sampler.config.score_temperature,
             **self._state_inputs,
         )
+
+    def _denoise_row(self, z: torch.Tensor, r: int) -> torch.Tensor:
+        """What row ``r``'s guided step reads: the noise estimate ``[B, W, d]``, or the x0
+        estimate on rows whose coefficients take it (``_takes_x0``). Keeps the x0 estimate
+        in ``self.x0`` when self-conditioning or an early stop reads it."""
+        den = self.sampler.denoiser
+        sab, s1m = self._rows[r][SQRT_ABAR], self._rows[r][SQRT_1M_ABAR]
+        out = self._denoiser_out(z, r)
         if not self._takes_x0[r]:
             if self._need_x0:
                 self.x0.copy_((z - s1m * out) / sab)
@@ -417,18 +423,9 @@ class WindowDiffusion:
         score ``-eps / sigma`` ``[B, W, d]``, the guidance value ``lambda h`` ``[B]`` and the
         drift ``score + lambda grad h`` ``[B, W, d]`` (the critics of the guided step:
         the token-local stack and the context critics)."""
-        den, cfg = self.sampler.denoiser, self.sampler.config
         sab, s1m = self._rows[r][SQRT_ABAR], self._rows[r][SQRT_1M_ABAR]
-        out = den(
-            z,
-            self.table.t[r],
-            x0_prev=self.x0 if self._self_cond else None,
-            clean_mask=self.mask if self._clean else None,
-            temb=self._temb[r],
-            temperature=cfg.score_temperature,
-            **self._state_inputs,
-        )
-        eps = (z - sab * out) / s1m if den.config.predicts_x0 else out
+        out = self._denoiser_out(z, r)
+        eps = (z - sab * out) / s1m if self.sampler.denoiser.config.predicts_x0 else out
         score = eps / -s1m
         value = torch.zeros_like(z[:, 0, 0])  # [B]
         grad = torch.zeros_like(z)

@@ -20,8 +20,8 @@ integral of the score from ``z`` to ``z'`` by the trapezoid rule, ``(s(z) + s(z'
 z) / 2``: exact when the score is linear (a Gaussian), with an error of order ``|z' -
 z|^3`` otherwise, and only as good as the learned score is a gradient field. The two
 scores are the ones the proposal and its reverse need anyway, so a row costs two denoiser
-and critic evaluations (one when the previous row was a MALA row at the same level: its
-accepted state's evaluation is reused).
+and critic evaluations (one when the previous row was a MALA row at the same level and the
+prompt is given clean: its accepted state's evaluation is reused).
 
 Shapes: states ``[B, L, d]`` float32 (``B`` chains, each accepted or rejected as a whole),
 ``free`` ``[B, L, 1]`` (1 where a position moves), values ``[B]``.

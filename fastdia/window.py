@@ -274,9 +274,11 @@ class WindowDiffusion:
         # each row's draw (its proposal noise and one normal for its accept test), and the
         # evaluation of the current state a MALA row hands the next one at its level
         self.mh_accepted = torch.zeros(batch, device=device)
-        self.mh_rows = sum(table.is_adjusted(r) for r in range(rows))
+        self.mh_rows = sum(table.adjusted)
         draw = (batch, window * dim + 1)
         self._mh_draw = torch.zeros(draw, device=device) if self.mh_rows else None
+        # 1 where a MALA row moves the state (not context): [B, W, 1] float32, per block
+        self._mh_free = torch.zeros(batch, window, 1, device=device) if self.mh_rows else None
         self._mh_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -333,6 +335,8 @@ class WindowDiffusion:
             torch.ge(self._state_pos[None, :], st.pad[:, None], out=valid)
             torch.index_select(st.hist, 1, self._state_pos.clamp_(min=0), out=states)
             states.mul_(valid[:, :, None])
+        if self._mh_free is not None:
+            torch.logical_not(self._mask3, out=self._mh_free)
 
     def _noise(self, step: int, out: torch.Tensor) -> torch.Tensor:
         """``zeta(seed_b, steps[step], k)`` into ``out`` ``[B, W, d]`` (see ``_noise_coef``)."""
@@ -445,9 +449,8 @@ class WindowDiffusion:
         ``out`` ``[B, W, d]`` and count the accepted moves. Graph-safe (no host read); the
         self-conditioning input stays the last predictor row's x0 estimate, so that both
         states of a row are scored under one conditioning."""
-        assert self._mh_draw is not None
-        delta = self._rows[r][C]
-        free = (~self._mask3).to(z.dtype)
+        assert self._mh_draw is not None and self._mh_free is not None
+        delta, free = self._rows[r][C], self._mh_free
         current = self._mh_cache if self._mh_cache is not None else self._mh_eval(z, r)
         draw = noise.randn_rows(self.state.seeds, self._steps[r + 1], self._mh_draw)
         zeta = draw[:, :-1].view_as(z)  # the corrector row's own noise at this step

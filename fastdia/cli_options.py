@@ -149,12 +149,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--guidance-estimator",
-        choices=("critic", "zo"),
+        choices=("critic", "zo", "proposal"),
         default=None,
-        help="what gives the diffusion's guiding gradient: critic (the checkpoint's critics) "
-        "or zo (a zeroth-order estimate from the --reward itself: --zo-samples rounded "
-        "candidates per row and step, no critic needed; slow) "
-        f"({ckpt} critic)",
+        help="what gives the diffusion's guiding gradient: critic (the checkpoint's critics), "
+        "zo (a zeroth-order estimate from the --reward itself: --zo-samples rounded "
+        "candidates per row and step, no critic needed; slow) or proposal (the checkpoint's "
+        "amortised proposal, from `fastdia train-proposal`: a network predicts the critics' "
+        f"gradient) ({ckpt} critic)",
     )
     p.add_argument(
         "--zo-samples",

@@ -1,4 +1,5 @@
-"""``fastdia make-data``, ``fastdia train-denoiser`` and ``fastdia train-critic``."""
+"""``fastdia make-data``, ``fastdia train-denoiser``, ``fastdia train-critic`` and
+``fastdia train-proposal``."""
 
 from __future__ import annotations
 
@@ -165,6 +166,27 @@ def add_parsers(sub: Any) -> None:
         help="noise schedule (default: the denoiser's in --out, else sqrt)",
     )
     p.set_defaults(func=cmd_train_critic)
+
+    p = sub.add_parser(
+        "train-proposal",
+        help="train an amortised proposal that predicts the critics' guiding gradient "
+        "(sampled with --guidance-estimator proposal)",
+    )
+    _common(p)
+    _optim(p, steps=2000, lr=1e-3, batch=64)
+    p.add_argument(
+        "--rewards",
+        default=None,
+        help="comma-separated reward specs, one head each (default: every token-local "
+        "critic in --out); their critics must be in --out",
+    )
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="noise schedule (default: the denoiser's in --out, else sqrt)",
+    )
+    p.set_defaults(func=cmd_train_proposal)
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, str]:
@@ -364,6 +386,51 @@ def cmd_train_critic(args: argparse.Namespace) -> int:
             )
         )
     dist.finish()
+    return 0
+
+
+def cmd_train_proposal(args: argparse.Namespace) -> int:
+    from fastdia.models.checkpoint import load_checkpoint
+    from fastdia.models.proposal import ProposalConfig
+    from fastdia.rewards import build_rewards
+    from fastdia.train.proposal import check_imitable, train_proposal
+
+    rewards = None
+    if args.rewards is not None:
+        rewards = list(build_rewards(args.rewards).names)
+        ProposalConfig(dim=1, rewards=rewards, hidden=args.hidden)  # checked before loading
+    optim = _optim_config(args)
+    schedule = args.schedule or _denoiser_schedule(Path(args.out)) or "sqrt"
+    base, device = _setup(args)
+    critics = load_checkpoint(args.out, base.space, device=device).critics
+    if rewards is None:
+        rewards = sorted(n for n, c in critics.items() if c.config.kind == "token_local")
+        if not rewards:
+            raise ConfigError(
+                f"{args.out} has no token-local critic to imitate: train one first with "
+                "`fastdia train-critic`"
+            )
+    check_imitable(critics, rewards)
+    train, hold = _data(args, base)
+    config = ProposalConfig(dim=base.space.dim, rewards=rewards, hidden=args.hidden)
+    run = train_proposal(
+        base,
+        train,
+        hold,
+        critics,
+        args.out,
+        config,
+        optim,
+        schedule=schedule,
+        resume=args.resume,
+        device=device,
+        progress=not args.no_progress,
+    )
+    print(
+        json.dumps(
+            {"out": args.out, "rewards": rewards, "seconds": run.seconds, "metrics": run.metrics}
+        )
+    )
     return 0
 
 

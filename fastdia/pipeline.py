@@ -26,6 +26,7 @@ from fastdia.models.checkpoint import (
 )
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.models.proposal import AmortisedProposal, ProposalConfig
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
 from fastdia.settings import SAMPLING_KEYS
 
@@ -84,6 +85,20 @@ def random_models(
     return denoiser.to(device).eval(), {k: v.to(device).eval() for k, v in critics.items()}
 
 
+def random_proposal(
+    base: BaseModel, rewards: Sequence[str], *, device: torch.device | str = "cpu"
+) -> AmortisedProposal:
+    """An untrained amortised proposal with one head per reward name (seeded, like
+    :func:`random_models`)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_INIT_SEED)
+    try:
+        proposal = AmortisedProposal(ProposalConfig(dim=base.space.dim, rewards=list(rewards)))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return proposal.to(device).eval()
+
+
 @dataclass
 class Assembly:
     """A built sampler and the names/weights of the critics it guides with."""
@@ -128,19 +143,35 @@ def build_sampler(
             checkpoint of another base model.
     """
     names = [name for name, _ in rewards]
+    proposal = None
     if random_init:
         denoiser, critics = random_models(base, names, length=length, device=device)
+        if config.guidance_estimator == "proposal" and names:
+            proposal = random_proposal(base, names, device=device)
     else:
         checkpoint = resolve_checkpoint(checkpoint)
         ckpt = loaded or load_checkpoint(checkpoint, base.space, device=device)
         denoiser, critics = ckpt.denoiser, ckpt.critics_of(config.critic_kind)
         if config.guidance and config.guidance_estimator == "critic":
             check_critics(checkpoint, critics, names, config.critic_kind)
+        proposal = ckpt.proposal
+        if config.guidance_estimator == "proposal" and proposal is None:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has no amortised proposal (proposal.*): train one "
+                f"with `fastdia train-proposal --data DATA --out {checkpoint}`, or guide with "
+                "the critics (--guidance-estimator critic)"
+            )
     if config.guidance and not rewards:
         raise ConfigError("guidance needs at least one reward (--reward NAME)")
     weighted = [WeightedCritic(name, critics[name], w) for name, w in rewards if name in critics]
     if config.guidance_estimator == "zo":  # the reward's own gradient estimate guides
         weighted = []
+    weights = None
+    if config.guidance_estimator == "proposal":  # it guides; the critics stay for the decode
+        assert proposal is not None
+        weights = proposal.reward_weights(rewards)
+    else:
+        proposal = None
     sampler = Sampler(
         denoiser,
         base.space,
@@ -150,6 +181,8 @@ def build_sampler(
         base_model=base,
         reward=reward,
         reward_name=", ".join(names) or "reward",
+        proposal=proposal,
+        proposal_weights=weights,
     )
     return Assembly(sampler, weighted)
 

@@ -48,6 +48,7 @@ from fastdia.embedding import ROUNDINGS, EmbeddingSpace
 from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
 from fastdia.models.denoiser import Denoiser
+from fastdia.models.proposal import AmortisedProposal
 from fastdia.ops import registry
 from fastdia.plan import SamplerPlan
 from fastdia.prompts import ON_EOS, Prompt, SpecialTokens, encode_prompt, special_tokens
@@ -123,8 +124,10 @@ class SamplerConfig:
             finished text (the last weighting replaces the twist by it); 0: the critics'
             tilted target. ``smc_twist="reward"`` needs ``W > 0``.
         guidance_estimator: what gives the gradient the diffusion is guided by:
-            ``"critic"`` (the critics') or ``"zo"`` (a zeroth-order estimate from the
-            sampler's ``reward`` itself, no critic: :mod:`fastdia.zeroth_order`).
+            ``"critic"`` (the critics'), ``"zo"`` (a zeroth-order estimate from the
+            sampler's ``reward`` itself, no critic: :mod:`fastdia.zeroth_order`) or
+            ``"proposal"`` (an amortised proposal's prediction of the critics' gradient:
+            :mod:`fastdia.models.proposal`).
         zo_samples: ``Q``, the reward calls per row and step of the ``"zo"`` estimate (an
             even number: ``Q / 2`` antithetic pairs).
         zo_sigma: the ``"zo"`` smoothing scale, in the units of the scaled embeddings (an
@@ -200,16 +203,18 @@ class SamplerConfig:
         check_zero_order(self.guidance_estimator, self.zo_samples, self.zo_sigma)
         check_langevin_rows(self.corrector_steps, self.corrector_snr, "corrector")
         check_langevin_rows(self.mh_steps, self.mh_snr, "mh")
-        if self.mh_steps and (self.guidance_estimator == "zo" or self.noise_kappa):
+        if self.mh_steps and (self.guidance_estimator != "critic" or self.noise_kappa):
             raise ConfigError(
                 "MALA rows (mh_steps > 0) accept against the critics' value and the plain "
-                "Langevin noise: zeroth-order guidance (no critic value) and adaptive noise "
-                "are not supported with them; drop one"
+                "Langevin noise: zeroth-order guidance and the amortised proposal (no critic "
+                "value) and adaptive noise are not supported with them; drop one"
             )
-        if self.guidance_estimator == "zo" and (self.noise_kappa or self.critic_kind == "value"):
+        if self.guidance_estimator != "critic" and (
+            self.noise_kappa or self.critic_kind == "value"
+        ):
             raise ConfigError(
-                "zeroth-order guidance (guidance_estimator='zo') uses no critic: adaptive "
-                "noise and critic_kind='value' read one; drop them"
+                f"guidance_estimator={self.guidance_estimator!r} guides the diffusion with no "
+                "critic: adaptive noise and critic_kind='value' read one; drop them"
             )
         if self.particles > 1 and self.decode != "lm":
             raise ConfigError(
@@ -278,6 +283,10 @@ class Sampler:
             :attr:`SampleOutput.texts` holds) to ``B`` finite numbers (a tensor, array or
             list); any Python function will do, no critic needed.
         reward_name: its name in error messages.
+        proposal: the amortised proposal that guides under
+            ``config.guidance_estimator="proposal"`` (ignored otherwise).
+        proposal_weights: ``[R]`` its heads' weights, one per ``proposal.config.rewards``
+            (:meth:`AmortisedProposal.reward_weights` of the run's reward mixture).
 
     Attributes:
         window: ``W``, the denoiser's window (``config.window``, else its ``max_length``).
@@ -295,6 +304,8 @@ class Sampler:
         base_model: BaseModel | None = None,
         reward: Callable[[list[str]], Any] | None = None,
         reward_name: str = "reward",
+        proposal: AmortisedProposal | None = None,
+        proposal_weights: torch.Tensor | None = None,
     ) -> None:
         self.config = config = config or SamplerConfig()
         readers = []  # what reads the true reward
@@ -323,6 +334,27 @@ class Sampler:
                 f"denoiser width {denoiser.config.dim} != embedding width {space.dim}: "
                 "the denoiser belongs to another base model"
             )
+        self.proposal: AmortisedProposal | None = None
+        self.proposal_weights: torch.Tensor | None = None
+        if config.guidance_estimator == "proposal":
+            if proposal is None or proposal_weights is None:
+                raise ConfigError(
+                    "guidance_estimator='proposal' needs proposal= and proposal_weights= "
+                    "(fastdia.pipeline.build_sampler loads the checkpoint's proposal.*, "
+                    "trained by `fastdia train-proposal`)"
+                )
+            if proposal.config.dim != space.dim:
+                raise ConfigError(
+                    f"proposal width {proposal.config.dim} != embedding width {space.dim}: "
+                    "the proposal belongs to another base model"
+                )
+            if proposal_weights.shape != (len(proposal.config.rewards),):
+                raise ConfigError(
+                    f"proposal_weights must hold one weight per reward of the proposal "
+                    f"({len(proposal.config.rewards)}), got shape {list(proposal_weights.shape)}"
+                )
+            self.proposal = proposal.to(self.device).eval()
+            self.proposal_weights = proposal_weights.float()
         self.window = check_window(config.window, denoiser.config.max_length)
         self.block_size = check_block_size(config.block_size, self.window)
         self.denoiser = denoiser.to(self.device).eval()

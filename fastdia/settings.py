@@ -42,7 +42,7 @@ SAMPLING_KEYS: dict[str, SamplingKey] = {
     "ess_threshold": SamplingKey(0.5, "a finite number > 0 (at most 1)"),
     "smc_twist": SamplingKey("critic", "critic or reward"),
     "smc_reward_weight": SamplingKey(0.0, "a finite number >= 0 (0: the critics' target)"),
-    "guidance_estimator": SamplingKey("critic", "critic or zo"),
+    "guidance_estimator": SamplingKey("critic", "critic, zo or proposal"),
     "zo_samples": SamplingKey(8, "an even integer >= 2"),
     "zo_sigma": SamplingKey(1.0, "a finite number > 0"),
     "corrector_steps": SamplingKey(0, "an integer >= 0 (0: no corrector rows)"),

@@ -47,6 +47,7 @@ import torch
 from fastdia import mala, noise, ops
 from fastdia.errors import ConfigError
 from fastdia.models.critic import TokenLocalCritic
+from fastdia.models.proposal import proposal_grad
 from fastdia.ops import registry
 from fastdia.ops.guided_step_ref import critic_value_and_grad
 from fastdia.prompts import cut_completions
@@ -268,7 +269,12 @@ class WindowDiffusion:
         self._round = registry.get(ops.ROUND_TO_VOCAB, sampler.backends[ops.ROUND_TO_VOCAB])
         # zeroth-order guidance: the reward's own gradient estimate replaces the critics'
         self.zo = ZerothOrderGuide(self) if cfg.guidance_estimator == "zo" else None
-        if self.zo is not None:
+        # the amortised proposal: its prediction of the critics' gradient replaces theirs,
+        # heads mixed by the run's reward weights, hidden bias per row of the table
+        self.proposal = None
+        if sampler.proposal is not None and sampler.proposal_weights is not None:
+            self.proposal = sampler.proposal.fold(sampler.proposal_weights, self.table.t)
+        if self.zo is not None or self.proposal is not None:
             self.stack, self.context = None, []
         # MALA rows: accepted moves per row (device; reset per run), proposals per block,
         # each row's draw (its proposal noise and one normal for its accept test), and the
@@ -490,10 +496,22 @@ class WindowDiffusion:
             x0 = (z - self._rows[r][SQRT_1M_ABAR] * inp) / self._rows[r][SQRT_ABAR]
         return self.zo.grad(x0, r)
 
+    def _guide_grad(self, z: torch.Tensor, inp: torch.Tensor, r: int) -> torch.Tensor | None:
+        """The gradient row ``r``'s guided step reads besides the fused critic stack's:
+        ``[B * W, d]`` from the context critics, the zeroth-order estimate or the amortised
+        proposal (None: the stack's alone)."""
+        if self.zo is not None:
+            return self._zo_grad(z, inp, r)
+        if self.proposal is not None:
+            if not self.sampler.config.guidance:
+                return None
+            return proposal_grad(z.view(-1, z.shape[-1]), self.proposal.row(r), self.window)
+        return self._context_grad(z, r)
+
     def _guided_row(self, z: torch.Tensor, r: int, out: torch.Tensor) -> None:
         """Row ``r``'s guided step (predictor or Langevin corrector) from ``z`` into ``out``
-        (both ``[B, W, d]``): the denoiser's estimate, the critics' (or the zeroth-order)
-        gradient, one fused kernel."""
+        (both ``[B, W, d]``): the denoiser's estimate, the critics' (or the zeroth-order,
+        or the amortised proposal's) gradient, one fused kernel."""
         cfg, dim = self.sampler.config, self.sampler.space.dim
         inp = self._denoise_row(z, r)
         self._guided_step(
@@ -505,7 +523,7 @@ class WindowDiffusion:
             step=self._steps[r + 1],
             guidance=self.guidance,
             critic=self.stack.row(r) if self.stack is not None else None,
-            grad=self._context_grad(z, r) if self.zo is None else self._zo_grad(z, inp, r),
+            grad=self._guide_grad(z, inp, r),
             noise_kappa=cfg.noise_kappa,
             out=out.view(-1, dim),
         )

@@ -33,7 +33,7 @@ from fastdia.smc import score_texts
 if TYPE_CHECKING:
     from fastdia.window import WindowDiffusion
 
-GUIDANCE_ESTIMATORS = ("critic", "zo")  # SamplerConfig.guidance_estimator
+GUIDANCE_ESTIMATORS = ("critic", "zo", "proposal")  # SamplerConfig.guidance_estimator
 SHORTLIST = 64  # a candidate rounds among the tokens nearest the unperturbed estimate
 
 

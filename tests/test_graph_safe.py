@@ -22,6 +22,7 @@ from fastdia.decode import DECODE_STEP, DecodeConfig
 from fastdia.models.common import TIME_SCALE
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.models.proposal import AmortisedProposal, ProposalConfig
 from fastdia.ops.guided_step_ref import TokenLocalStack, guided_step_reference
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
 from fastdia.strict import GraphSafeMode, GraphSafetyError
@@ -71,6 +72,11 @@ CASES = {
         {"guidance": 2.0, "mh_steps": 1, "stop_at": 0.2},
         False,
     ),
+    "proposal-clean-selfcond-corrector": (
+        {"clean_prompt": True, "self_condition": True},
+        {"guidance": 1.0, "guidance_estimator": "proposal", "corrector_steps": 1},
+        False,
+    ),
 }
 
 
@@ -80,7 +86,20 @@ def _sampler(space, case: str, device: str = "cpu") -> Sampler:
     if context:
         critics.append(WeightedCritic("nontoxic", _critic(space, "context"), 0.5))
     config = SamplerConfig(steps=3, backend="reference", **cfg_kw)
-    return Sampler(_denoiser(space, **den_kw), space, critics, config, device=device)
+    proposal = weights = None
+    if config.guidance_estimator == "proposal":
+        torch.manual_seed(2)
+        proposal = AmortisedProposal(ProposalConfig(dim=space.dim, rewards=["sentiment"], hidden=8))
+        weights = proposal.reward_weights([("sentiment", 1.0)])
+    return Sampler(
+        _denoiser(space, **den_kw),
+        space,
+        critics,
+        config,
+        device=device,
+        proposal=proposal,
+        proposal_weights=weights,
+    )
 
 
 def test_mode_fails_on_factory_ops_host_reads_and_other_devices():

@@ -3,15 +3,17 @@
 A model ``<stem>`` in a folder is two files: ``<stem>.safetensors`` (the weights) and
 ``<stem>.json``::
 
-    {"format": "fastdia", "version": 1, "kind": "denoiser" | "critic",
+    {"format": "fastdia", "version": 1, "kind": "denoiser" | "critic" | "proposal",
      "config": {...the model's config dataclass...},
      "embedding": {"fingerprint": "...", "scale": c, "base_model": "smollm2-135m"}}
 
 Each file is written to a temporary name in the same folder, flushed to disk and renamed
 over the target, so a reader sees either the old file or the new one, never half of one.
-A checkpoint folder holds ``denoiser.*`` and one ``critic-<name>.*`` per critic, and
-optionally ``sampling.json``, the sampling defaults its evaluation recommends (e.g.
-``{"guidance": 64}``), which ``fastdia sample`` uses for options not given.
+A checkpoint folder holds ``denoiser.*`` and one ``critic-<name>.*`` per critic, optionally
+``value-<name>.*`` value critics, ``proposal.*`` (an amortised proposal,
+:mod:`fastdia.models.proposal`) and ``sampling.json``, the sampling defaults its
+evaluation recommends (e.g. ``{"guidance": 64}``), which ``fastdia sample`` uses for
+options not given.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from fastdia.embedding import EmbeddingSpace
 from fastdia.errors import CheckpointError
 from fastdia.models.critic import CriticConfig, build_critic
 from fastdia.models.denoiser import Denoiser, DenoiserConfig
+from fastdia.models.proposal import AmortisedProposal, ProposalConfig
 from fastdia.settings import EVAL_KEYS, SAMPLING_KEYS
 
 FORMAT, VERSION = "fastdia", 1
 DENOISER_STEM = "denoiser"
 CRITIC_PREFIX = "critic-"
 VALUE_PREFIX = "value-"  # value critics (kind "value"): apart, so one reward can have both
+PROPOSAL_STEM = "proposal"  # the amortised proposal (train-proposal)
 SAMPLING_DEFAULTS = "sampling.json"
 
 
@@ -97,11 +101,14 @@ def critic_stem(reward: str, kind: str = "token_local") -> str:
 def save_model(
     module: nn.Module, folder: str | Path, stem: str, *, space: EmbeddingSpace, base_model: str
 ) -> None:
-    """Save a :class:`Denoiser` or a critic as ``folder/stem.{safetensors,json}``."""
+    """Save a :class:`Denoiser`, a critic or an amortised proposal as
+    ``folder/stem.{safetensors,json}``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     kind = "denoiser" if isinstance(module, Denoiser) else "critic"
+    if isinstance(module, AmortisedProposal):
+        kind = "proposal"
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -152,6 +159,8 @@ def load_model(
     try:
         if meta["kind"] == "denoiser":
             module: nn.Module = Denoiser(DenoiserConfig(**meta["config"]))
+        elif meta["kind"] == "proposal":
+            module = AmortisedProposal(ProposalConfig(**meta["config"]))
         else:
             module = build_critic(CriticConfig(**meta["config"]))
     except (KeyError, TypeError) as exc:
@@ -263,11 +272,12 @@ def _finite_number(value: Any) -> bool:
 @dataclass
 class Checkpoint:
     """A loaded checkpoint folder: the denoiser, its critics and its value critics (each
-    by reward spec)."""
+    by reward spec), and its amortised proposal if it has one."""
 
     denoiser: Denoiser
     critics: dict[str, nn.Module]
     values: dict[str, nn.Module] = field(default_factory=dict)
+    proposal: AmortisedProposal | None = None
 
     def critics_of(self, kind: str) -> dict[str, nn.Module]:
         """The critics a sampler guides with: ``"value"`` critics or the others."""
@@ -297,7 +307,8 @@ def save_checkpoint(
 def load_checkpoint(
     folder: str | Path, space: EmbeddingSpace, *, device: torch.device | str = "cpu"
 ) -> Checkpoint:
-    """Load ``folder``'s denoiser and every ``critic-*`` and ``value-*`` model in it."""
+    """Load ``folder``'s denoiser, every ``critic-*`` and ``value-*`` model in it, and its
+    ``proposal`` if there is one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(
@@ -310,4 +321,12 @@ def load_checkpoint(
         for meta_path in sorted(folder.glob(f"{prefix}*.json")):
             critic = load_model(folder, meta_path.stem, space, device=device)
             models[critic.config.reward] = critic
-    return Checkpoint(denoiser=denoiser, critics=found[CRITIC_PREFIX], values=found[VALUE_PREFIX])
+    proposal = None
+    if (folder / f"{PROPOSAL_STEM}.json").is_file():
+        proposal = load_model(folder, PROPOSAL_STEM, space, device=device)
+    return Checkpoint(
+        denoiser=denoiser,
+        critics=found[CRITIC_PREFIX],
+        values=found[VALUE_PREFIX],
+        proposal=proposal,
+    )

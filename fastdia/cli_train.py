@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +396,11 @@ def cmd_train_proposal(args: argparse.Namespace) -> int:
     from fastdia.rewards import build_rewards
     from fastdia.train.proposal import check_imitable, train_proposal
 
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        raise ConfigError(
+            "train-proposal runs on one process (the demo's takes 5 minutes on one CPU "
+            "thread): start it without torchrun"
+        )
     rewards = None
     if args.rewards is not None:
         rewards = list(build_rewards(args.rewards).names)

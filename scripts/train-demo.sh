@@ -48,6 +48,15 @@ $fastdia -v train-critic --data "$data" --out "$ckpt" --length 32 --reward nonto
     --target logit --steps 3000 --batch-size 128 --lr 1e-3 --warmup 100 --ema 0.995 \
     --hidden 128 --no-progress $device $(resume critic-nontoxic)
 
+# 3b. the amortised proposal (--guidance-estimator proposal; model card "A reward-aware
+#    amortised proposal"): one head per critic, regressing its per-token gradient. NOTE:
+#    the shipped proposal.* was trained with these settings on other windows, the first 32
+#    tokens of the 2,048 samples that scripts/train-conditioned.sh generates (5 minutes on
+#    one CPU thread; held-out relative error 0.014); this command on $data has not been run.
+$fastdia -v train-proposal --data "$data" --out "$ckpt" --length 32 \
+    --rewards sentiment,nontoxic --steps 3000 --batch-size 64 --lr 1e-3 --warmup 100 \
+    --ema 0.995 --no-progress $device $(resume proposal)
+
 # 4. the model card's table (sampling defaults: fastdia/assets/demo/sampling.json)
 cp fastdia/assets/demo/sampling.json "$ckpt/sampling.json"
 $fastdia eval --checkpoint "$ckpt" --out "$out/eval.json" $device

@@ -293,7 +293,7 @@ def test_checkpoints_with_and_without_a_proposal(tmp_path, tiny_base, tiny_model
         load_checkpoint(tmp_path, space)
 
 
-def test_the_command_line(tmp_path, capsys, tiny_model_dir, tiny_base, tiny_models):
+def test_the_command_line(tmp_path, capsys, monkeypatch, tiny_model_dir, tiny_base, tiny_models):
     """train-proposal into a checkpoint folder, then sample with it; bad input exits 2."""
     denoiser, critic = tiny_models
     ckpt = tmp_path / "ckpt"
@@ -314,8 +314,14 @@ def test_the_command_line(tmp_path, capsys, tiny_model_dir, tiny_base, tiny_mode
     assert "summary" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main([*sample, "--mh-steps", "1"]) == 2
     assert "MALA rows" in capsys.readouterr().err
+    assert main([*sample, "--reward", "nontoxic"]) == 2  # the last --reward counts
+    assert "no head for nontoxic" in capsys.readouterr().err
     assert main([*train, "--rewards", "nontoxic"]) == 2
     assert "no critic for nontoxic" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(train) == 2
+    assert "runs on one process" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
     random = ["sample", "--base-model", str(tiny_model_dir), "--random-init", "--steps", "2"]
     random += ["--new-tokens", "4", "--prompt", PROMPT, "--reward", "sentiment"]
     random += ["--guidance", "5", "--guidance-estimator", "proposal", "--decode", "nearest"]

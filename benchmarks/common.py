@@ -7,6 +7,9 @@ shared with ``fastdia profile``.
 from __future__ import annotations
 
 import json
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,25 @@ from fastdia.provenance import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS", "emit_result", "environment", "split_passthrough", "write_result"]
+__all__ = [
+    "RESULTS",
+    "emit_result",
+    "environment",
+    "median_seconds",
+    "split_passthrough",
+    "write_result",
+]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

@@ -17,14 +17,11 @@ decode included), as seconds per 100 generated tokens.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import emit_result
+from benchmarks.common import emit_result, median_seconds
 from fastdia.base_model import load_base_model
 from fastdia.models.checkpoint import load_checkpoint
 from fastdia.models.proposal import proposal_grad
@@ -32,16 +29,6 @@ from fastdia.pipeline import build_sampler, resolve_checkpoint, sampler_config, 
 from fastdia.rewards import build_rewards
 
 PROMPT = "The movie was"
-
-
-def _median(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,23 +73,27 @@ def main(argv: list[str] | None = None) -> None:
     fold = proposal_d.proposal.row(r)
     with torch.no_grad():
         parts = {
-            "step_without_guidance": _median(lambda: step(z, eps, coef, **common), args.repeats),
-            "step_with_critic_stack": _median(
+            "step_without_guidance": median_seconds(
+                lambda: step(z, eps, coef, **common), args.repeats
+            ),
+            "step_with_critic_stack": median_seconds(
                 lambda: step(z, eps, coef, critic=critic_d.stack.row(r), **common), args.repeats
             ),
-            "proposal_prediction": _median(lambda: proposal_grad(z, fold, window), args.repeats),
-            "step_with_proposal": _median(
+            "proposal_prediction": median_seconds(
+                lambda: proposal_grad(z, fold, window), args.repeats
+            ),
+            "step_with_proposal": median_seconds(
                 lambda: step(z, eps, coef, grad=proposal_grad(z, fold, window), **common),
                 args.repeats,
             ),
-            "denoiser_row": _median(
+            "denoiser_row": median_seconds(
                 lambda: critic_d._denoiser_out(z.view(args.batch, window, dim), r), args.repeats
             ),
         }
     floor = parts["step_without_guidance"]
     runs = {}
     for estimator, plan in plans.items():
-        seconds = _median(lambda plan=plan: plan.run(PROMPT, seed=0), args.runs)
+        seconds = median_seconds(lambda plan=plan: plan.run(PROMPT, seed=0), args.runs)
         runs[estimator] = {
             "run_s": seconds,
             "s_per_100_tokens": 100 * seconds / (args.batch * args.new_tokens),

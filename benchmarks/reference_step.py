@@ -10,27 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-from common import write_result
+from common import median_seconds, write_result
 
 from fastdia import noise, ops
 from fastdia.base_model import load_base_model
 from fastdia.pipeline import random_models
 from fastdia.sampler import Sampler, SamplerConfig, WeightedCritic
-
-
-def _time(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -54,12 +41,12 @@ def main() -> None:
     diffusion = plan.diffusion
     b, length, d = args.batch, args.length, base.space.dim
 
-    run_s = _time(lambda: plan.run("The movie was", seed=0), max(1, args.repeats // 2))
+    run_s = median_seconds(lambda: plan.run("The movie was", seed=0), max(1, args.repeats // 2))
     z = torch.randn(b, length, d)
     with torch.no_grad():
         parts = {
-            "denoiser_forward": _time(lambda: denoiser(z, 0.5), args.repeats * 4),
-            "guided_step": _time(
+            "denoiser_forward": median_seconds(lambda: denoiser(z, 0.5), args.repeats * 4),
+            "guided_step": median_seconds(
                 lambda: ops.guided_step(
                     z.view(-1, d),
                     z.view(-1, d),
@@ -72,8 +59,10 @@ def main() -> None:
                 ),
                 args.repeats * 4,
             ),
-            "philox_noise_only": _time(lambda: noise.randn(0, 1, z.numel()), args.repeats * 4),
-            "round_to_vocab_final": _time(
+            "philox_noise_only": median_seconds(
+                lambda: noise.randn(0, 1, z.numel()), args.repeats * 4
+            ),
+            "round_to_vocab_final": median_seconds(
                 lambda: ops.round_to_vocab(z, base.space.weight, diffusion.bias), args.repeats
             ),
         }

@@ -326,3 +326,19 @@ def test_the_command_line(tmp_path, capsys, monkeypatch, tiny_model_dir, tiny_ba
     random += ["--new-tokens", "4", "--prompt", PROMPT, "--reward", "sentiment"]
     random += ["--guidance", "5", "--guidance-estimator", "proposal", "--decode", "nearest"]
     assert main(random) == 0
+
+
+def test_the_step_time_benchmark_runs_on_the_demo(tmp_path, default_base):
+    """``python -m benchmarks.proposal_step`` on the shipped demo (its proposal.*), at one
+    repeat: every part timed, both whole runs, the result file written."""
+    from benchmarks import proposal_step
+    from fastdia.pipeline import DEMO_CHECKPOINT
+
+    out = tmp_path / "step.json"
+    argv = ["--checkpoint", str(DEMO_CHECKPOINT), "--batch", "1", "--new-tokens", "16"]
+    proposal_step.main([*argv, "--repeats", "1", "--runs", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["window"] == 32 and result["table_rows"] > 1
+    assert all(v > 0 for v in result["parts_s"].values())
+    assert set(result["runs"]) == {"critic", "proposal"}
+    assert all(r["s_per_100_tokens"] > 0 for r in result["runs"].values())

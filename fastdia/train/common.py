@@ -10,6 +10,7 @@ state intact.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -38,6 +39,15 @@ def state_path(out_dir: Path, stem: str) -> Path:
 def history_path(out_dir: Path, stem: str) -> Path:
     """Where the training history (JSON) of model ``stem`` lives."""
     return Path(out_dir) / TRAINING_DIR / f"{stem}_history.json"
+
+
+def resumed_history(out_dir: Path, stem: str, step: int) -> list[dict[str, Any]]:
+    """The stored history of model ``stem`` up to ``step`` (the step a run resumes at;
+    entries written after its state are dropped); empty without a history file."""
+    path = history_path(out_dir, stem)
+    if not path.is_file():
+        return []
+    return [h for h in json.loads(path.read_text()) if h["step"] <= step]
 
 
 @dataclass

@@ -18,7 +18,6 @@ and noise levels.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -42,6 +41,7 @@ from fastdia.train.common import (
     batch_draws,
     history_path,
     identity_of,
+    resumed_history,
     state_path,
     step_generator,
 )
@@ -262,10 +262,7 @@ def train_critic(
     rows = world.rows(optim.batch_size)  # this rank's share of every global batch
     history: list[dict[str, Any]] = []
     if resume:
-        start_step = run.resume()
-        path = history_path(out_dir, stem)
-        if path.is_file():
-            history = [h for h in json.loads(path.read_text()) if h["step"] <= start_step]
+        history = resumed_history(out_dir, stem, run.resume())
     started = time.perf_counter()
     # regress standardised labels (a reward with a narrow range, e.g. nontoxic with std
     # 0.05, would otherwise give tiny gradients); the scale is folded back in at the end

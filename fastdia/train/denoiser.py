@@ -25,7 +25,6 @@ noise levels and stores the step allocation (CDCD time warping) in the config.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -50,6 +49,7 @@ from fastdia.train.common import (
     batch_draws,
     history_path,
     identity_of,
+    resumed_history,
     state_path,
     step_generator,
 )
@@ -547,8 +547,7 @@ def train_denoiser(
         run.track("time_warp", times)
     history: list[dict[str, Any]] = []
     if resume:
-        start_step = run.resume()
-        history = [h for h in _read_history(out_dir) if h["step"] <= start_step]
+        history = resumed_history(out_dir, DENOISER_STEM, run.resume())
     ids_all, space = data.ids, base.space
     val_ids, val_states = None, None
     if holdout is not None:
@@ -685,8 +684,3 @@ def weights_digest(module: torch.nn.Module) -> str:
             value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         )
     return digest.hexdigest()[:16]
-
-
-def _read_history(out_dir: Path) -> list[dict[str, Any]]:
-    path = history_path(out_dir, DENOISER_STEM)
-    return json.loads(path.read_text()) if path.is_file() else []

@@ -13,7 +13,6 @@ true per-token gradients. Resume is exact (:mod:`fastdia.train.common`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from fastdia.train.common import (
     batch_draws,
     history_path,
     identity_of,
+    resumed_history,
     state_path,
     step_generator,
 )
@@ -174,10 +174,7 @@ def train_proposal(
     run = Optimisation(proposal, optim, state_path(out_dir, PROPOSAL_STEM), identity)
     history: list[dict[str, Any]] = []
     if resume:
-        start_step = run.resume()
-        path = history_path(out_dir, PROPOSAL_STEM)
-        if path.is_file():
-            history = [h for h in json.loads(path.read_text()) if h["step"] <= start_step]
+        history = resumed_history(out_dir, PROPOSAL_STEM, run.resume())
     started = time.perf_counter()
     scale = _target_scale(targets, base, holdout.ids, schedule).to(device)  # [R]
     bar = tqdm(total=optim.steps, initial=run.step, desc="proposal", disable=not progress)

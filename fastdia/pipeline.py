@@ -143,10 +143,11 @@ def build_sampler(
             checkpoint of another base model.
     """
     names = [name for name, _ in rewards]
+    use_proposal = config.guidance_estimator == "proposal"  # it guides; critics tilt
     proposal = None
     if random_init:
         denoiser, critics = random_models(base, names, length=length, device=device)
-        if config.guidance_estimator == "proposal" and names:
+        if use_proposal and names:
             proposal = random_proposal(base, names, device=device)
     else:
         checkpoint = resolve_checkpoint(checkpoint)
@@ -154,8 +155,8 @@ def build_sampler(
         denoiser, critics = ckpt.denoiser, ckpt.critics_of(config.critic_kind)
         if config.guidance and config.guidance_estimator == "critic":
             check_critics(checkpoint, critics, names, config.critic_kind)
-        proposal = ckpt.proposal
-        if config.guidance_estimator == "proposal" and proposal is None:
+        proposal = ckpt.proposal if use_proposal else None
+        if use_proposal and proposal is None:
             raise CheckpointError(
                 f"checkpoint {checkpoint} has no amortised proposal (proposal.*): train one "
                 f"with `fastdia train-proposal --data DATA --out {checkpoint}`, or guide with "
@@ -166,12 +167,7 @@ def build_sampler(
     weighted = [WeightedCritic(name, critics[name], w) for name, w in rewards if name in critics]
     if config.guidance_estimator == "zo":  # the reward's own gradient estimate guides
         weighted = []
-    weights = None
-    if config.guidance_estimator == "proposal":  # it guides; the critics stay for the decode
-        assert proposal is not None
-        weights = proposal.reward_weights(rewards)
-    else:
-        proposal = None
+    weights = proposal.reward_weights(rewards) if proposal is not None else None
     sampler = Sampler(
         denoiser,
         base.space,

@@ -51,6 +51,7 @@ from fastdia.train.windows import WindowStates, crop_windows
 log = logging.getLogger(__name__)
 
 METRIC_LEVELS = (0.0, 0.25, 0.5, 0.75)
+CLEAN_FRAC = 0.25  # windows trained clean (t = 0): a critic must also score final text
 VALUE_OFFSETS = (8, 32, 64, 96)  # where a value critic's held-out blocks start
 
 
@@ -111,6 +112,20 @@ def fold_affine(critic: nn.Module, scale: float, shift: float) -> None:
         head = critic.head[-1]
         head.weight.mul_(scale)
         head.bias.mul_(scale).add_(shift)
+
+
+def noisy_windows(
+    base: BaseModel, ids: torch.Tensor, t: torch.Tensor, gen: torch.Generator, schedule: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z [B, L, d], t [B])``: the windows ``ids [B, L]`` embedded and noised to ``t``
+    (noise drawn from ``gen``, then which rows stay clean), a :data:`CLEAN_FRAC` of them
+    clean with their ``t`` set to 0; on the embeddings' device."""
+    device = base.space.weight.device
+    z0 = base.space.embed(ids.to(device))
+    eps = torch.randn(z0.shape, generator=gen).to(device)
+    clean = torch.rand(len(ids), generator=gen) < CLEAN_FRAC
+    t = torch.where(clean, torch.zeros_like(t), t).to(device)
+    return torch.where(clean.to(device)[:, None, None], z0, noised(z0, t, eps, schedule)), t
 
 
 def reward_labels(
@@ -280,12 +295,7 @@ def train_critic(
         gen = step_generator(optim.seed, run.step)
         idx, t = batch_draws(gen, len(data), optim.batch_size)
         ids, inputs = critic_inputs(config, data, idx, gen, device)
-        z0 = base.space.embed(ids.to(device))
-        eps = torch.randn(z0.shape, generator=gen).to(device)
-        # a quarter of each batch is clean (t = 0): the critic must also score final text
-        clean = torch.rand(optim.batch_size, generator=gen) < 0.25
-        t = torch.where(clean, torch.zeros_like(t), t).to(device)
-        z = torch.where(clean.to(device)[:, None, None], z0, noised(z0, t, eps, schedule))
+        z, t = noisy_windows(base, ids, t, gen, schedule)
         mine = {k: v if not torch.is_tensor(v) else v[rows.to(v.device)] for k, v in inputs.items()}
         target = labels[idx.to(device)][rows.to(device)]
         with autocast(device):

@@ -2,7 +2,8 @@
 gradients.
 
 Each step draws windows of the data, noises them to random levels ``t`` with the
-denoiser's schedule (a quarter of them clean, as the critics are trained), and regresses
+denoiser's schedule (a quarter of them clean, as the critics are trained:
+:func:`fastdia.train.critic.noisy_windows`), and regresses
 each head ``g_j(z_i, t)`` on reward ``j``'s token-local critic's per-token gradient
 ``L grad_{z_i} h_j(z, t)`` (closed form). The loss is each reward's squared error divided by
 the mean square of its target (measured once on held-out windows), so rewards of
@@ -39,12 +40,10 @@ from fastdia.train.common import (
     state_path,
     step_generator,
 )
-from fastdia.train.critic import METRIC_LEVELS
+from fastdia.train.critic import METRIC_LEVELS, noisy_windows
 from fastdia.train.denoiser import noised
 
 log = logging.getLogger(__name__)
-
-CLEAN_FRAC = 0.25  # windows trained clean (t = 0), as the critics are
 
 
 @dataclass
@@ -81,19 +80,6 @@ def gradient_targets(critics: list[nn.Module], z: torch.Tensor, t: torch.Tensor)
     at ``z [B, L, d]``, times ``t [B]``."""
     length = z.shape[1]
     return torch.stack([c.value_and_grad(z, t)[1] * length for c in critics], dim=2)
-
-
-def _noisy_batch(
-    base: BaseModel, ids: torch.Tensor, t: torch.Tensor, gen: torch.Generator, schedule: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z [B, L, d], t [B])``: the windows noised to ``t``, a :data:`CLEAN_FRAC` of them
-    clean (their ``t`` set to 0)."""
-    device = base.space.weight.device
-    z0 = base.space.embed(ids.to(device))
-    eps = torch.randn(z0.shape, generator=gen).to(device)
-    clean = torch.rand(len(ids), generator=gen) < CLEAN_FRAC
-    t = torch.where(clean, torch.zeros_like(t), t).to(device)
-    return torch.where(clean.to(device)[:, None, None], z0, noised(z0, t, eps, schedule)), t
 
 
 @torch.no_grad()
@@ -135,7 +121,7 @@ def _target_scale(
     uniform times (fixed draws: the same in every run and resume)."""
     gen = torch.Generator().manual_seed(1234)
     t = torch.rand(len(ids), generator=gen)
-    z, t = _noisy_batch(base, ids, t, gen, schedule)
+    z, t = noisy_windows(base, ids, t, gen, schedule)
     with torch.no_grad():
         return gradient_targets(critics, z, t).pow(2).mean(dim=(0, 1, 3)).clamp_min(1e-12)
 
@@ -182,15 +168,16 @@ def train_proposal(
         proposal.train()
         gen = step_generator(optim.seed, run.step)
         idx, t = batch_draws(gen, len(data), optim.batch_size)
-        z, t = _noisy_batch(base, data.ids[idx], t, gen, schedule)
+        z, t = noisy_windows(base, data.ids[idx], t, gen, schedule)
         with torch.no_grad():
             target = gradient_targets(targets, z, t)
         err = (proposal.heads(z, t) - target).pow(2).mean(dim=(0, 1, 3))  # [R]
         loss = (err / scale).mean()
+        shown = loss.item()
         run.update(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        history.append({"step": run.step, "loss": loss.item()})
+        bar.set_postfix(loss=f"{shown:.4f}")
+        history.append({"step": run.step, "loss": shown})
         if run.step % optim.save_every == 0 and run.step < optim.steps:
             write_json_atomic(history_path(out_dir, PROPOSAL_STEM), history)
             run.save()
